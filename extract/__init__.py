@@ -1,0 +1,6 @@
+"""Stage 1: run CLIP once over a dataset and write the embedding cache.
+
+    python -m extract dataset=pacs
+    python -m extract dataset=folder dataset.root=/data/my_dataset model.name=/models/clip-vit-base-patch32
+    python -m extract.info cache/pacs/openai--clip-vit-base-patch32.h5
+"""

@@ -1,0 +1,2 @@
+class ExtractError(Exception):
+    """Bad input or environment: reported to the user as one line, without a traceback."""

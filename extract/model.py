@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def build_tiny_clip(directory: Path, seed: int, embed_dim: int, hidden_size: int
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **common),
         vision_config=dict(image_size=image_size, patch_size=patch_size, **common),
-        projection_dim=embed_dim)
+        projection_dim=embed_dim, logit_scale_init_value=math.log(100.0))  # pretrained CLIP's scale
     torch.manual_seed(seed)
     model = CLIPModel(config)
     tmp = directory.with_name(directory.name + ".partial")

@@ -1,0 +1,58 @@
+"""The AttAI adapter (FedCLIP): g = Softmax(Linear(Tanh(Linear(x)))), adapted feature g(x) * x."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LAYER_KEYS = ("0.weight", "0.bias", "2.weight", "2.bias")
+
+
+def attai(dim: int) -> nn.Sequential:
+    """Linear(d, d) -> Tanh -> Linear(d, d) -> Softmax: 2 d^2 + 2 d parameters (525,312 at d = 512)."""
+    return nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim), nn.Softmax(dim=-1))
+
+
+def init_adapters(dim: int, seed: int, towers: tuple[str, ...] = ("image",)) -> dict[str, torch.Tensor]:
+    """Initial global adapter(s) with PyTorch's default Linear init, as flat `<tower>.<layer key>` tensors."""
+    state = {}
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
+        torch.manual_seed(seed)
+        for tower in towers:
+            module = attai(dim)
+            state.update({f"{tower}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    return state
+
+
+def num_parameters(state: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() for v in state.values())
+
+
+def layers(state: dict[str, torch.Tensor], tower: str, k: int | None = None):
+    """(W1, b1, W2, b2) of one tower; with k, the first k clients of a stacked [K, ...] state."""
+    ts = [state[f"{tower}.{key}"] for key in LAYER_KEYS]
+    return ts if k is None else [t[:k] for t in ts]
+
+
+def forward(W1, b1, W2, b2, x: torch.Tensor):
+    """Batched adapter on x [k, n, d] with per-client weights [k, d, d]: normalised g(x) * x, plus what
+    `backward` needs."""
+    h = torch.bmm(x, W1.transpose(1, 2)).add_(b1.unsqueeze(1)).tanh_()
+    a = torch.softmax(torch.bmm(h, W2.transpose(1, 2)).add_(b2.unsqueeze(1)), dim=-1)
+    f = a * x
+    norm = f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    fn = f / norm
+    return fn, (x, h, a, fn, norm)
+
+
+def backward(W2, saved, dfn: torch.Tensor, grads) -> None:
+    """Gradients of the weights given d loss / d fn, written into `grads` = (dW1, db1, dW2, db2)."""
+    x, h, a, fn, norm = saved
+    dW1, db1, dW2, db2 = grads
+    df = (dfn - fn * (dfn * fn).sum(-1, keepdim=True)) / norm  # through f / ||f||
+    da = df * x  # through g(x) * x
+    dz2 = a * (da - (da * a).sum(-1, keepdim=True))  # through softmax
+    torch.bmm(dz2.transpose(1, 2), h, out=dW2)
+    torch.sum(dz2, 1, out=db2)
+    dz1 = torch.bmm(dz2, W2) * (1 - h * h)  # through Linear 2 and tanh
+    torch.bmm(dz1.transpose(1, 2), x, out=dW1)
+    torch.sum(dz1, 1, out=db1)

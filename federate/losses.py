@@ -1,0 +1,61 @@
+"""Training losses, each in two forms: autograd (the plain loop, tests) and a batched value + gradient
+(the fast engine), for k clients' padded batches at once.
+
+`contrastive` is the reference code's symmetric in-batch CLIP loss: row i of a batch is paired with the
+prompt of its own label, the other rows' prompts are negatives (same-class ones included).
+`ce` is plain cross-entropy over all class prompts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("contrastive", "ce")
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """image, text: normalised [B, d], text[i] = prompt of image i's label."""
+    logits = scale * image @ text.T
+    target = torch.arange(len(image), device=image.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def ce_loss(image: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """image: normalised [B, d]; class_text: normalised [C, d]."""
+    return F.cross_entropy(scale * image @ class_text.T, labels)
+
+
+def contrastive_grad(image, text, valid, scale: float):
+    """Batched contrastive loss over padded batches.
+
+    image, text: [k, B, d] normalised; valid: [k, B] bool (padding rows are False).
+    Returns (loss [k], d loss / d image [k, B, d], d loss / d text [k, B, d]).
+    """
+    logits = scale * torch.bmm(image, text.transpose(1, 2))  # [k, B, B]
+    row_ok, col_ok = valid[:, :, None], valid[:, None, :]
+    n = valid.sum(1).to(image.dtype)  # valid rows per client (>= 2)
+    log_p_row = torch.log_softmax(logits.masked_fill(~col_ok, float("-inf")), dim=2)
+    log_p_col = torch.log_softmax(logits.masked_fill(~row_ok, float("-inf")), dim=1)
+    diag = torch.eye(logits.shape[1], dtype=torch.bool, device=image.device)
+    nll = -(log_p_row.diagonal(dim1=1, dim2=2) + log_p_col.diagonal(dim1=1, dim2=2))
+    loss = torch.where(valid, nll, 0).sum(1) / (2 * n)
+    eye = diag.to(image.dtype)
+    dlogits = (torch.where(row_ok, log_p_row.exp() - eye, 0) + torch.where(col_ok, log_p_col.exp() - eye, 0))
+    dlogits = dlogits * (scale / (2 * n))[:, None, None]
+    return loss, torch.bmm(dlogits, text), torch.bmm(dlogits.transpose(1, 2), image)
+
+
+def ce_grad(image, class_text, labels, valid, scale: float):
+    """Batched cross-entropy over class prompts.
+
+    image: [k, B, d]; class_text: [k, C, d] normalised; labels: [k, B]; valid: [k, B] bool.
+    Returns (loss [k], d loss / d image [k, B, d], d loss / d class_text [k, C, d]).
+    """
+    logits = scale * torch.bmm(image, class_text.transpose(1, 2))  # [k, B, C]
+    n = valid.sum(1).to(image.dtype)
+    log_p = torch.log_softmax(logits, dim=2)
+    nll = -log_p.gather(2, labels[:, :, None]).squeeze(2)
+    loss = torch.where(valid, nll, 0).sum(1) / n
+    onehot = F.one_hot(labels, logits.shape[2]).to(image.dtype)
+    dlogits = torch.where(valid[:, :, None], log_p.exp() - onehot, 0) * (scale / n)[:, None, None]
+    return loss, torch.bmm(dlogits, class_text), torch.bmm(dlogits.transpose(1, 2), image)

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PACS_MINI = ROOT.parent / "shared" / "datasets" / "pacs-mini"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/planted.py
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m <args>` as a user would, offline; .stdout holds the terminal output (both streams)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def config(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random CLIP saved with save_pretrained (weights, byte-level tokenizer, processor)."""
+    from extract.model import build_tiny_clip
+
+    path = tmp_path_factory.mktemp("models") / "tiny-clip"
+    build_tiny_clip(path, seed=0, embed_dim=32, hidden_size=32, layers=2, heads=2, image_size=32, patch_size=8)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory) -> Path:
+    """<root>/<domain>/<class>/<image>: 2 domains x 2 classes x 6 images, in several file formats and modes."""
+    import random
+
+    from extract.demo import draw
+
+    root = tmp_path_factory.mktemp("images") / "shapes"
+    rng = random.Random(0)
+    for domain in ("photo", "sketch"):
+        for cls in ("circle", "Square_Thing"):
+            folder = root / domain / cls
+            folder.mkdir(parents=True)
+            for i in range(6):
+                draw(cls.split("_")[0].lower(), domain, 48, rng).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
+    odd = draw("circle", "photo", 48, rng)
+    odd.convert("L").save(root / "photo" / "circle" / "gray.png")
+    odd.convert("RGBA").save(root / "photo" / "circle" / "rgba.png")
+    odd.convert("P").save(root / "photo" / "circle" / "palette.png")
+    odd.convert("CMYK").save(root / "photo" / "circle" / "cmyk.jpg")
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    return tmp_path

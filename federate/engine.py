@@ -1,13 +1,14 @@
 """Local training of the participating clients: a fast batched engine and a plain reference loop.
 
-Both follow the reference protocol (shuffled batches of `batch_size`, a final batch of fewer than 2 rows
+All follow the reference protocol (shuffled batches of `batch_size`, a final batch of fewer than 2 rows
 skipped, a fresh Adam every round) on the same batch schedule, so they reach the same weights; tests
 check that, and bench/federate_speed.py measures the difference.
 
 The batched engine trains all clients in lock step: clients are ordered by training-set size (largest
 first), so the clients still training at step s are always a prefix [:k] of the stacked weights and
 every step is a handful of bmm calls on views, with hand-written gradients into preallocated buffers
-and PyTorch's fused Adam. No host synchronisation happens inside the step loop.
+and PyTorch's fused Adam. No host synchronisation happens inside the step loop. SequentialTrainer runs the
+same kernels one client at a time, which keeps each client's state in cache on a CPU.
 """
 from __future__ import annotations
 
@@ -107,35 +108,42 @@ class BatchedTrainer:
         s, c = self.settings, self.clients
         device = c.x.device
         idx, valid, active, steps = make_schedule(c.sizes, s.batch_size, epochs, generator)
+        padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
         idx = (idx + c.offsets.cpu()[None, :, None]).to(device)
         valid = valid.to(device)
+        xs, ys = c.x[idx], c.y[idx]  # the round's batches, gathered once: [S, K, B, d] and [S, K, B]
+        text_tower = "text.0.weight" in state
+        if not text_tower:
+            texts_of_rows = self.text_norm[ys]  # each row's own class prompt
         keys = list(state)
         grads, m, v2 = self._buffers(state)  # a fresh Adam every round: moments start at zero
-        step_count = {k: torch.zeros((), dtype=torch.float32) for k in keys}
+        step_count = {q: torch.zeros((), dtype=torch.float32) for q in keys}
+        prefix = {k: [[t[q][:k] for q in keys] for t in (state, grads, m, v2)] for k in set(active)}
         loss_sum = torch.zeros(len(c), device=device)
-        text_tower = "text.0.weight" in state
         fused = device.type in ("cpu", "cuda")
         for step, k in enumerate(active):
-            rows, ok = idx[step, :k], valid[step, :k]
-            x, y = c.x[rows], c.y[rows]
+            x, y, ok = xs[step, :k], ys[step, :k], valid[step, :k] if padded[step] else None
             W = attai.layers(state, "image", k)
             image, saved = attai.forward(*W, x)
-            texts, text_saved = class_text(state, self.text, self.text_norm, k)
-            if s.loss == "contrastive":
-                gather = y[:, :, None].expand(-1, -1, texts.shape[-1])
-                loss, d_image, d_text = contrastive_grad(image, texts.gather(1, gather), ok, self.scale)
-                if text_tower:
-                    d_text = torch.zeros_like(texts).scatter_add_(1, gather, d_text)
+            if s.loss == "contrastive" and not text_tower:
+                loss, d_image, _ = contrastive_grad(image, texts_of_rows[step, :k], ok, self.scale)
             else:
-                loss, d_image, d_text = ce_grad(image, texts, y, ok, self.scale)
+                texts, text_saved = class_text(state, self.text, self.text_norm, k)
+                if s.loss == "contrastive":
+                    gather = y[:, :, None].expand(-1, -1, texts.shape[-1])
+                    loss, d_image, d_rows = contrastive_grad(image, texts.gather(1, gather), ok, self.scale)
+                    d_text = torch.zeros_like(texts).scatter_add_(1, gather, d_rows)
+                else:
+                    loss, d_image, d_text = ce_grad(image, texts, y, ok, self.scale)
+                if text_tower:
+                    attai.backward(attai.layers(state, "text", k)[2], text_saved, d_text,
+                                   attai.layers(grads, "text", k))
             attai.backward(W[2], saved, d_image, attai.layers(grads, "image", k))
-            if text_tower:
-                attai.backward(attai.layers(state, "text", k)[2], text_saved, d_text, attai.layers(grads, "text", k))
             if s.mu:
-                for key in keys:  # FedProx: gradient of (mu / 2) ||w - w_global||^2
-                    grads[key][:k].add_(state[key][:k] - anchor[key], alpha=s.mu)
-            adam([state[q][:k] for q in keys], [grads[q][:k] for q in keys], [m[q][:k] for q in keys],
-                 [v2[q][:k] for q in keys], [], [step_count[q] for q in keys], fused=fused, amsgrad=False,
+                for q in keys:  # FedProx: gradient of (mu / 2) ||w - w_global||^2
+                    grads[q][:k].add_(state[q][:k] - anchor[q], alpha=s.mu)
+            params, g, m1, m2 = prefix[k]
+            adam(params, g, m1, m2, [], [step_count[q] for q in keys], fused=fused, amsgrad=False,
                  beta1=s.betas[0], beta2=s.betas[1], lr=s.lr, weight_decay=s.weight_decay, eps=s.eps,
                  maximize=False)
             loss_sum[:k] += loss
@@ -182,4 +190,26 @@ def one_forward(params: dict[str, torch.Tensor], tower: str, x: torch.Tensor) ->
     return torch.nn.functional.normalize(g * x, dim=-1)
 
 
-ENGINES = {"batched": BatchedTrainer, "plain": PlainTrainer}
+class SequentialTrainer:
+    """BatchedTrainer's kernels applied to one client at a time. On a CPU this is the fastest: a client's
+    weights, gradients and Adam moments (8 MB at d = 512) stay in cache, while three clients in lock step
+    spill to memory (bench/federate_speed.py measures both). Same batch schedule, same results."""
+
+    def __init__(self, clients: ClientSets, text: torch.Tensor, scale: float, settings: TrainSettings):
+        bounds = [(int(o), n) for o, n in zip(clients.offsets.tolist(), clients.sizes)]
+        self.trainers = [BatchedTrainer(ClientSets([clients.x[o:o + n]], [clients.y[o:o + n]]), text, scale, settings)
+                         for o, n in bounds]
+
+    def train(self, state, epochs, generator, anchor=None):
+        return torch.cat([t.train({q: v[i:i + 1] for q, v in state.items()}, epochs, generator, anchor)
+                          for i, t in enumerate(self.trainers)])
+
+
+def make_trainer(engine: str, clients: ClientSets, text: torch.Tensor, scale: float, settings: TrainSettings):
+    """engine=auto: lock step on CUDA (fewer, larger kernels), one client at a time on a CPU (cache)."""
+    if engine == "auto":
+        engine = "batched" if clients.x.is_cuda else "sequential"
+    return ENGINES[engine](clients, text, scale, settings)
+
+
+ENGINES = {"batched": BatchedTrainer, "sequential": SequentialTrainer, "plain": PlainTrainer}

@@ -28,18 +28,24 @@ def ce_loss(image: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor,
 def contrastive_grad(image, text, valid, scale: float):
     """Batched contrastive loss over padded batches.
 
-    image, text: [k, B, d] normalised; valid: [k, B] bool (padding rows are False).
+    image, text: [k, B, d] normalised; valid: [k, B] bool (padding rows are False), or None when no
+    batch has padding (the common case: it skips the masking).
     Returns (loss [k], d loss / d image [k, B, d], d loss / d text [k, B, d]).
     """
     logits = scale * torch.bmm(image, text.transpose(1, 2))  # [k, B, B]
+    eye = torch.eye(logits.shape[1], dtype=image.dtype, device=image.device)
+    if valid is None:
+        log_p_row, log_p_col = torch.log_softmax(logits, dim=2), torch.log_softmax(logits, dim=1)
+        nll = -(log_p_row.diagonal(dim1=1, dim2=2) + log_p_col.diagonal(dim1=1, dim2=2))
+        n = logits.shape[1]
+        dlogits = (log_p_row.exp_() + log_p_col.exp_() - 2 * eye) * (scale / (2 * n))
+        return nll.sum(1) / (2 * n), torch.bmm(dlogits, text), torch.bmm(dlogits.transpose(1, 2), image)
     row_ok, col_ok = valid[:, :, None], valid[:, None, :]
     n = valid.sum(1).to(image.dtype)  # valid rows per client (>= 2)
     log_p_row = torch.log_softmax(logits.masked_fill(~col_ok, float("-inf")), dim=2)
     log_p_col = torch.log_softmax(logits.masked_fill(~row_ok, float("-inf")), dim=1)
-    diag = torch.eye(logits.shape[1], dtype=torch.bool, device=image.device)
     nll = -(log_p_row.diagonal(dim1=1, dim2=2) + log_p_col.diagonal(dim1=1, dim2=2))
     loss = torch.where(valid, nll, 0).sum(1) / (2 * n)
-    eye = diag.to(image.dtype)
     dlogits = (torch.where(row_ok, log_p_row.exp() - eye, 0) + torch.where(col_ok, log_p_col.exp() - eye, 0))
     dlogits = dlogits * (scale / (2 * n))[:, None, None]
     return loss, torch.bmm(dlogits, text), torch.bmm(dlogits.transpose(1, 2), image)
@@ -52,6 +58,8 @@ def ce_grad(image, class_text, labels, valid, scale: float):
     Returns (loss [k], d loss / d image [k, B, d], d loss / d class_text [k, C, d]).
     """
     logits = scale * torch.bmm(image, class_text.transpose(1, 2))  # [k, B, C]
+    if valid is None:
+        valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
     n = valid.sum(1).to(image.dtype)
     log_p = torch.log_softmax(logits, dim=2)
     nll = -log_p.gather(2, labels[:, :, None]).squeeze(2)

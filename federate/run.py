@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from . import strategy
 from .adapter import init_adapters, num_parameters
 from .cache import EmbeddingCache, default_cache_path, load_cache
-from .engine import ENGINES, ClientSets, TrainSettings
+from .engine import ENGINES, ClientSets, TrainSettings, make_trainer
 from .errors import ConfigError
 from .evaluate import accuracies, pick
 from .losses import LOSSES
@@ -45,7 +45,7 @@ def check_settings(cfg) -> None:
         (float(m.get("mu", 0.0)) < 0, f"method.mu must be >= 0, not {m.get('mu')}"),
         (cfg.aggregation not in strategy.AGGREGATIONS, f"aggregation must be uniform or samples, not {cfg.aggregation!r}"),
         (cfg.loss not in LOSSES, f"loss must be contrastive or ce, not {cfg.loss!r}"),
-        (cfg.engine not in ENGINES, f"engine must be batched or plain, not {cfg.engine!r}"),
+        (cfg.engine not in ("auto", *ENGINES), f"engine must be auto, {', '.join(ENGINES)}, not {cfg.engine!r}"),
         (cfg.device not in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, not {cfg.device!r}"),
     ]
     for bad, message in problems:
@@ -224,7 +224,7 @@ def federate(cfg, method, clients, names, global_state, target_set, text, scale,
         train_sets = [(torch.cat([c.train[0] for c in clients]), torch.cat([c.train[1] for c in clients]))]
     else:
         train_sets = [c.train for c in clients]
-    trainer = ENGINES[cfg.engine](ClientSets(*zip(*train_sets)), text, scale, settings)
+    trainer = make_trainer(cfg.engine, ClientSets(*zip(*train_sets)), text, scale, settings)
     stacked = strategy.stack(global_state, len(train_sets))
     weights = strategy.client_weights([len(y) for _, y in train_sets], cfg.aggregation)
     generator = torch.Generator().manual_seed(int(cfg.seed))
@@ -259,8 +259,8 @@ def federate(cfg, method, clients, names, global_state, target_set, text, scale,
 def finetune(cfg, clients, selected, text, scale) -> dict[str, float]:
     """Each participant fine-tunes the selected adapter on its own training split; test accuracy after."""
     settings = TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss)
-    trainer = ENGINES[cfg.engine](ClientSets([c.train[0] for c in clients], [c.train[1] for c in clients]),
-                                  text, scale, settings)
+    trainer = make_trainer(cfg.engine, ClientSets([c.train[0] for c in clients], [c.train[1] for c in clients]),
+                           text, scale, settings)
     stacked = {k: v.expand(len(clients), *v.shape[1:]).clone() for k, v in selected.items()}
     trainer.train(stacked, int(cfg.finetune_epochs), torch.Generator().manual_seed(int(cfg.seed) + 1))
     test = accuracies([pick(stacked, i) for i in range(len(clients))], [c.test for c in clients], text)

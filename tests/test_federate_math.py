@@ -7,7 +7,7 @@ import torch
 
 from federate import adapter as attai
 from federate import strategy
-from federate.engine import BatchedTrainer, ClientSets, PlainTrainer, TrainSettings, make_schedule
+from federate.engine import BatchedTrainer, ClientSets, PlainTrainer, SequentialTrainer, TrainSettings, make_schedule
 from federate.losses import ce_grad, ce_loss, contrastive_grad, contrastive_loss
 from federate.splits import split_indices
 
@@ -102,19 +102,21 @@ def test_schedule_skips_batches_of_fewer_than_two_and_covers_every_row_once_per_
 @pytest.mark.parametrize("loss", ["contrastive", "ce"])
 @pytest.mark.parametrize("towers", [("image",), ("image", "text")])
 @pytest.mark.parametrize("mu", [0.0, 0.3])
-def test_batched_engine_reaches_the_same_weights_as_the_plain_loop(loss, towers, mu):
+def test_fast_engines_reach_the_same_weights_as_the_plain_loop(loss, towers, mu):
     torch.manual_seed(0)
     d, C, sizes = 16, 5, [90, 64, 35]
     clients = ClientSets([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
     text, start = torch.randn(C, d), attai.init_adapters(d, 0, towers)
     settings = TrainSettings(lr=1e-3, loss=loss, mu=mu)
-    fast, slow = strategy.stack(start, 3), strategy.stack(start, 3)
-    loss_fast = BatchedTrainer(clients, text, 20.0, settings).train(fast, 2, torch.Generator().manual_seed(1), start)
+    slow = strategy.stack(start, 3)
     loss_slow = PlainTrainer(clients, text, 20.0, settings).train(slow, 2, torch.Generator().manual_seed(1), start)
-    for k in start:
-        assert (fast[k] - start[k]).abs().max() > 1e-3  # it trained
-        torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=2e-6)
-    torch.testing.assert_close(loss_fast, loss_slow, rtol=1e-4, atol=1e-5)
+    for engine in (BatchedTrainer, SequentialTrainer):
+        fast = strategy.stack(start, 3)
+        loss_fast = engine(clients, text, 20.0, settings).train(fast, 2, torch.Generator().manual_seed(1), start)
+        for k in start:
+            assert (fast[k] - start[k]).abs().max() > 1e-3  # it trained
+            torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=2e-6)
+        torch.testing.assert_close(loss_fast, loss_slow, rtol=1e-4, atol=1e-5)
 
 
 def test_fedprox_pulls_towards_the_anchor():

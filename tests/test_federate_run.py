@@ -85,8 +85,9 @@ def test_fedprox_with_mu_zero_is_fedclip(cache_file, tmp_path):
     assert [r["train_loss"] for r in history(tmp_path / "a")] == [r["train_loss"] for r in history(tmp_path / "b")]
 
 
-def test_plain_engine_gives_the_same_run(cache_file, tmp_path):
-    a = federate(cache_file, tmp_path / "a", "rounds=3")
+@pytest.mark.parametrize("engine", ["batched", "sequential"])
+def test_every_engine_gives_the_same_run_as_the_plain_loop(cache_file, tmp_path, engine):
+    a = federate(cache_file, tmp_path / "a", "rounds=3", f"engine={engine}")
     b = federate(cache_file, tmp_path / "b", "rounds=3", "engine=plain")
     assert a["val_mean"] == pytest.approx(b["val_mean"], abs=1e-9) and a["best_round"] == b["best_round"]
     for ra, rb in zip(history(tmp_path / "a"), history(tmp_path / "b")):

@@ -1,0 +1,28 @@
+"""Helpers shared by the benchmarks."""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tests/planted.py writes synthetic caches in the real schema
+
+PACS_SIZES = {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}
+
+
+def pacs_sized_cache(path: Path) -> Path:
+    """A planted cache with PACS's domain sizes, d = 512 and 7 classes (ViT-B/32 parameter count)."""
+    from planted import planted, write_cache
+
+    if not path.exists():
+        domains, text = planted(PACS_SIZES, classes=7, dim=512, style_dims=64, noise=1.0)
+        write_cache(path, domains, text, model_name="fedclip/planted", dataset_name="pacs_sized")
+    return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and of its finished children (DataLoader workers), in MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024

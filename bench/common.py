@@ -21,8 +21,9 @@ def pacs_sized_cache(path: Path) -> Path:
     return path
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process and of its finished children (DataLoader workers), in MB."""
+def peak_rss_mb() -> tuple[float, float]:
+    """Peak resident memory (MB) of this process, and the largest of its finished children (DataLoader
+    workers, which share the parent's pages at fork)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024
+    return own / 1024, kids / 1024

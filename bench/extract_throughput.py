@@ -64,7 +64,7 @@ def save_vit_b32(directory: Path) -> None:
     image_processor_class()().save_pretrained(directory)  # CLIP's defaults: 224, bicubic, CLIP mean/std
 
 
-def rss_of_extraction(root: Path, cache_dir: Path) -> float:
+def rss_of_extraction(root: Path, cache_dir: Path) -> list[float]:
     code = ("import sys, json; sys.path.insert(0, 'bench'); from common import peak_rss_mb;"
             "from hydra import compose, initialize_config_dir; from extract.pipeline import run;\n"
             "with initialize_config_dir(config_dir=sys.argv[1], version_base='1.3'):\n"
@@ -73,7 +73,7 @@ def rss_of_extraction(root: Path, cache_dir: Path) -> float:
             "run(cfg); print(json.dumps(peak_rss_mb()))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "conf"), str(root), str(cache_dir)], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -138,8 +138,9 @@ def main() -> None:
     print(f"model only (pre-decoded tensors): {model_only:.2f} img/s")
     print(f"end to end (decode + preprocess + model + HDF5): {end_to_end:.2f} img/s  ->  "
           f"{end_to_end / model_only:.2f} of model-only  (whole run incl. model load: {total:.1f} s)")
-    print(f"peak RSS of a whole extraction (tiny model): {n} images {rss_1:.0f} MB, {10 * n} images "
-          f"{rss_10:.0f} MB  ->  ratio {rss_10 / rss_1:.2f}")
+    print(f"peak RSS of a whole extraction (tiny model), main process / largest worker: {n} images "
+          f"{rss_1[0]:.0f} / {rss_1[1]:.0f} MB, {10 * n} images {rss_10[0]:.0f} / {rss_10[1]:.0f} MB  ->  "
+          f"ratio {rss_10[0] / rss_1[0]:.2f} / {rss_10[1] / rss_1[1]:.2f}")
     print(json.dumps({"model_only_img_s": model_only, "end_to_end_img_s": end_to_end,
                       "ratio": end_to_end / model_only, "rss_mb": [rss_1, rss_10]}))
 

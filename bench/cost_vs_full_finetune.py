@@ -1,7 +1,7 @@
 """What one round costs: FedCLIP on cached embeddings against fine-tuning the whole CLIP (FedAvg) and against
 the reference design that re-encodes every image with CLIP each round. One run, one machine.
 
-    python bench/cost_vs_full_finetune.py [--steps 3]
+    python bench/cost_vs_full_finetune.py [--steps 3] [--json cost.json]
 
 1. FedCLIP: `federate.run` for 10 rounds on a PACS-sized cache (target art_painting, 4,765 training rows),
    seconds per round (validation and model selection included);
@@ -13,6 +13,7 @@ the reference design that re-encodes every image with CLIP each round. One run, 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -81,6 +82,7 @@ def encode_seconds_per_image(model, batches: int = 3, batch: int = 32) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures here (python -m federate.report --cost reads it)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fedclip-bench-"))
     from transformers import CLIPConfig, CLIPModel
@@ -101,6 +103,11 @@ def main() -> None:
             ("reference: re-encode every image", encode, adapter)]
     for name, seconds, params in rows:
         print(f"{name:38s}{seconds:12.2f}{seconds / fed_round:11.0f}{params:14,d}{2 * 3 * 4 * params / 1e6:22.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "fedclip_seconds_per_round": fed_round, "fedavg_full_clip_seconds_per_round": full_round,
+            "reencode_seconds_per_round": encode, "fedclip_trainable_params": adapter,
+            "full_clip_trainable_params": clip_params}, indent=2))
     print(f"(full CLIP: {step:.2f} s per training step of 32 images, scaled to {math.ceil(TRAIN_ROWS / 32)} steps; "
           f"re-encoding: {ALL_IMAGES:,} images; parameter ratio {clip_params / adapter:.0f}x)")
 

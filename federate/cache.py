@@ -33,6 +33,7 @@ class EmbeddingCache:
     logit_scale: float
     model_num_parameters: int
     domains: dict[str, DomainData]
+    all_domains: tuple[str, ...]  # every domain of the file, also those not loaded
 
 
 def default_cache_path(cache_dir: str, dataset_name: str, model_name: str) -> Path:
@@ -40,8 +41,9 @@ def default_cache_path(cache_dir: str, dataset_name: str, model_name: str) -> Pa
     return Path(cache_dir) / dataset_name / (model_name.strip("/").replace("/", "--") + ".h5")
 
 
-def load_cache(path: str | Path, model_name: str | None = None) -> EmbeddingCache:
-    """Load and validate a complete cache; jobs of one sweep process share the loaded arrays."""
+def load_cache(path: str | Path, model_name: str | None = None, domains: tuple[str, ...] | None = None) -> EmbeddingCache:
+    """Load and validate a complete cache; jobs of one sweep process share the loaded arrays.
+    With `domains`, only those domains' embeddings are read (a Flower client reads only its own)."""
     path = Path(path)
     if not path.exists():
         hint = f" (an interrupted extraction left {path}.partial: re-run extract to finish it)" \
@@ -49,7 +51,7 @@ def load_cache(path: str | Path, model_name: str | None = None) -> EmbeddingCach
         raise ConfigError(f"no embedding cache at {path}{hint}; build it with: python -m extract "
                           f"dataset=<name> [model=...], or pass cache_file=<path>")
     st = os.stat(path)
-    cache = _load(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    cache = _load(str(path.resolve()), st.st_mtime_ns, st.st_size, tuple(domains) if domains is not None else None)
     if model_name is not None and cache.model_name != model_name:
         raise ConfigError(f"{path} was built with model {cache.model_name!r}, not model.name={model_name!r}; "
                           f"pass model.name={cache.model_name} or extract a cache with that model")
@@ -57,7 +59,7 @@ def load_cache(path: str | Path, model_name: str | None = None) -> EmbeddingCach
 
 
 @lru_cache(maxsize=4)
-def _load(path: str, mtime_ns: int, size: int) -> EmbeddingCache:
+def _load(path: str, mtime_ns: int, size: int, only: tuple[str, ...] | None) -> EmbeddingCache:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -70,8 +72,13 @@ def _load(path: str, mtime_ns: int, size: int) -> EmbeddingCache:
         if not bool(a.get("complete", False)):
             raise ConfigError(f"{path} is not complete (its extraction did not finish); re-run the extract "
                               "command that builds it")
-        domains = {}
-        for name in json.loads(a["domains"]):
+        domains, names = {}, json.loads(a["domains"])
+        unknown = [d for d in only or () if d not in names]
+        if unknown:
+            raise ConfigError(f"domain {unknown[0]!r} is not in {path}; its domains: {', '.join(names)}")
+        for name in names:
+            if only is not None and name not in only:
+                continue
             g = f[f"domains/{name}"]
             feats = g["image_embeddings"][()].astype(np.float32)
             if not np.isfinite(feats).all():
@@ -86,4 +93,4 @@ def _load(path: str, mtime_ns: int, size: int) -> EmbeddingCache:
             path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
             embed_dim=int(a["embed_dim"]), class_names=tuple(json.loads(a["class_names"])), text=text,
             logit_scale=float(f["text/logit_scale"][()]),
-            model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains)
+            model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains, all_domains=tuple(names))

@@ -12,6 +12,7 @@ same kernels one client at a time, which keeps each client's state in cache on a
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,13 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size + (n % batch_size >= 2)
 
 
-def make_schedule(sizes: list[int], batch_size: int, epochs: int, generator: torch.Generator):
+def client_generator(seed: int, client: str, round_: int | str) -> torch.Generator:
+    """The batch order of one client in one round. It depends on nothing else, so a stateless Flower
+    client shuffles exactly as the in-process runner does."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{client}/{round_}".encode()))
+
+
+def make_schedule(sizes: list[int], batch_size: int, epochs: int, generators: list[torch.Generator]):
     """Shuffled batches for every client: idx [S, K, B] (local row numbers, padded with 0), valid [S, K, B]
     and, per step, how many clients (a prefix, sizes being non-increasing) still train."""
     steps = [epochs * batches_per_epoch(n, batch_size) for n in sizes]
@@ -48,7 +55,7 @@ def make_schedule(sizes: list[int], batch_size: int, epochs: int, generator: tor
         used = min(n, nb * B)  # drops a lone last row
         rows = torch.zeros(nb * B, dtype=torch.long)
         for e in range(epochs):
-            rows[:used] = torch.randperm(n, generator=generator)[:used]
+            rows[:used] = torch.randperm(n, generator=generators[k])[:used]
             idx[e * nb:(e + 1) * nb, k] = rows.view(nb, B)
             valid[e * nb:(e + 1) * nb, k] = (torch.arange(nb * B) < used).view(nb, B)
     active = [sum(st > s for st in steps) for s in range(S)]
@@ -102,12 +109,13 @@ class BatchedTrainer:
                 t.zero_()
         return self._bufs
 
-    def train(self, state: dict[str, torch.Tensor], epochs: int, generator: torch.Generator,
+    def train(self, state: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
               anchor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """One round of local training, in place; returns each client's mean training loss (device)."""
+        """One round of local training, in place; returns each client's mean training loss (device).
+        `generators` has one per client; `anchor` is the global adapter FedProx pulls towards."""
         s, c = self.settings, self.clients
         device = c.x.device
-        idx, valid, active, steps = make_schedule(c.sizes, s.batch_size, epochs, generator)
+        idx, valid, active, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
         padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
         idx = (idx + c.offsets.cpu()[None, :, None]).to(device)
         valid = valid.to(device)
@@ -154,9 +162,9 @@ class PlainTrainer(BatchedTrainer):
     """The straightforward loop: one client after another, one batch at a time, autograd and
     torch.optim.Adam. Same schedule and results as BatchedTrainer; the baseline it is measured against."""
 
-    def train(self, state, epochs, generator, anchor=None):
+    def train(self, state, epochs, generators, anchor=None):
         s, c = self.settings, self.clients
-        idx, valid, _, steps = make_schedule(c.sizes, s.batch_size, epochs, generator)
+        idx, valid, _, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
         losses = []
         for k in range(len(c)):
             params = {key: v[k].clone().requires_grad_(True) for key, v in state.items()}
@@ -200,8 +208,8 @@ class SequentialTrainer:
         self.trainers = [BatchedTrainer(ClientSets([clients.x[o:o + n]], [clients.y[o:o + n]]), text, scale, settings)
                          for o, n in bounds]
 
-    def train(self, state, epochs, generator, anchor=None):
-        return torch.cat([t.train({q: v[i:i + 1] for q, v in state.items()}, epochs, generator, anchor)
+    def train(self, state, epochs, generators, anchor=None):
+        return torch.cat([t.train({q: v[i:i + 1] for q, v in state.items()}, epochs, [generators[i]], anchor)
                           for i, t in enumerate(self.trainers)])
 
 

@@ -3,7 +3,7 @@
 1. load the cache and check the settings;  2. split every participating domain 60/20/20;
 3. put the clients' data on the device;  4. run the rounds (local training, aggregation, validation,
 model selection);  5. optionally fine-tune locally;  6. write summary.json, history.jsonl, splits.json and
-adapter.safetensors.
+adapter.safetensors. The Flower runner (federate/flower_app.py) reuses the pieces marked "shared".
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from . import strategy
 from .adapter import init_adapters, num_parameters
 from .cache import EmbeddingCache, default_cache_path, load_cache
-from .engine import ENGINES, ClientSets, TrainSettings, make_trainer
+from .engine import ENGINES, ClientSets, TrainSettings, client_generator, make_trainer
 from .errors import ConfigError
 from .evaluate import accuracies, pick
 from .losses import LOSSES
@@ -70,6 +70,17 @@ def cache_path(cfg) -> Path:
     return default_cache_path(cfg.cache_dir, name, cfg.model.name)
 
 
+def target_and_participants(domains, target: str | None, path) -> tuple[str, list[str]]:
+    """Shared. Leave-one-domain-out: the target (default: the first domain) never trains."""
+    target = target or domains[0]
+    if target not in domains:
+        raise ConfigError(f"target_domain {target!r} is not in {path}; its domains: {', '.join(domains)}")
+    participants = [d for d in domains if d != target]
+    if not participants:
+        raise ConfigError(f"{path} has only the domain {target}: leave-one-domain-out needs two or more")
+    return target, participants
+
+
 @dataclass
 class Client:
     name: str
@@ -77,20 +88,46 @@ class Client:
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
 
+    def sizes(self) -> dict[str, int]:
+        return {p: len(getattr(self, p)[1]) for p in ("train", "val", "test")}
 
-def build_clients(cache: EmbeddingCache, participants: list[str], splits, device) -> list[Client]:
-    """One client per participating domain, largest training split first (the batched engine's order)."""
-    clients = []
-    for d in participants:
-        x = torch.from_numpy(cache.domains[d].features).to(device)
-        y = torch.from_numpy(cache.domains[d].labels).to(device)
-        part = {p: torch.from_numpy(splits[d][p]).to(device) for p in ("train", "val", "test")}
-        clients.append(Client(d, *((x[i], y[i]) for i in (part["train"], part["val"], part["test"]))))
-    return sorted(clients, key=lambda c: -len(c.train[1]))
+
+def client_splits(cache: EmbeddingCache, domains: list[str], seed: int, split_file: str | None) -> dict:
+    """Shared. Row indices of train/val/test per domain: from the seed, or a published splits.json."""
+    ids_of = {d: cache.domains[d].ids for d in domains}
+    if split_file:
+        return read_split_file(split_file, ids_of, domains)
+    return {d: split_indices(len(ids_of[d]), seed, d) for d in domains}
+
+
+def make_client(cache: EmbeddingCache, domain: str, split: dict, device) -> Client:
+    """Shared. One participating domain's splits on the device."""
+    x = torch.from_numpy(cache.domains[domain].features).to(device)
+    y = torch.from_numpy(cache.domains[domain].labels).to(device)
+    parts = [torch.from_numpy(split[p]).to(device) for p in ("train", "val", "test")]
+    client = Client(domain, *((x[i], y[i]) for i in parts))
+    if len(client.train[1]) < 2:
+        raise ConfigError(f"domain {domain} has {len(client.train[1])} training rows; it needs at least 2")
+    return client
+
+
+def domain_tensors(cache: EmbeddingCache, domain: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    d = cache.domains[domain]
+    return torch.from_numpy(d.features).to(device), torch.from_numpy(d.labels).to(device)
+
+
+def class_text(cache: EmbeddingCache, device) -> torch.Tensor:
+    """Shared. Raw class prompt embeddings [C, D], averaged over templates."""
+    return torch.from_numpy(cache.text.mean(0)).to(device)
+
+
+def train_settings(cfg) -> TrainSettings:
+    mu = float(cfg.method.get("mu", 0.0)) if cfg.method.name == "fedprox" else 0.0
+    return TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss, mu=mu)
 
 
 def cost_figures(method: str, adapter_params: int, clients: int, clip_params: int, rounds: int) -> dict:
-    """What crosses the wire (float32 weights), against FedAvg fine-tuning the whole CLIP."""
+    """Shared. What crosses the wire (float32 weights), against FedAvg fine-tuning the whole CLIP."""
     per_client = 4 * adapter_params if method in FEDERATED else 0
     per_round = {"up": clients * per_client, "down": clients * per_client}
     full = {"up": clients * 4 * clip_params, "down": clients * 4 * clip_params}
@@ -105,6 +142,87 @@ def cost_figures(method: str, adapter_params: int, clients: int, clip_params: in
     }
 
 
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+class RunLog:
+    """Shared. Model selection by mean validation accuracy, and history.jsonl written as the run goes
+    (a run stopped early keeps every finished round)."""
+
+    def __init__(self, output_dir: Path):
+        self.file = open(output_dir / "history.jsonl", "w")
+        self.best = {"round": 0, "val": -math.inf, "val_acc": {}, "test_acc": {}, "target": math.nan, "states": []}
+
+    def improves(self, val_acc: dict[str, float]) -> bool:
+        return mean(val_acc.values()) > self.best["val"]
+
+    def record_best(self, round_: int, val_acc: dict, test_acc: dict, target: float, states: list) -> None:
+        self.best = {"round": round_, "val": mean(val_acc.values()), "val_acc": dict(val_acc),
+                     "test_acc": dict(test_acc), "target": target,
+                     "states": [{k: v.detach().clone() for k, v in s.items()} for s in states]}
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def summarize(cfg, method: str, dataset: str, model: str, target: str, best: dict, cost: dict,
+              split_sizes: dict, target_size: int) -> dict:
+    """Shared. summary.json's fields (DESIGN.md section 5)."""
+    names = list(split_sizes)
+    return {
+        "method": method, "dataset": dataset, "model": model, "target_domain": target, "participants": names,
+        "seed": int(cfg.seed), "lr": float(cfg.lr), "rounds": int(cfg.rounds),
+        "local_epochs": int(cfg.local_epochs), "batch_size": int(cfg.batch_size),
+        "aggregation": cfg.aggregation, "loss": cfg.loss, "text_adapter": bool(cfg.text_adapter),
+        "mu": float(cfg.method.get("mu", 0.0)), "engine": cfg.engine,
+        "best_round": best["round"], "val_mean": best["val"], "val_acc": best["val_acc"],
+        "generalization": best["target"], "personalization": best["test_acc"],
+        "personalization_mean": mean(best["test_acc"].values()),
+        "overall": mean([best["target"], *best["test_acc"].values()]),
+        **cost, "split_sizes": split_sizes, "target_size": target_size,
+    }
+
+
+def finish(output_dir: Path, summary: dict, cfg, start: float) -> dict:
+    """Shared. Write summary.json and log the result and the cost."""
+    summary["wall_seconds"] = time.time() - start
+    summary["config"] = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("best round %d: generalization (%s) %.2f%%, personalization %s (mean %.2f%%), overall %.2f%%",
+             summary["best_round"], summary["target_domain"], 100 * summary["generalization"],
+             ", ".join(f"{k} {100 * v:.2f}%" for k, v in summary["personalization"].items()),
+             100 * summary["personalization_mean"], 100 * summary["overall"])
+    if summary["trainable_params"]:
+        full, per_round = summary["fedavg_full_clip"], summary["bytes_per_round"]
+        log.info("cost per round: %s parameters, %.2f MB up + %.2f MB down; FedAvg on the whole CLIP: %s "
+                 "parameters (%.0fx), %.0f MB up + %.0f MB down", f"{summary['trainable_params']:,}",
+                 per_round["up"] / 1e6, per_round["down"] / 1e6, f"{full['trainable_params']:,}",
+                 full["param_ratio"] or 0, full["bytes_per_round"]["up"] / 1e6, full["bytes_per_round"]["down"] / 1e6)
+    log.info("wrote %s (%.1f s)", output_dir / "summary.json", summary["wall_seconds"])
+    return summary
+
+
+def save_adapters(path: Path, method: str, names: list[str], best: dict, dataset: str, model: str,
+                  embed_dim: int, target: str, cfg) -> None:
+    """Shared. The adapter(s) of the selected round in nn.Sequential layout (`image.0.weight`, ...); the
+    local method saves one adapter per client (`<domain>/image.0.weight`, ...)."""
+    states = best["states"]
+    if method == "local":
+        tensors = {f"{n}/{k}": v[0].contiguous().cpu() for n, s in zip(names, states) for k, v in s.items()}
+    else:
+        tensors = {k: v[0].contiguous().cpu() for k, v in states[0].items()}
+    config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    metadata = {"method": method, "model": model, "dataset": dataset, "target_domain": target,
+                "round": str(best["round"]), "embed_dim": str(embed_dim), "config": json.dumps(config)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
 def run(cfg, output_dir: str | Path) -> dict:
     start = time.time()
     output_dir = Path(output_dir)
@@ -116,30 +234,18 @@ def run(cfg, output_dir: str | Path) -> dict:
 
     # 1. the cache
     cache = load_cache(cache_path(cfg), cfg.model.name)
-    domains = list(cache.domains)
-    target = cfg.target_domain or domains[0]
-    if target not in cache.domains:
-        raise ConfigError(f"target_domain {target!r} is not in {cache.path}; its domains: {', '.join(domains)}")
-    participants = [d for d in domains if d != target]
-    if not participants:
-        raise ConfigError(f"{cache.path} has only the domain {target}: leave-one-domain-out needs two or more")
+    target, participants = target_and_participants(list(cache.domains), cfg.target_domain, cache.path)
 
     # 2. splits
+    splits = client_splits(cache, participants, int(cfg.seed), cfg.split_file)
     ids_of = {d: cache.domains[d].ids for d in participants}
-    if cfg.split_file:
-        splits = read_split_file(cfg.split_file, ids_of, participants)
-    else:
-        splits = {d: split_indices(len(ids_of[d]), int(cfg.seed), d) for d in participants}
     (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
 
-    # 3. data on the device
-    clients = build_clients(cache, participants, splits, device)
-    for c in clients:
-        if len(c.train[1]) < 2:
-            raise ConfigError(f"domain {c.name} has {len(c.train[1])} training rows; it needs at least 2")
+    # 3. data on the device, largest training split first (the batched engine's order)
+    clients = sorted((make_client(cache, d, splits[d], device) for d in participants), key=lambda c: -len(c.train[1]))
     names = [c.name for c in clients]
-    target_set = tuple(torch.from_numpy(getattr(cache.domains[target], a)).to(device) for a in ("features", "labels"))
-    text = torch.from_numpy(cache.text.mean(0)).to(device)  # [C, D]; templates averaged
+    target_set = domain_tensors(cache, target, device)
+    text = class_text(cache, device)
     towers = ("image", "text") if cfg.text_adapter else ("image",)
     global_state = {k: v.to(device) for k, v in init_adapters(cache.embed_dim, int(cfg.seed), towers).items()}
     trainable = 0 if method == "zeroshot" else num_parameters(global_state)
@@ -148,30 +254,17 @@ def run(cfg, output_dir: str | Path) -> dict:
              cache.dataset_name, target, ", ".join(names), [len(c.train[1]) for c in clients], f"{trainable:,}")
 
     # 4. rounds
-    history, best = [], {"round": 0, "val": -math.inf}
-    if method == "zeroshot":
-        best = select(0, -math.inf, None, [None] * len(clients), [None], clients, target_set, text)
-        history.append({"round": 0, "val_acc": dict(zip(names, best["val_acc"])), "val_mean": best["val"],
-                        "test_acc": best["test_acc"], "target_acc": best["target"]})
-        final_states = None
-    else:
-        final_states, best, history = federate(cfg, method, clients, names, global_state, target_set, text,
-                                               cache.logit_scale, device)
-
-    summary = {
-        "method": method, "dataset": cache.dataset_name, "model": cache.model_name, "target_domain": target,
-        "participants": names, "seed": int(cfg.seed), "lr": float(cfg.lr), "rounds": int(cfg.rounds),
-        "local_epochs": int(cfg.local_epochs), "batch_size": int(cfg.batch_size),
-        "aggregation": cfg.aggregation, "loss": cfg.loss, "text_adapter": bool(cfg.text_adapter),
-        "mu": float(cfg.method.get("mu", 0.0)), "engine": cfg.engine,
-        "best_round": best["round"], "val_mean": best["val"], "val_acc": dict(zip(names, best["val_acc"])),
-        "generalization": best["target"], "personalization": best["test_acc"],
-        "personalization_mean": mean(best["test_acc"].values()),
-        "overall": mean([best["target"], *best["test_acc"].values()]),
-        **cost,
-        "split_sizes": {c.name: {p: len(getattr(c, p)[1]) for p in ("train", "val", "test")} for c in clients},
-        "target_size": len(target_set[1]),
-    }
+    runlog = RunLog(output_dir)
+    try:
+        if method == "zeroshot":
+            evaluate_round(runlog, 0, 0, [None] * len(clients), [None], clients, target_set, text, {})
+        else:
+            federate(cfg, method, clients, global_state, target_set, text, cache.logit_scale, runlog)
+    finally:
+        runlog.close()
+    best = runlog.best
+    summary = summarize(cfg, method, cache.dataset_name, cache.model_name, target, best, cost,
+                        {c.name: c.sizes() for c in clients}, len(target_set[1]))
 
     # 5. local fine-tuning of the selected global adapter (paper Fig. 3c)
     if int(cfg.finetune_epochs) and method != "zeroshot":
@@ -179,59 +272,42 @@ def run(cfg, output_dir: str | Path) -> dict:
         summary["personalization_finetuned_mean"] = mean(summary["personalization_finetuned"].values())
 
     # 6. outputs
-    with open(output_dir / "history.jsonl", "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    if final_states is not None:
-        save_adapters(output_dir / "adapter.safetensors", method, names, best, cache, target, cfg)
-    summary["wall_seconds"] = time.time() - start
-    summary["config"] = OmegaConf.to_container(cfg, resolve=True)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("best round %d: generalization (%s) %.2f%%, personalization %s (mean %.2f%%), overall %.2f%%",
-             best["round"], target, 100 * summary["generalization"],
-             ", ".join(f"{k} {100 * v:.2f}%" for k, v in summary["personalization"].items()),
-             100 * summary["personalization_mean"], 100 * summary["overall"])
-    if trainable:
-        full = cost["fedavg_full_clip"]
-        log.info("cost per round: %s parameters, %.2f MB up + %.2f MB down; FedAvg on the whole CLIP: %s "
-                 "parameters (%.0fx), %.0f MB up + %.0f MB down", f"{trainable:,}",
-                 cost["bytes_per_round"]["up"] / 1e6, cost["bytes_per_round"]["down"] / 1e6,
-                 f"{full['trainable_params']:,}", full["param_ratio"] or 0,
-                 full["bytes_per_round"]["up"] / 1e6, full["bytes_per_round"]["down"] / 1e6)
-    log.info("wrote %s (%.1f s)", output_dir / "summary.json", summary["wall_seconds"])
-    return summary
+    if method != "zeroshot":
+        save_adapters(output_dir / "adapter.safetensors", method, names, best, cache.dataset_name,
+                      cache.model_name, cache.embed_dim, target, cfg)
+    return finish(output_dir, summary, cfg, start)
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
+def evaluate_round(runlog: RunLog, round_: int, rounds: int, client_states: list, target_states: list,
+                   clients: list[Client], target_set, text, row: dict) -> None:
+    """Validate every participant; on a new best mean, record test and target accuracies and keep the
+    adapters (each client's for `local`, else the global one)."""
+    val_acc = dict(zip([c.name for c in clients], accuracies(client_states, [c.val for c in clients], text)))
+    row.update(round=round_, val_acc=val_acc, val_mean=mean(val_acc.values()))
+    if runlog.improves(val_acc):
+        test = dict(zip(val_acc, accuracies(client_states, [c.test for c in clients], text)))
+        target = mean(accuracies(target_states, [target_set] * len(target_states), text))
+        runlog.record_best(round_, val_acc, test, target, [s for s in target_states if s is not None])
+        row.update(test_acc=test, target_acc=target, improved=True)
+    runlog.write(row)
+    log.info("round %d/%d  val %s  mean %.4f%s", round_, rounds,
+             " ".join(f"{n} {a:.4f}" for n, a in val_acc.items()), row["val_mean"],
+             f"  * best: target {runlog.best['target']:.4f}" if row.get("improved") else "")
 
 
-def select(round_, best_val, val_acc, client_states, target_states, clients, target_set, text) -> dict:
-    """Record the test accuracies of a round whose mean validation accuracy is the best so far."""
-    if val_acc is None:
-        val_acc = accuracies(client_states, [c.val for c in clients], text)
-    test = accuracies(client_states, [c.test for c in clients], text)
-    target = mean(accuracies(target_states, [target_set] * len(target_states), text))
-    return {"round": round_, "val": mean(val_acc), "val_acc": val_acc,
-            "test_acc": {c.name: a for c, a in zip(clients, test)}, "target": target}
-
-
-def federate(cfg, method, clients, names, global_state, target_set, text, scale, device):
-    settings = TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss,
-                             mu=float(cfg.method.get("mu", 0.0)) if method == "fedprox" else 0.0)
+def federate(cfg, method, clients, global_state, target_set, text, scale, runlog: RunLog) -> None:
     if method == "central":  # one adapter on the pooled training rows of all participants
         train_sets = [(torch.cat([c.train[0] for c in clients]), torch.cat([c.train[1] for c in clients]))]
+        train_names = ["pooled"]
     else:
-        train_sets = [c.train for c in clients]
+        train_sets, train_names = [c.train for c in clients], [c.name for c in clients]
+    settings = train_settings(cfg)
     trainer = make_trainer(cfg.engine, ClientSets(*zip(*train_sets)), text, scale, settings)
     stacked = strategy.stack(global_state, len(train_sets))
     weights = strategy.client_weights([len(y) for _, y in train_sets], cfg.aggregation)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    history, best = [], {"round": 0, "val": -math.inf}
     for r in range(1, int(cfg.rounds) + 1):
-        losses = trainer.train(stacked, int(cfg.local_epochs), generator,
-                               anchor=global_state if settings.mu else None)
+        generators = [client_generator(int(cfg.seed), n, r) for n in train_names]
+        losses = trainer.train(stacked, int(cfg.local_epochs), generators, anchor=global_state if settings.mu else None)
         if method in FEDERATED:
             global_state = strategy.aggregate_train(stacked, weights)
             strategy.configure_train(stacked, global_state)
@@ -241,19 +317,8 @@ def federate(cfg, method, clients, names, global_state, target_set, text, scale,
         else:
             shared = pick(stacked, 0)  # after aggregation (or with one pooled client) all are equal
             client_states, target_states = [shared] * len(clients), [shared]
-        val_acc = accuracies(client_states, [c.val for c in clients], text)
-        row = {"round": r, "train_loss": dict(zip(names if len(train_sets) > 1 else ["pooled"], losses.tolist())),
-               "val_acc": dict(zip(names, val_acc)), "val_mean": mean(val_acc)}
-        if mean(val_acc) > best["val"]:
-            best = select(r, best["val"], val_acc, client_states, target_states, clients, target_set, text)
-            best["states"] = [{k: v.clone() for k, v in s.items()} for s in
-                              (client_states if method == "local" else [client_states[0]])]
-            row.update(test_acc=best["test_acc"], target_acc=best["target"], improved=True)
-        history.append(row)
-        log.info("round %d/%d  val %s  mean %.4f%s", r, cfg.rounds,
-                 " ".join(f"{n} {a:.4f}" for n, a in zip(names, val_acc)), mean(val_acc),
-                 f"  * best: target {best['target']:.4f}" if row.get("improved") else "")
-    return stacked, best, history
+        row = {"train_loss": dict(zip(train_names, losses.tolist()))}
+        evaluate_round(runlog, r, int(cfg.rounds), client_states, target_states, clients, target_set, text, row)
 
 
 def finetune(cfg, clients, selected, text, scale) -> dict[str, float]:
@@ -262,22 +327,8 @@ def finetune(cfg, clients, selected, text, scale) -> dict[str, float]:
     trainer = make_trainer(cfg.engine, ClientSets([c.train[0] for c in clients], [c.train[1] for c in clients]),
                            text, scale, settings)
     stacked = {k: v.expand(len(clients), *v.shape[1:]).clone() for k, v in selected.items()}
-    trainer.train(stacked, int(cfg.finetune_epochs), torch.Generator().manual_seed(int(cfg.seed) + 1))
+    trainer.train(stacked, int(cfg.finetune_epochs), [client_generator(int(cfg.seed), c.name, "finetune") for c in clients])
     test = accuracies([pick(stacked, i) for i in range(len(clients))], [c.test for c in clients], text)
     log.info("after %d fine-tuning epochs: personalization %s", cfg.finetune_epochs,
              ", ".join(f"{c.name} {100 * a:.2f}%" for c, a in zip(clients, test)))
     return {c.name: a for c, a in zip(clients, test)}
-
-
-def save_adapters(path: Path, method: str, names: list[str], best: dict, cache, target: str, cfg) -> None:
-    """The adapter(s) of the selected round in nn.Sequential layout (`image.0.weight`, ...); the local
-    method saves one adapter per client (`<domain>/image.0.weight`, ...)."""
-    states = best["states"]
-    if method == "local":
-        tensors = {f"{n}/{k}": v[0].contiguous().cpu() for n, s in zip(names, states) for k, v in s.items()}
-    else:
-        tensors = {k: v[0].contiguous().cpu() for k, v in states[0].items()}
-    metadata = {"method": method, "model": cache.model_name, "dataset": cache.dataset_name,
-                "target_domain": target, "round": str(best["round"]), "embed_dim": str(cache.embed_dim),
-                "config": json.dumps(OmegaConf.to_container(cfg, resolve=True))}
-    save_file(tensors, str(path), metadata=metadata)

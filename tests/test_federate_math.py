@@ -7,7 +7,8 @@ import torch
 
 from federate import adapter as attai
 from federate import strategy
-from federate.engine import BatchedTrainer, ClientSets, PlainTrainer, SequentialTrainer, TrainSettings, make_schedule
+from federate.engine import (BatchedTrainer, ClientSets, PlainTrainer, SequentialTrainer, TrainSettings,
+                             client_generator, make_schedule)
 from federate.losses import ce_grad, ce_loss, contrastive_grad, contrastive_loss
 from federate.splits import split_indices
 
@@ -33,6 +34,16 @@ def test_init_is_seeded_and_leaves_the_global_rng_alone():
     a, b, c = attai.init_adapters(16, 0), attai.init_adapters(16, 0), attai.init_adapters(16, 1)
     assert torch.rand(1) == before
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["image.0.weight"], c["image.0.weight"])
+
+
+def gens(k: int) -> list[torch.Generator]:
+    return [client_generator(0, f"client{i}", 1) for i in range(k)]
+
+
+def test_client_batch_order_depends_only_on_seed_client_and_round():
+    order = lambda *key: torch.randperm(50, generator=client_generator(*key)).tolist()  # noqa: E731
+    assert order(0, "photo", 3) == order(0, "photo", 3)
+    assert order(0, "photo", 3) != order(0, "photo", 4) != order(1, "photo", 3) != order(0, "sketch", 3)
 
 
 def padded_batch(k=3, B=8, d=12, C=4, seed=0):
@@ -90,7 +101,7 @@ def test_adapter_backward_matches_autograd():
 
 
 def test_schedule_skips_batches_of_fewer_than_two_and_covers_every_row_once_per_epoch():
-    idx, valid, active, steps = make_schedule([70, 65, 33], batch_size=32, epochs=2, generator=torch.Generator())
+    idx, valid, active, steps = make_schedule([70, 65, 33], batch_size=32, epochs=2, generators=gens(3))
     # 70 = 32 + 32 + 6 -> 3 batches; 65 = 32 + 32 + 1 -> 2 (the lone row is skipped); 33 -> 1
     assert steps == [6, 4, 2] and active == [3, 3, 2, 2, 1, 1]
     for k, (n, nb) in enumerate([(70, 3), (65, 2), (33, 1)]):
@@ -109,10 +120,10 @@ def test_fast_engines_reach_the_same_weights_as_the_plain_loop(loss, towers, mu)
     text, start = torch.randn(C, d), attai.init_adapters(d, 0, towers)
     settings = TrainSettings(lr=1e-3, loss=loss, mu=mu)
     slow = strategy.stack(start, 3)
-    loss_slow = PlainTrainer(clients, text, 20.0, settings).train(slow, 2, torch.Generator().manual_seed(1), start)
+    loss_slow = PlainTrainer(clients, text, 20.0, settings).train(slow, 2, gens(3), start)
     for engine in (BatchedTrainer, SequentialTrainer):
         fast = strategy.stack(start, 3)
-        loss_fast = engine(clients, text, 20.0, settings).train(fast, 2, torch.Generator().manual_seed(1), start)
+        loss_fast = engine(clients, text, 20.0, settings).train(fast, 2, gens(3), start)
         for k in start:
             assert (fast[k] - start[k]).abs().max() > 1e-3  # it trained
             torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=2e-6)
@@ -126,8 +137,7 @@ def test_fedprox_pulls_towards_the_anchor():
     drift = {}
     for mu in (0.0, 10.0):
         state = strategy.stack(start, 1)
-        BatchedTrainer(clients, torch.randn(3, 8), 20.0, TrainSettings(lr=1e-2, mu=mu)).train(
-            state, 5, torch.Generator().manual_seed(0), start)
+        BatchedTrainer(clients, torch.randn(3, 8), 20.0, TrainSettings(lr=1e-2, mu=mu)).train(state, 5, gens(1), start)
         drift[mu] = sum((state[k][0] - start[k]).norm() for k in start)
     assert drift[10.0] < drift[0.0]
 

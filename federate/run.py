@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import save_file
 
 from . import strategy
@@ -228,6 +228,15 @@ def run(cfg, output_dir: str | Path) -> dict:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_settings(cfg)
+    if cfg.get("backend", "local") == "flower":  # the same experiment through Flower's simulation engine
+        from .flower_app import run_simulation
+
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.cache_file = str(cache_path(cfg))
+        return run_simulation(cfg, output_dir)
+    if cfg.get("backend", "local") != "local":
+        raise ConfigError(f"backend must be local or flower, not {cfg.backend!r}")
     device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)  # softmax over 512 dims makes tiny gradients; denormals are 10x slower
     method = cfg.method.name

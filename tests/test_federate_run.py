@@ -173,3 +173,12 @@ def test_cache_of_an_interrupted_extraction_is_named_in_the_error(tmp_path):
     write_cache(tmp_path / "c.h5.partial", domains, text, complete=False)
     with pytest.raises(ConfigError, match="interrupted extraction left"):
         federate(tmp_path / "c.h5", tmp_path / "out")
+
+
+def test_cli_sweep_in_parallel_with_the_joblib_launcher(cache_file, tmp_path):
+    proc = run_cli("federate", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
+                   f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target", "rounds=2",
+                   f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout
+    assert sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "sweep").glob("*/summary.json")) == [0, 1]

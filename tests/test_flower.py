@@ -1,0 +1,234 @@
+"""Flower: the same experiment as the in-process runner, through a fake Grid (fast), Flower's simulation
+engine, and a real deployment (SuperLink + 3 SuperNodes on 127.0.0.1) that survives a killed client."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+flwr = pytest.importorskip("flwr", reason="needs Flower: pip install -e '.[flower]'")
+
+import torch  # noqa: E402
+from conftest import ROOT, config, run_cli  # noqa: E402
+from flwr.app import Context, MessageType, RecordDict  # noqa: E402
+from planted import planted, write_cache  # noqa: E402
+
+from federate.errors import ConfigError  # noqa: E402
+from federate.flower_app import check_update, client_evaluate, client_train, config_from_flat, serve  # noqa: E402
+from federate.run import run  # noqa: E402
+
+DOMAINS = {"alpha": 120, "beta": 100, "gamma": 90, "target": 80}
+PARTICIPANTS = ["alpha", "beta", "gamma"]
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory):
+    domains, text = planted(DOMAINS)
+    return write_cache(tmp_path_factory.mktemp("flower") / "planted.h5", domains, text)
+
+
+def flower_cfg(cache_file, out, **extra):
+    flat = {"cache_file": str(cache_file), "model_name": "fedclip/planted", "target_domain": "target", "rounds": 3,
+            "lr": 1e-3, "output_dir": str(out), "round_timeout": 30.0, "startup_timeout": 10.0, **extra}
+    return config_from_flat(flat)
+
+
+def in_process(cache_file, out, rounds=3):
+    cfg = config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
+                              f"rounds={rounds}", "lr=1e-3"])
+    return run(cfg, out)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages made outside a Flower runtime need the identity the runtime would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class FakeGrid:
+    """Delivers each message to the real ClientApp handlers in this process. `tamper(domain, round, kind,
+    reply)` may alter a reply or return None (the client does not answer)."""
+
+    def __init__(self, tamper=None):
+        self.nodes = {101 + i: d for i, d in enumerate(PARTICIPANTS)}
+        self.tamper = tamper
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            ctx = Context(run_id=1, node_id=node, node_config={"partition": self.nodes[node]}, state=RecordDict(),
+                          run_config={})
+            kind = m.metadata.message_type
+            reply = (client_train if kind == MessageType.TRAIN else client_evaluate)(m, ctx)
+            if self.tamper:
+                reply = self.tamper(self.nodes[node], int(m.content["config"]["round"]), kind, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def same_results(a: dict, b: dict, tol=1e-6):
+    assert a["best_round"] == b["best_round"]
+    assert a["generalization"] == pytest.approx(b["generalization"], abs=tol)
+    assert a["val_mean"] == pytest.approx(b["val_mean"], abs=tol)
+    assert a["personalization"].keys() == b["personalization"].keys()
+    for d in a["personalization"]:
+        assert a["personalization"][d] == pytest.approx(b["personalization"][d], abs=tol)
+
+
+def test_the_flower_apps_reproduce_the_in_process_runner(cache_file, tmp_path):
+    flower = serve(FakeGrid(), flower_cfg(cache_file, tmp_path / "f"), tmp_path / "f")
+    local = in_process(cache_file, tmp_path / "l")
+    same_results(flower, local)
+    assert flower["backend"] == "flower" and flower["bytes_per_round"] == local["bytes_per_round"]
+    for name in ("summary.json", "history.jsonl", "adapter.safetensors"):
+        assert (tmp_path / "f" / name).exists()
+
+
+def test_check_update_rejects_wrong_keys_shapes_and_non_finite_values():
+    ref = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+    assert check_update({"w": torch.ones(2, 2), "b": torch.ones(2)}, ref) is None
+    assert "keys" in check_update({"w": torch.ones(2, 2)}, ref)
+    assert "shape (3, 2)" in check_update({"w": torch.ones(3, 2), "b": torch.ones(2)}, ref)
+    assert "non-finite" in check_update({"w": torch.tensor([[1.0, float("nan")], [0, 0]]), "b": torch.ones(2)}, ref)
+
+
+def test_bad_updates_are_logged_and_not_aggregated(cache_file, tmp_path, caplog):
+    from flwr.app import ArrayRecord
+
+    def poison(domain, round_, kind, reply):
+        if kind == MessageType.TRAIN and domain == "beta":
+            arrays = reply.content["arrays"].to_torch_state_dict()
+            arrays["image.0.weight"][0, 0] = float("nan") if round_ == 2 else 0.0
+            if round_ == 3:
+                arrays["image.0.bias"] = torch.zeros(3)
+            reply.content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        s = serve(FakeGrid(poison), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert "round 2: rejected the update of beta: image.0.weight has non-finite values" in caplog.text
+    assert "round 3: rejected the update of beta: image.0.bias has shape (3,)" in caplog.text
+    assert s["rounds"] == 3 and 0 <= s["generalization"] <= 1 and "stopped" not in s
+
+
+def test_a_client_that_stops_answering_is_dropped_and_the_run_goes_on(cache_file, tmp_path, caplog):
+    gone = lambda domain, round_, kind, reply: None if domain == "gamma" and round_ >= 2 else reply  # noqa: E731
+    with caplog.at_level(logging.WARNING):
+        s = serve(FakeGrid(gone), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert "did not answer" in caplog.text and "gamma" in caplog.text
+    rows = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [sorted(r["val_acc"]) for r in rows] == [PARTICIPANTS, ["alpha", "beta"], ["alpha", "beta"]]
+    assert "stopped" not in s and len(rows) == 3
+
+
+def test_below_min_clients_the_run_stops_keeping_what_it_recorded(cache_file, tmp_path):
+    gone = lambda domain, round_, kind, reply: None if domain != "alpha" and round_ >= 3 else reply  # noqa: E731
+    s = serve(FakeGrid(gone), flower_cfg(cache_file, tmp_path, min_clients=2), tmp_path)
+    assert "only 1 client(s) left, fewer than flower.min_clients=2" in s["stopped"]
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 2 and s["best_round"] in (1, 2)
+    assert (tmp_path / "adapter.safetensors").exists()
+    with pytest.raises(ConfigError, match="only 1 client"):  # nothing recorded yet: a plain error
+        serve(FakeGrid(lambda d, r, k, rep: rep if d == "alpha" else None), flower_cfg(cache_file, tmp_path / "x"),
+              tmp_path / "x")
+
+
+def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, tmp_path):
+    proc = run_cli("federate", "backend=flower", f"cache_file={cache_file}", "model.name=fedclip/planted",
+                   "target_domain=target", "rounds=3", "lr=1e-3", f"hydra.run.dir={tmp_path}/sim", cwd=tmp_path,
+                   timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    same_results(json.loads((tmp_path / "sim" / "summary.json").read_text()), in_process(cache_file, tmp_path / "l"))
+
+
+# ---------------------------------------------------------------- a real deployment on loopback
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, cache_file):
+    """flower-superlink and one flower-supernode per participant, insecure, on 127.0.0.1."""
+    home = tmp_path_factory.mktemp("flwr_home")
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    procs = {}
+
+    def start(name, *args):
+        log = open(home / f"{name}.log", "w")
+        procs[name] = subprocess.Popen([*args], cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+
+    bindir = Path(sys.executable).parent
+    start("superlink", bindir / "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+          "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db"))
+    for d in PARTICIPANTS:
+        start(d, bindir / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
+              str(free_port()), "--node-config", f"partition='{d}' cache-file='{cache_file}'")
+    log_of = lambda name: (home / f"{name}.log").read_text(errors="ignore")  # noqa: E731
+    try:
+        wait_for(lambda: log_of("superlink").count("Activated node_id") >= 3, 90, "3 SuperNodes to register")
+        yield {"env": env, "home": home, "procs": procs, "log_of": log_of}
+    finally:
+        for p in procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
+
+
+def flwr_run(deployment, out: Path, **config):
+    settings = {"cache_file": "", "model_name": "fedclip/planted", "target_domain": "target", "lr": 0.001,
+                "output_dir": str(out), **config}
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    proc = subprocess.run([Path(sys.executable).parent / "flwr", "run", str(ROOT), "test", "--run-config", run_config],
+                          env=deployment["env"], cwd=deployment["home"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Successfully started run" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_deployment_on_loopback_matches_in_process_and_survives_a_killed_client(deployment, cache_file, tmp_path):
+    out = tmp_path / "deployed"
+    flwr_run(deployment, out, cache_file=str(cache_file), rounds=3, round_timeout=120.0)
+    wait_for(lambda: (out / "summary.json").exists(), 300, "the deployed run's summary.json")
+    same_results(json.loads((out / "summary.json").read_text()), in_process(cache_file, tmp_path / "local"))
+
+    out = tmp_path / "killed"
+    flwr_run(deployment, out, cache_file=str(cache_file), rounds=4, round_timeout=45.0, min_clients=2)
+    history = out / "history.jsonl"
+    wait_for(lambda: history.exists() and history.read_text().count("\n") >= 1, 240, "the first round")
+    os.killpg(deployment["procs"]["gamma"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp process
+    wait_for(lambda: (out / "summary.json").exists(), 400, "the run to finish without gamma")
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(x) for x in history.read_text().splitlines()]
+    assert len(rows) == 4 and "stopped" not in summary
+    assert "gamma" in rows[0]["val_acc"] and all("gamma" not in r["val_acc"] for r in rows[2:])

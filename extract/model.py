@@ -71,14 +71,17 @@ def model_directory(model_cfg, cache_dir: str) -> str:
 
 
 def image_processor_class():
-    # Without torchvision, transformers 5 falls back to the PIL processor anyway (with a warning).
+    """CLIP's image processor: the torchvision backend when present, else the PIL one (same preprocessing).
+    Naming transformers.CLIPImageProcessor without torchvision already logs a fallback warning."""
     import transformers
 
     try:
         import torchvision  # noqa: F401
-        return transformers.CLIPImageProcessor
-    except Exception:
-        return getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    except Exception:  # absent, or broken beside this torch build
+        pil = getattr(transformers, "CLIPImageProcessorPil", None)
+        if pil is not None:
+            return pil
+    return transformers.CLIPImageProcessor
 
 
 def load_clip(model_cfg, cache_dir: str, device: torch.device):
@@ -93,7 +96,7 @@ def load_clip(model_cfg, cache_dir: str, device: torch.device):
         processor = image_processor_class().from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__).rstrip(".")
         raise ExtractError(
             f"cannot load CLIP model {source!r}: {first}. Without hub access, pass a local directory "
             f"saved with save_pretrained: model.name=/path/to/clip-vit-base-patch32") from None

@@ -92,7 +92,13 @@ def client_of(msg: Message, context: Context):
     settings = json.loads(msg.content["config"]["settings"])
     participants = json.loads(msg.content["config"]["participants"])
     node = context.node_config
-    domain = node.get("partition") or participants[int(node["partition-id"])]
+    if node.get("partition"):
+        domain = str(node["partition"])
+    elif "partition-id" in node and 0 <= int(node["partition-id"]) < len(participants):
+        domain = participants[int(node["partition-id"])]
+    else:
+        raise ConfigError(f"this SuperNode has no domain: start it with --node-config \"partition='<domain>'\" "
+                          f"(one of {', '.join(participants)})")
     cache_file = node.get("cache-file") or settings["cache_file"]
     client, text, scale = client_data(cache_file, settings["model_name"], domain, settings["seed"],
                                       settings["split_file"], settings.get("device", "auto"))

@@ -63,7 +63,7 @@ def collect(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     for hydra_dir in sorted(root.rglob(".hydra")):
         run_dir = hydra_dir.parent
         if (hydra_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists() \
-                and "federate" in (hydra_dir / "hydra.yaml").read_text(errors="ignore"):
+                and "config_name: federate" in (hydra_dir / "hydra.yaml").read_text(errors="ignore"):
             logs = sorted(run_dir.glob("*.log"))
             last = next((ln for ln in reversed(logs[0].read_text(errors="ignore").splitlines()) if ln.strip()), "") \
                 if logs else ""

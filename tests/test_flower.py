@@ -100,6 +100,22 @@ def test_the_flower_apps_reproduce_the_in_process_runner(cache_file, tmp_path):
         assert (tmp_path / "f" / name).exists()
 
 
+def test_a_supernode_without_a_domain_is_told_how_to_set_one(cache_file, tmp_path):
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    from federate.adapter import init_adapters
+    from federate.flower_app import flat_from_config
+
+    settings = {k: v for k, v in flat_from_config(flower_cfg(cache_file, tmp_path)).items()}
+    msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(init_adapters(64, 0)),
+                              "config": ConfigRecord({"round": 1, "settings": json.dumps(settings),
+                                                      "participants": json.dumps(PARTICIPANTS)})}),
+                  dst_node_id=5, message_type=MessageType.TRAIN)
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="partition='<domain>'.*alpha, beta, gamma"):
+        client_train(msg, ctx)
+
+
 def test_check_update_rejects_wrong_keys_shapes_and_non_finite_values():
     ref = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
     assert check_update({"w": torch.ones(2, 2), "b": torch.ones(2)}, ref) is None

@@ -129,14 +129,18 @@ def test_failed_and_unfinished_runs_are_listed(tmp_path):
     hydra = tmp_path / "died" / ".hydra"
     hydra.mkdir(parents=True)
     (hydra / "config.yaml").write_text("lr: 0.1\n")
-    (hydra / "hydra.yaml").write_text("hydra:\n  job:\n    name: federate\n")
+    (hydra / "hydra.yaml").write_text("hydra:\n  job:\n    name: __main__\n    config_name: federate\n")
+    extract_run = tmp_path / "extract_run" / ".hydra"  # not a federate run: not listed
+    extract_run.mkdir(parents=True)
+    (extract_run / "config.yaml").write_text("batch_size: 32\n")
+    (extract_run / "hydra.yaml").write_text("hydra:\n  job:\n    config_name: extract\n")
     (tmp_path / "died" / "federate.log").write_text("round 3/200 ...\nKilled\n")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "summary.json").write_text("{not json")
     text = report(tmp_path, make_plots=False)
     assert "1 runs with a summary" in text and "## Runs without results" in text
     assert f"{tmp_path / 'died'}: no summary.json (failed or unfinished): Killed" in text
-    assert f"{tmp_path / 'broken'}: unreadable summary.json" in text
+    assert f"{tmp_path / 'broken'}: unreadable summary.json" in text and "extract_run" not in text
 
 
 def test_cli_prints_the_tables_and_writes_the_report_folder(sweep):

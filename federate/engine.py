@@ -78,10 +78,6 @@ class ClientSets:
         return len(self.sizes)
 
 
-def towers_of(state: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.split(".")[0] for k in state})
-
-
 def class_text(state, text: torch.Tensor, text_norm: torch.Tensor, k: int):
     """Per-client normalised class prompts [k, C, d]: through the text adapter when there is one."""
     if "text.0.weight" not in state:
@@ -125,7 +121,7 @@ class BatchedTrainer:
             texts_of_rows = self.text_norm[ys]  # each row's own class prompt
         keys = list(state)
         grads, m, v2 = self._buffers(state)  # a fresh Adam every round: moments start at zero
-        step_count = {q: torch.zeros((), dtype=torch.float32) for q in keys}
+        step_count = {q: torch.zeros((), dtype=torch.float32, device=device) for q in keys}  # as fused Adam keeps them
         prefix = {k: [[t[q][:k] for q in keys] for t in (state, grads, m, v2)] for k in set(active)}
         loss_sum = torch.zeros(len(c), device=device)
         fused = device.type in ("cpu", "cuda")

@@ -105,6 +105,7 @@ class BatchedTrainer:
                 t.zero_()
         return self._bufs
 
+    @torch.inference_mode()  # gradients are hand-written: skipping autograd's bookkeeping saves ~10%
     def train(self, state: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
               anchor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One round of local training, in place; returns each client's mean training loss (device).

@@ -32,12 +32,14 @@ PAPER = {
                 "office_home": {"Avg": 80.27}},
 }
 # Options that make a different method variant (a separate row), beside the method's name.
-VARIANT_KEYS = ("aggregation", "loss", "text_adapter", "local_epochs", "mu")
-DEFAULTS = {"aggregation": "uniform", "loss": "contrastive", "text_adapter": False, "local_epochs": 1}
+VARIANT_KEYS = ("aggregation", "loss", "text_adapter", "local_epochs", "rounds", "backend", "mu")
+DEFAULTS = {"aggregation": "uniform", "loss": "contrastive", "text_adapter": False, "local_epochs": 1,
+            "rounds": 200, "backend": "local"}
 
 
 def method_label(s: dict) -> str:
-    extras = [f"{k}={s[k]}" for k in VARIANT_KEYS if k in s and k != "mu" and s[k] != DEFAULTS.get(k)]
+    extras = [f"{k}={s[k]}" for k in VARIANT_KEYS
+              if k in s and k != "mu" and s[k] != DEFAULTS.get(k) and not (k == "rounds" and s["method"] == "zeroshot")]
     if s["method"] == "fedprox":
         extras.insert(0, f"mu={s.get('mu')}")
     return s["method"] + (f" ({', '.join(extras)})" if extras else "")

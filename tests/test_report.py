@@ -12,7 +12,7 @@ import pytest
 from conftest import config, run_cli
 from planted import planted, write_cache
 
-from federate.report import report
+from federate.report import method_label, report
 from federate.run import run
 
 LRS, SEEDS, TARGETS, METHODS = (1e-3, 2e-4), (0, 1, 2), ("alpha", "gamma"), ("fedclip", "local")
@@ -46,7 +46,7 @@ def by_hand(root: Path):
     runs = defaultdict(lambda: defaultdict(list))
     for p in root.glob("*/summary.json"):
         s = json.loads(p.read_text())
-        runs[(s["method"], s["target_domain"])][s["lr"]].append(s)
+        runs[(method_label(s), s["target_domain"])][s["lr"]].append(s)
     return {key: max(by_lr.values(), key=lambda rs: statistics.fmean(r["val_mean"] for r in rs))
             for key, by_lr in runs.items()}
 
@@ -75,7 +75,8 @@ def test_every_cell_is_the_mean_and_standard_error_of_the_selected_runs(sweep):
             m, se = mean_se([r["personalization"][domain] for r in runs])
             assert float(row[domain]) == pytest.approx(m, abs=1e-4) and float(row[f"{domain}_se"]) == pytest.approx(se, abs=1e-4)
         assert row[target] == ""  # the target has no personalization
-    for method in METHODS:
+    assert sorted(gen) == ["fedclip (rounds=3)", "local (rounds=3)"]
+    for method in gen:
         expected = statistics.fmean(mean_se([r["generalization"] for r in chosen[(method, t)]])[0] for t in TARGETS)
         assert float(gen[method]["Avg"]) == pytest.approx(expected, abs=1e-4)
     text = (sweep / "report" / "report.md").read_text()
@@ -94,7 +95,7 @@ def test_per_round_csv_has_every_run_round_and_client(sweep):
 
 def fake_run(root: Path, name: str, **fields) -> None:
     s = {"method": "fedclip", "dataset": "pacs", "model": "openai/clip-vit-base-patch32", "target_domain": "art_painting",
-         "seed": 0, "lr": 1e-4, "rounds": 1, "val_mean": 0.5, "generalization": 0.5,
+         "seed": 0, "lr": 1e-4, "rounds": 200, "val_mean": 0.5, "generalization": 0.5,
          "personalization": {"cartoon": 0.5}, "personalization_mean": 0.5, "overall": 0.5, **fields}
     (root / name).mkdir(parents=True)
     (root / name / "summary.json").write_text(json.dumps(s))
@@ -107,6 +108,17 @@ def test_learning_rate_is_picked_by_validation_never_by_test(tmp_path):
     text = report(tmp_path, make_plots=False)
     assert "lr 0.1 (mean validation accuracy by lr: 0.1: 90.00%, 0.2: 50.00%)" in text
     assert read_csv(tmp_path / "report" / "generalization.csv")[0]["art_painting"] == "10.5000"
+
+
+def test_runs_of_another_backend_or_length_are_separate_rows_not_extra_seeds(tmp_path):
+    fake_run(tmp_path, "a", seed=0)
+    fake_run(tmp_path, "b", seed=1)
+    fake_run(tmp_path, "c", seed=0, backend="flower")
+    fake_run(tmp_path, "d", seed=0, rounds=5)
+    report(tmp_path, make_plots=False)
+    rows = {r["method"]: r for r in read_csv(tmp_path / "report" / "generalization.csv")}
+    assert rows["fedclip"]["art_painting_n"] == "2"
+    assert rows["fedclip (backend=flower)"]["art_painting_n"] == "1" and rows["fedclip (rounds=5)"]["art_painting_n"] == "1"
 
 
 def test_paper_numbers_appear_for_pacs_with_vit_b32_and_datasets_are_not_mixed(tmp_path):

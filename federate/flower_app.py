@@ -38,7 +38,8 @@ from .engine import BatchedTrainer, ClientSets, client_generator
 from .errors import ConfigError
 from .evaluate import accuracies
 from .run import (FEDERATED, RunLog, check_settings, class_text, client_splits, cost_figures, domain_tensors,
-                  finish, make_client, save_adapters, summarize, target_and_participants, train_settings)
+                  finish, make_client, resolve_device, save_adapters, summarize, target_and_participants,
+                  train_settings)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def flat_from_config(cfg) -> dict:
 
 # ---------------------------------------------------------------- client
 def device_of(name: str) -> torch.device:
+    """A client's device: the server's choice when this machine has it, else the CPU (sites differ)."""
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
@@ -182,6 +184,7 @@ class Federation:
 
     def exchange(self, kind: str, state: dict[str, torch.Tensor], round_: int) -> list[Message]:
         """Send the global adapter to every remaining node; return the good replies, dropping failed nodes."""
+        # each Message owns its content, so every node gets its own RecordDict
         content = lambda: RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),  # noqa: E731
                                       "config": ConfigRecord({"round": round_, **self.shipped})})
         messages = [Message(content(), dst_node_id=n, message_type=kind, group_id=str(round_)) for n in self.nodes]
@@ -214,7 +217,7 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     check_settings(cfg)
     if cfg.method.name not in FEDERATED:
         raise ConfigError(f"backend=flower runs the federated methods ({', '.join(FEDERATED)}), not {cfg.method.name}")
-    device = device_of(cfg.device)
+    device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)
     header = load_cache(cfg.cache_file, cfg.model.name, domains=())
     target, participants = target_and_participants(list(header.all_domains), cfg.target_domain, header.path)
@@ -262,10 +265,7 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
                 target_acc = accuracies([shared], [target_set], text)[0]
                 runlog.record_best(r, val_acc, test_acc, target_acc, [shared])
                 row.update(test_acc=test_acc, target_acc=target_acc, improved=True)
-            runlog.write(row)
-            log.info("round %d/%d  val %s  mean %.4f%s", r, cfg.rounds,
-                     " ".join(f"{d} {a:.4f}" for d, a in val_acc.items()), row["val_mean"],
-                     f"  * best: target {runlog.best['target']:.4f}" if row.get("improved") else "")
+            runlog.end_round(row, cfg.rounds)
     except ConfigError as e:
         if not runlog.best["states"]:
             raise

@@ -102,8 +102,7 @@ def client_splits(cache: EmbeddingCache, domains: list[str], seed: int, split_fi
 
 def make_client(cache: EmbeddingCache, domain: str, split: dict, device) -> Client:
     """Shared. One participating domain's splits on the device."""
-    x = torch.from_numpy(cache.domains[domain].features).to(device)
-    y = torch.from_numpy(cache.domains[domain].labels).to(device)
+    x, y = domain_tensors(cache, domain, device)
     parts = [torch.from_numpy(split[p]).to(device) for p in ("train", "val", "test")]
     client = Client(domain, *((x[i], y[i]) for i in parts))
     if len(client.train[1]) < 2:
@@ -163,9 +162,13 @@ class RunLog:
                      "test_acc": dict(test_acc), "target": target,
                      "states": [{k: v.detach().clone() for k, v in s.items()} for s in states]}
 
-    def write(self, row: dict) -> None:
+    def end_round(self, row: dict, rounds: int) -> None:
+        """Append the round to history.jsonl and log it."""
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        log.info("round %d/%d  val %s  mean %.4f%s", row["round"], rounds,
+                 " ".join(f"{n} {a:.4f}" for n, a in row["val_acc"].items()), row["val_mean"],
+                 f"  * best: target {self.best['target']:.4f}" if row.get("improved") else "")
 
     def close(self) -> None:
         self.file.close()
@@ -298,10 +301,7 @@ def evaluate_round(runlog: RunLog, round_: int, rounds: int, client_states: list
         target = mean(accuracies(target_states, [target_set] * len(target_states), text))
         runlog.record_best(round_, val_acc, test, target, [s for s in target_states if s is not None])
         row.update(test_acc=test, target_acc=target, improved=True)
-    runlog.write(row)
-    log.info("round %d/%d  val %s  mean %.4f%s", round_, rounds,
-             " ".join(f"{n} {a:.4f}" for n, a in val_acc.items()), row["val_mean"],
-             f"  * best: target {runlog.best['target']:.4f}" if row.get("improved") else "")
+    runlog.end_round(row, rounds)
 
 
 def federate(cfg, method, clients, global_state, target_set, text, scale, runlog: RunLog) -> None:

@@ -1,14 +1,17 @@
-"""Local training of the participating clients: a fast batched engine and a plain reference loop.
+"""Local training of the participating clients (`engine=`): lock-step engines and a plain reference loop.
 
 All follow the reference protocol (shuffled batches of `batch_size`, a final batch of fewer than 2 rows
 skipped, a fresh Adam every round) on the same batch schedule, so they reach the same weights; tests
 check that, and bench/federate_speed.py measures the difference.
 
-The batched engine trains all clients in lock step: clients are ordered by training-set size (largest
-first), so the clients still training at step s are always a prefix [:k] of the stacked weights and
-every step is a handful of bmm calls on views, with hand-written gradients into preallocated buffers
-and PyTorch's fused Adam. No host synchronisation happens inside the step loop. SequentialTrainer runs the
-same kernels one client at a time, which keeps each client's state in cache on a CPU.
+The lock-step engines train all clients at once: clients are ordered by training-set size (largest
+first), so the clients still training at step s are always a prefix [:k] of the stacked weights, and
+every step works on views of them, with PyTorch's fused Adam and no host synchronisation. Where the
+gradients come from is the only difference:
+- `generic`: torch.func (`vmap` of `grad` over the clients) through any adapter's `logits`;
+- `batched`: AttAI's hand-written gradients into preallocated buffers (its fast path);
+- `sequential`: the batched kernels one client at a time, which keeps a client's state in cache on a CPU;
+- `plain`: one client after another, one batch at a time, autograd and torch.optim.Adam (the baseline).
 """
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch.optim.adam import adam
 
-from . import adapter as attai
-from .losses import ce_grad, ce_loss, contrastive_grad, contrastive_loss
+from .adapters import Adapter
+from .adapters import attai
+from .errors import ConfigError
+from .losses import ce_grad, contrastive_grad, in_batch_loss, masked_loss
 
 
 @dataclass(frozen=True)
@@ -85,27 +90,37 @@ def class_text(state, text: torch.Tensor, text_norm: torch.Tensor, k: int):
     return attai.forward(*attai.layers(state, "text", k), text.expand(k, *text.shape))
 
 
-class BatchedTrainer:
-    """Trains the stacked adapters `state` ([K, ...] per tensor) of all clients for some epochs."""
+class LockstepTrainer:
+    """Trains the stacked adapters `state` ([K, ...] per tensor) of all clients for some epochs; a
+    subclass says how a step's gradients are computed."""
 
-    def __init__(self, clients: ClientSets, text: torch.Tensor, scale: float, settings: TrainSettings):
-        self.clients, self.settings, self.scale = clients, settings, scale
+    def __init__(self, adapter: Adapter, clients: ClientSets, text: torch.Tensor, scale: float,
+                 settings: TrainSettings):
+        self.adapter, self.clients, self.settings, self.scale = adapter, clients, settings, scale
         self.text = text  # raw class prompt embeddings [C, d]
         self.text_norm = torch.nn.functional.normalize(text, dim=-1)
 
-    def _buffers(self, state):
-        """Gradient and Adam moment buffers, allocated once and zeroed per round (allocating 2 MB
+    def _buffers(self, state, count: int):
+        """`count` buffers shaped like the state, allocated once and zeroed per round (allocating 2 MB
         tensors every round costs page faults that show up in the profile)."""
         shapes = {k: v.shape for k, v in state.items()}
         if getattr(self, "_shapes", None) != shapes:
             self._shapes = shapes
-            self._bufs = [{k: torch.zeros_like(v) for k, v in state.items()} for _ in range(3)]
-        for buf in self._bufs[1:]:
+            self._bufs = [{k: torch.zeros_like(v) for k, v in state.items()} for _ in range(count)]
+        for buf in self._bufs:
             for t in buf.values():
                 t.zero_()
         return self._bufs
 
-    @torch.inference_mode()  # gradients are hand-written: skipping autograd's bookkeeping saves ~10%
+    def prepare(self, state, ys: torch.Tensor) -> None:
+        """Per-round set-up before the steps (ys: the round's labels [S, K, B])."""
+
+    def gradients(self, params: dict, x, y, ok, step: int) -> tuple[torch.Tensor, dict]:
+        """Loss [k] and gradients of the first k clients' `params` on batch x [k, B, d], labels y [k, B]
+        (ok [k, B]: valid rows, or None when no row is padding)."""
+        raise NotImplementedError
+
+    @torch.inference_mode()  # no autograd bookkeeping outside the gradient functions: ~10% faster
     def train(self, state: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
               anchor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One round of local training, in place; returns each client's mean training loss (device).
@@ -117,47 +132,87 @@ class BatchedTrainer:
         idx = (idx + c.offsets.cpu()[None, :, None]).to(device)
         valid = valid.to(device)
         xs, ys = c.x[idx], c.y[idx]  # the round's batches, gathered once: [S, K, B, d] and [S, K, B]
-        text_tower = "text.0.weight" in state
-        if not text_tower:
-            texts_of_rows = self.text_norm[ys]  # each row's own class prompt
+        self.prepare(state, ys)
         keys = list(state)
-        grads, m, v2 = self._buffers(state)  # a fresh Adam every round: moments start at zero
+        m, v2 = self._moments(state)  # a fresh Adam every round: moments start at zero
         step_count = {q: torch.zeros((), dtype=torch.float32, device=device) for q in keys}  # as fused Adam keeps them
-        prefix = {k: [[t[q][:k] for q in keys] for t in (state, grads, m, v2)] for k in set(active)}
+        prefix = {k: ({q: state[q][:k] for q in keys}, [m[q][:k] for q in keys], [v2[q][:k] for q in keys])
+                  for k in set(active)}
         loss_sum = torch.zeros(len(c), device=device)
         fused = device.type in ("cpu", "cuda")
         for step, k in enumerate(active):
-            x, y, ok = xs[step, :k], ys[step, :k], valid[step, :k] if padded[step] else None
-            W = attai.layers(state, "image", k)
-            image, saved = attai.forward(*W, x)
-            if s.loss == "contrastive" and not text_tower:
-                loss, d_image, _ = contrastive_grad(image, texts_of_rows[step, :k], ok, self.scale)
-            else:
-                texts, text_saved = class_text(state, self.text, self.text_norm, k)
-                if s.loss == "contrastive":
-                    gather = y[:, :, None].expand(-1, -1, texts.shape[-1])
-                    loss, d_image, d_rows = contrastive_grad(image, texts.gather(1, gather), ok, self.scale)
-                    d_text = torch.zeros_like(texts).scatter_add_(1, gather, d_rows)
-                else:
-                    loss, d_image, d_text = ce_grad(image, texts, y, ok, self.scale)
-                if text_tower:
-                    attai.backward(attai.layers(state, "text", k)[2], text_saved, d_text,
-                                   attai.layers(grads, "text", k))
-            attai.backward(W[2], saved, d_image, attai.layers(grads, "image", k))
+            params, m1, m2 = prefix[k]
+            loss, grads = self.gradients(params, xs[step, :k], ys[step, :k], valid[step, :k] if padded[step] else None, step)
             if s.mu:
                 for q in keys:  # FedProx: gradient of (mu / 2) ||w - w_global||^2
-                    grads[q][:k].add_(state[q][:k] - anchor[q], alpha=s.mu)
-            params, g, m1, m2 = prefix[k]
-            adam(params, g, m1, m2, [], [step_count[q] for q in keys], fused=fused, amsgrad=False,
-                 beta1=s.betas[0], beta2=s.betas[1], lr=s.lr, weight_decay=s.weight_decay, eps=s.eps,
-                 maximize=False)
+                    grads[q].add_(params[q] - anchor[q], alpha=s.mu)
+            adam(list(params.values()), [grads[q] for q in keys], m1, m2, [], [step_count[q] for q in keys],
+                 fused=fused, amsgrad=False, beta1=s.betas[0], beta2=s.betas[1], lr=s.lr,
+                 weight_decay=s.weight_decay, eps=s.eps, maximize=False)
             loss_sum[:k] += loss
         return loss_sum / torch.tensor(steps, device=device).clamp_min(1)
 
+    def _moments(self, state):
+        return self._buffers(state, 2)
 
-class PlainTrainer(BatchedTrainer):
-    """The straightforward loop: one client after another, one batch at a time, autograd and
-    torch.optim.Adam. Same schedule and results as BatchedTrainer; the baseline it is measured against."""
+
+class GenericTrainer(LockstepTrainer):
+    """Any adapter: per-client gradients of the loss on its `logits` with torch.func (vmap over clients)."""
+
+    def __init__(self, adapter, clients, text, scale, settings):
+        super().__init__(adapter, clients, text, scale, settings)
+
+        def loss(params, x, y, ok):
+            return masked_loss(adapter.logits(params, x, text, scale), y, ok, settings.loss)
+
+        self._grad = torch.func.vmap(torch.func.grad_and_value(loss))
+
+    def gradients(self, params, x, y, ok, step):
+        grads, loss = self._grad(params, x, y, torch.ones_like(y, dtype=torch.bool) if ok is None else ok)
+        return loss, grads
+
+
+class BatchedTrainer(LockstepTrainer):
+    """AttAI's fast path: hand-written gradients (federate/adapters/attai.py) into preallocated buffers."""
+
+    def _moments(self, state):
+        self._grads, m, v2 = self._buffers(state, 3)
+        self._grad_views = {}
+        return m, v2
+
+    def prepare(self, state, ys):
+        self.text_tower = "text" in self.adapter.towers
+        # each row's own class prompt, gathered once per round when the prompts are fixed
+        self.rows_text = self.text_norm[ys] if self.settings.loss == "contrastive" and not self.text_tower else None
+
+    def gradients(self, params, x, y, ok, step):
+        k = len(x)
+        grads = self._grad_views.get(k) or self._grad_views.setdefault(k, {q: g[:k] for q, g in self._grads.items()})
+        W = attai.layers(params, "image")
+        image, saved = attai.forward(*W, x)
+        if self.rows_text is not None:
+            loss, d_image, _ = contrastive_grad(image, self.rows_text[step, :k], ok, self.scale)
+        else:
+            if self.text_tower:
+                texts, text_saved = attai.forward(*attai.layers(params, "text"), self.text.expand(k, *self.text.shape))
+            else:
+                texts = self.text_norm.expand(k, *self.text_norm.shape)
+            if self.settings.loss == "contrastive":
+                gather = y[:, :, None].expand(-1, -1, texts.shape[-1])
+                loss, d_image, d_rows = contrastive_grad(image, texts.gather(1, gather), ok, self.scale)
+                d_text = torch.zeros_like(texts).scatter_add_(1, gather, d_rows)
+            else:
+                loss, d_image, d_text = ce_grad(image, texts, y, ok, self.scale)
+            if self.text_tower:
+                attai.backward(attai.layers(params, "text")[2], text_saved, d_text, attai.layers(grads, "text"))
+        attai.backward(W[2], saved, d_image, attai.layers(grads, "image"))
+        return loss, grads
+
+
+class PlainTrainer(LockstepTrainer):
+    """The straightforward loop: one client after another, one batch at a time, autograd through the
+    adapter's `logits` and torch.optim.Adam. Same schedule and results as the lock-step engines; the
+    baseline they are measured against."""
 
     def train(self, state, epochs, generators, anchor=None):
         s, c = self.settings, self.clients
@@ -171,11 +226,10 @@ class PlainTrainer(BatchedTrainer):
             for step in range(steps[k]):
                 rows = idx[step, k][valid[step, k]].to(c.x.device) + c.offsets[k]
                 x, y = c.x[rows], c.y[rows]
-                image = one_forward(params, "image", x)
-                texts = one_forward(params, "text", self.text) if "text.0.weight" in params else self.text_norm
-                loss = contrastive_loss(image, texts[y], self.scale) if s.loss == "contrastive" \
-                    else ce_loss(image, texts, y, self.scale)
-                total += loss.item()  # the data loss, as the batched engine reports
+                logits = self.adapter.logits(params, x, self.text, self.scale)
+                loss = in_batch_loss(logits[:, y]) if s.loss == "contrastive" \
+                    else torch.nn.functional.cross_entropy(logits, y)
+                total += loss.item()  # the data loss, as the other engines report
                 if s.mu:
                     loss = loss + s.mu / 2 * sum(((params[q] - anchor[q]) ** 2).sum() for q in params)
                 opt.zero_grad()
@@ -188,21 +242,14 @@ class PlainTrainer(BatchedTrainer):
         return torch.tensor(losses)
 
 
-def one_forward(params: dict[str, torch.Tensor], tower: str, x: torch.Tensor) -> torch.Tensor:
-    """Adapter of one client (unstacked weights) on x [n, d]: normalised g(x) * x."""
-    W1, b1, W2, b2 = attai.layers(params, tower)
-    g = torch.softmax(torch.tanh(x @ W1.T + b1) @ W2.T + b2, dim=-1)
-    return torch.nn.functional.normalize(g * x, dim=-1)
-
-
 class SequentialTrainer:
-    """BatchedTrainer's kernels applied to one client at a time. On a CPU this is the fastest: a client's
-    weights, gradients and Adam moments (8 MB at d = 512) stay in cache, while three clients in lock step
-    spill to memory (bench/federate_speed.py measures both). Same batch schedule, same results."""
+    """A lock-step engine applied to one client at a time. On a CPU this is the fastest for AttAI: a
+    client's weights, gradients and Adam moments (8 MB at d = 512) stay in cache, while three clients in
+    lock step spill to memory (bench/federate_speed.py measures both). Same batch schedule, same results."""
 
-    def __init__(self, clients: ClientSets, text: torch.Tensor, scale: float, settings: TrainSettings):
+    def __init__(self, adapter, clients: ClientSets, text, scale, settings, inner=BatchedTrainer):
         bounds = [(int(o), n) for o, n in zip(clients.offsets.tolist(), clients.sizes)]
-        self.trainers = [BatchedTrainer(ClientSets([clients.x[o:o + n]], [clients.y[o:o + n]]), text, scale, settings)
+        self.trainers = [inner(adapter, ClientSets([clients.x[o:o + n]], [clients.y[o:o + n]]), text, scale, settings)
                          for o, n in bounds]
 
     def train(self, state, epochs, generators, anchor=None):
@@ -210,11 +257,19 @@ class SequentialTrainer:
                           for i, t in enumerate(self.trainers)])
 
 
-def make_trainer(engine: str, clients: ClientSets, text: torch.Tensor, scale: float, settings: TrainSettings):
-    """engine=auto: lock step on CUDA (fewer, larger kernels), one client at a time on a CPU (cache)."""
+def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch.Tensor, scale: float,
+                 settings: TrainSettings):
+    """engine=auto: AttAI's hand-written gradients, in lock step on CUDA (fewer, larger kernels) and one
+    client at a time on a CPU (cache); torch.func for any other adapter."""
     if engine == "auto":
-        engine = "batched" if clients.x.is_cuda else "sequential"
-    return ENGINES[engine](clients, text, scale, settings)
+        engine = ("batched" if clients.x.is_cuda else "sequential") if adapter.fast_path else "generic"
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be auto, {', '.join(ENGINES)}, not {engine!r}")
+    if engine in FAST_PATH and not adapter.fast_path:
+        raise ConfigError(f"engine={engine} uses AttAI's hand-written gradients; adapter {adapter.name} trains "
+                          "with engine=generic (or auto)")
+    return ENGINES[engine](adapter, clients, text, scale, settings)
 
 
-ENGINES = {"batched": BatchedTrainer, "sequential": SequentialTrainer, "plain": PlainTrainer}
+ENGINES = {"batched": BatchedTrainer, "sequential": SequentialTrainer, "generic": GenericTrainer, "plain": PlainTrainer}
+FAST_PATH = ("batched", "sequential")

@@ -1,5 +1,5 @@
-"""Training losses, each in two forms: autograd (the plain loop, tests) and a batched value + gradient
-(the fast engine), for k clients' padded batches at once.
+"""Training losses: on class logits with autograd (the generic engine, the plain loop), and AttAI's
+batched value + gradient (the fast engine) for k clients' padded batches at once.
 
 `contrastive` is the reference code's symmetric in-batch CLIP loss: row i of a batch is paired with the
 prompt of its own label, the other rows' prompts are negatives (same-class ones included).
@@ -11,6 +11,25 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("contrastive", "ce")
+
+
+def in_batch_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss on in-batch logits [B, B] (row i: image i; column j: the prompt of image j's label)."""
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
+    """The training loss of one padded batch from its class logits [B, C] (valid [B]: real rows); written
+    without data-dependent shapes so that torch.func can vmap it over clients."""
+    if kind == "ce":
+        nll = -torch.log_softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
+        return torch.where(valid, nll, 0).sum() / valid.sum()
+    pairs = logits.index_select(1, labels)  # [B, B]: image i against the prompt of image j's label
+    log_p_row = torch.log_softmax(pairs.masked_fill(~valid[None, :], float("-inf")), dim=1)
+    log_p_col = torch.log_softmax(pairs.masked_fill(~valid[:, None], float("-inf")), dim=0)
+    nll = -(log_p_row.diagonal() + log_p_col.diagonal())
+    return torch.where(valid, nll, 0).sum() / (2 * valid.sum())
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:

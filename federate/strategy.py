@@ -1,9 +1,30 @@
-"""Server side: averaging client adapters (FedAvg-style), named as in Flower's strategies."""
+"""Server strategies (Hydra group `strategy`): how the server turns the clients' adapters into the next
+global adapter. Names follow Flower's strategies; the in-process runner and the Flower ServerApp use the
+same objects.
+
+- `fedavg`: the weighted mean of the clients' adapters (`aggregation=uniform`, the reference code, or
+  `samples`, weighted by training rows: paper eq. 9, FedAvg).
+- `fedavgm` and `fedadam` (Reddi et al. 2021, "Adaptive Federated Optimization"): the mean client update
+  `delta = mean - global` is a pseudo-gradient for a server optimiser, momentum SGD or Adam.
+"""
 from __future__ import annotations
 
 import torch
 
+from .errors import ConfigError
+
 AGGREGATIONS = ("uniform", "samples")
+STRATEGIES: dict[str, type["FedAvg"]] = {}
+
+State = dict[str, torch.Tensor]
+
+
+def register(name: str):
+    def add(cls):
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+    return add
 
 
 def client_weights(num_examples: list[int], how: str) -> torch.Tensor:
@@ -13,17 +34,86 @@ def client_weights(num_examples: list[int], how: str) -> torch.Tensor:
     return w.float()
 
 
-def aggregate_train(stacked: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def weighted_mean(stacked: State, weights: torch.Tensor) -> State:
     """Weighted mean over the leading (client) dimension of every tensor."""
     w = weights.to(next(iter(stacked.values())).device)
     return {k: torch.tensordot(w, v, dims=1) for k, v in stacked.items()}
 
 
-def configure_train(stacked: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> None:
+@register("fedavg")
+class FedAvg:
+    def __init__(self, aggregation: str = "uniform"):
+        if aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation must be uniform or samples, not {aggregation!r}")
+        self.aggregation = aggregation
+        self.settings: dict = {}
+
+    def aggregate_train(self, global_state: State, stacked: State, num_examples: list[int]) -> State:
+        """The next global adapter from the clients' adapters (stacked [K, ...]) after local training."""
+        return weighted_mean(stacked, client_weights(num_examples, self.aggregation))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "aggregation": self.aggregation, **self.settings}
+
+
+@register("fedavgm")
+class FedAvgM(FedAvg):
+    """Server momentum: v = momentum * v + delta; global += server_lr * v (momentum 0, lr 1 is FedAvg)."""
+
+    def __init__(self, aggregation="uniform", server_lr: float = 1.0, momentum: float = 0.9):
+        super().__init__(aggregation)
+        self.settings = {"server_lr": float(server_lr), "momentum": float(momentum)}
+        self.velocity: State | None = None
+
+    def aggregate_train(self, global_state, stacked, num_examples):
+        delta = {k: v - global_state[k] for k, v in super().aggregate_train(global_state, stacked, num_examples).items()}
+        if self.velocity is None:
+            self.velocity = {k: torch.zeros_like(v) for k, v in delta.items()}
+        for k, d in delta.items():
+            self.velocity[k].mul_(self.settings["momentum"]).add_(d)
+        return {k: v + self.settings["server_lr"] * self.velocity[k] for k, v in global_state.items()}
+
+
+@register("fedadam")
+class FedAdam(FedAvg):
+    """Adam on the pseudo-gradient, as in Reddi et al. 2021 (no bias correction): m = b1 m + (1 - b1) delta,
+    v = b2 v + (1 - b2) delta^2, global += server_lr * m / (sqrt(v) + tau)."""
+
+    def __init__(self, aggregation="uniform", server_lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3):
+        super().__init__(aggregation)
+        self.settings = {"server_lr": float(server_lr), "beta1": float(beta1), "beta2": float(beta2), "tau": float(tau)}
+        self.m: State | None = None
+        self.v: State | None = None
+
+    def aggregate_train(self, global_state, stacked, num_examples):
+        s = self.settings
+        delta = {k: v - global_state[k] for k, v in super().aggregate_train(global_state, stacked, num_examples).items()}
+        if self.m is None:
+            self.m = {k: torch.zeros_like(v) for k, v in delta.items()}
+            self.v = {k: torch.zeros_like(v) for k, v in delta.items()}
+        for k, d in delta.items():
+            self.m[k].mul_(s["beta1"]).add_(d, alpha=1 - s["beta1"])
+            self.v[k].mul_(s["beta2"]).addcmul_(d, d, value=1 - s["beta2"])
+        return {k: w + s["server_lr"] * self.m[k] / (self.v[k].sqrt() + s["tau"]) for k, w in global_state.items()}
+
+
+def build(cfg_strategy, aggregation: str) -> FedAvg:
+    settings = {k: v for k, v in dict(cfg_strategy).items() if k != "name"}
+    name = cfg_strategy["name"]
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(sorted(STRATEGIES))}, not {name!r}")
+    try:
+        return STRATEGIES[name](aggregation, **settings)
+    except TypeError as e:
+        raise ConfigError(f"strategy {name}: {e}") from None
+
+
+def configure_train(stacked: State, global_state: State) -> None:
     """Every client starts the round from the global adapter."""
     for k, v in stacked.items():
         v.copy_(global_state[k].expand_as(v))
 
 
-def stack(state: dict[str, torch.Tensor], clients: int) -> dict[str, torch.Tensor]:
+def stack(state: State, clients: int) -> State:
     return {k: v.expand(clients, *v.shape).clone() for k, v in state.items()}

@@ -5,22 +5,27 @@ import numpy as np
 import pytest
 import torch
 
-from federate import adapter as attai
-from federate import strategy
-from federate.engine import (BatchedTrainer, ClientSets, PlainTrainer, SequentialTrainer, TrainSettings,
-                             client_generator, make_schedule)
+from federate import adapters, strategy
+from federate.adapters import attai
+from federate.engine import (BatchedTrainer, ClientSets, GenericTrainer, PlainTrainer, SequentialTrainer,
+                             TrainSettings, client_generator, make_schedule)
 from federate.losses import ce_grad, ce_loss, contrastive_grad, contrastive_loss
 from federate.splits import split_indices
+
+
+def init_adapters(dim, seed, towers=("image",)):
+    adapter = attai.AttAI(text_tower="text" in towers)
+    return adapters.init_params(adapter, dim, seed, torch.zeros(3, dim))
 
 
 def test_adapter_has_525312_parameters_at_512_and_its_output_sums_to_one():
     module = attai.attai(512)
     assert sum(p.numel() for p in module.parameters()) == 525_312
-    assert attai.num_parameters(attai.init_adapters(512, 0)) == 525_312
+    assert adapters.num_parameters(init_adapters(512, 0)) == 525_312
     x = torch.randn(7, 512)
     g = module(x)
     assert torch.allclose(g.sum(-1), torch.ones(7)) and (g > 0).all()
-    state = {k: v[None] for k, v in attai.init_adapters(512, 3).items()}
+    state = {k: v[None] for k, v in init_adapters(512, 3).items()}
     module.load_state_dict({k.removeprefix("image."): v[0] for k, v in state.items()})
     fn, _ = attai.forward(*attai.layers(state, "image"), x[None])
     expected = torch.nn.functional.normalize(module(x) * x, dim=-1)
@@ -31,7 +36,7 @@ def test_init_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(5)
     before = torch.rand(1)
     torch.manual_seed(5)
-    a, b, c = attai.init_adapters(16, 0), attai.init_adapters(16, 0), attai.init_adapters(16, 1)
+    a, b, c = init_adapters(16, 0), init_adapters(16, 0), init_adapters(16, 1)
     assert torch.rand(1) == before
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["image.0.weight"], c["image.0.weight"])
 
@@ -87,7 +92,7 @@ def test_ce_gradient_matches_autograd_on_padded_batches():
 
 def test_adapter_backward_matches_autograd():
     d = 10
-    state = {k: v.expand(2, *v.shape).clone() for k, v in attai.init_adapters(d, 0).items()}
+    state = {k: v.expand(2, *v.shape).clone() for k, v in init_adapters(d, 0).items()}
     x = torch.randn(2, 6, d) + 1
     upstream = torch.randn(2, 6, d)
     W = attai.layers(state, "image")
@@ -117,13 +122,14 @@ def test_fast_engines_reach_the_same_weights_as_the_plain_loop(loss, towers, mu)
     torch.manual_seed(0)
     d, C, sizes = 16, 5, [90, 64, 35]
     clients = ClientSets([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
-    text, start = torch.randn(C, d), attai.init_adapters(d, 0, towers)
+    text, start = torch.randn(C, d), init_adapters(d, 0, towers)
     settings = TrainSettings(lr=1e-3, loss=loss, mu=mu)
+    adapter = attai.AttAI(text_tower="text" in towers)
     slow = strategy.stack(start, 3)
-    loss_slow = PlainTrainer(clients, text, 20.0, settings).train(slow, 2, gens(3), start)
-    for engine in (BatchedTrainer, SequentialTrainer):
+    loss_slow = PlainTrainer(adapter, clients, text, 20.0, settings).train(slow, 2, gens(3), start)
+    for engine in (BatchedTrainer, SequentialTrainer, GenericTrainer):
         fast = strategy.stack(start, 3)
-        loss_fast = engine(clients, text, 20.0, settings).train(fast, 2, gens(3), start)
+        loss_fast = engine(adapter, clients, text, 20.0, settings).train(fast, 2, gens(3), start)
         for k in start:
             assert (fast[k] - start[k]).abs().max() > 1e-3  # it trained
             torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=2e-6)
@@ -133,11 +139,12 @@ def test_fast_engines_reach_the_same_weights_as_the_plain_loop(loss, towers, mu)
 def test_fedprox_pulls_towards_the_anchor():
     torch.manual_seed(0)
     clients = ClientSets([torch.randn(64, 8) + 1], [torch.randint(0, 3, (64,))])
-    start = attai.init_adapters(8, 0)
+    start = init_adapters(8, 0)
     drift = {}
     for mu in (0.0, 10.0):
         state = strategy.stack(start, 1)
-        BatchedTrainer(clients, torch.randn(3, 8), 20.0, TrainSettings(lr=1e-2, mu=mu)).train(state, 5, gens(1), start)
+        BatchedTrainer(attai.AttAI(), clients, torch.randn(3, 8), 20.0, TrainSettings(lr=1e-2, mu=mu)).train(
+            state, 5, gens(1), start)
         drift[mu] = sum((state[k][0] - start[k]).norm() for k in start)
     assert drift[10.0] < drift[0.0]
 
@@ -146,7 +153,7 @@ def test_aggregation_weights_uniform_and_by_samples():
     assert strategy.client_weights([10, 30, 60], "uniform").tolist() == pytest.approx([1 / 3] * 3)
     assert strategy.client_weights([10, 30, 60], "samples").tolist() == pytest.approx([0.1, 0.3, 0.6])
     stacked = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]])}
-    avg = strategy.aggregate_train(stacked, strategy.client_weights([10, 30, 60], "samples"))
+    avg = strategy.FedAvg("samples").aggregate_train({"w": torch.zeros(2)}, stacked, [10, 30, 60])
     torch.testing.assert_close(avg["w"], torch.tensor([0.1 * 1 + 0.3 * 3 + 0.6 * 5, 0.1 * 2 + 0.3 * 4 + 0.6 * 9]))
     strategy.configure_train(stacked, avg)
     assert all(torch.equal(row, avg["w"]) for row in stacked["w"])

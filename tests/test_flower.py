@@ -22,7 +22,10 @@ from flwr.app import Context, MessageType, RecordDict  # noqa: E402
 from planted import planted, write_cache  # noqa: E402
 
 from federate.errors import ConfigError  # noqa: E402
-from federate.flower_app import check_update, client_evaluate, client_train, config_from_flat, serve  # noqa: E402
+from federate.flower.client_app import evaluate as client_evaluate  # noqa: E402
+from federate.flower.client_app import train as client_train  # noqa: E402
+from federate.flower.server_app import serve  # noqa: E402
+from federate.flower.task import check_update, ship  # noqa: E402
 from federate.run import run  # noqa: E402
 
 DOMAINS = {"alpha": 120, "beta": 100, "gamma": 90, "target": 80}
@@ -35,10 +38,9 @@ def cache_file(tmp_path_factory):
     return write_cache(tmp_path_factory.mktemp("flower") / "planted.h5", domains, text)
 
 
-def flower_cfg(cache_file, out, **extra):
-    flat = {"cache_file": str(cache_file), "model_name": "fedclip/planted", "target_domain": "target", "rounds": 3,
-            "lr": 1e-3, "output_dir": str(out), "round_timeout": 30.0, "startup_timeout": 10.0, **extra}
-    return config_from_flat(flat)
+def flower_cfg(cache_file, out, *extra):
+    return config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
+                               "rounds=3", "lr=1e-3", "flower.round_timeout=30", "flower.startup_timeout=10", *extra])
 
 
 def in_process(cache_file, out, rounds=3):
@@ -103,12 +105,9 @@ def test_the_flower_apps_reproduce_the_in_process_runner(cache_file, tmp_path):
 def test_a_supernode_without_a_domain_is_told_how_to_set_one(cache_file, tmp_path):
     from flwr.app import ArrayRecord, ConfigRecord, Message
 
-    from federate.adapter import init_adapters
-    from federate.flower_app import flat_from_config
-
-    settings = {k: v for k, v in flat_from_config(flower_cfg(cache_file, tmp_path)).items()}
-    msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(init_adapters(64, 0)),
-                              "config": ConfigRecord({"round": 1, "settings": json.dumps(settings),
+    state = {"image.0.weight": torch.zeros(64, 64)}
+    msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
+                              "config": ConfigRecord({"round": 1, "settings": ship(flower_cfg(cache_file, tmp_path)),
                                                       "participants": json.dumps(PARTICIPANTS)})}),
                   dst_node_id=5, message_type=MessageType.TRAIN)
     ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
@@ -155,7 +154,7 @@ def test_a_client_that_stops_answering_is_dropped_and_the_run_goes_on(cache_file
 
 def test_below_min_clients_the_run_stops_keeping_what_it_recorded(cache_file, tmp_path):
     gone = lambda domain, round_, kind, reply: None if domain != "alpha" and round_ >= 3 else reply  # noqa: E731
-    s = serve(FakeGrid(gone), flower_cfg(cache_file, tmp_path, min_clients=2), tmp_path)
+    s = serve(FakeGrid(gone), flower_cfg(cache_file, tmp_path, "flower.min_clients=2"), tmp_path)
     assert "only 1 client(s) left, fewer than flower.min_clients=2" in s["stopped"]
     assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 2 and s["best_round"] in (1, 2)
     assert (tmp_path / "adapter.safetensors").exists()
@@ -224,7 +223,7 @@ def deployment(tmp_path_factory, cache_file):
 
 
 def flwr_run(deployment, out: Path, **config):
-    settings = {"cache_file": "", "model_name": "fedclip/planted", "target_domain": "target", "lr": 0.001,
+    settings = {"cache_file": "", "model.name": "fedclip/planted", "target_domain": "target", "lr": 0.001,
                 "output_dir": str(out), **config}
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
     proc = subprocess.run([Path(sys.executable).parent / "flwr", "run", str(ROOT), "test", "--run-config", run_config],
@@ -234,12 +233,12 @@ def flwr_run(deployment, out: Path, **config):
 
 def test_deployment_on_loopback_matches_in_process_and_survives_a_killed_client(deployment, cache_file, tmp_path):
     out = tmp_path / "deployed"
-    flwr_run(deployment, out, cache_file=str(cache_file), rounds=3, round_timeout=120.0)
+    flwr_run(deployment, out, cache_file=str(cache_file), rounds=3, **{"flower.round_timeout": 120.0})
     wait_for(lambda: (out / "summary.json").exists(), 300, "the deployed run's summary.json")
     same_results(json.loads((out / "summary.json").read_text()), in_process(cache_file, tmp_path / "local"))
 
     out = tmp_path / "killed"
-    flwr_run(deployment, out, cache_file=str(cache_file), rounds=4, round_timeout=45.0, min_clients=2)
+    flwr_run(deployment, out, cache_file=str(cache_file), rounds=4, **{"flower.round_timeout": 45.0, "flower.min_clients": 2})
     history = out / "history.jsonl"
     wait_for(lambda: history.exists() and history.read_text().count("\n") >= 1, 240, "the first round")
     os.killpg(deployment["procs"]["gamma"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp process

@@ -1,8 +1,14 @@
-"""The AttAI adapter (FedCLIP): g = Softmax(Linear(Tanh(Linear(x)))), adapted feature g(x) * x."""
+"""AttAI (FedCLIP's adapter): g = Softmax(Linear(Tanh(Linear(x)))), adapted feature g(x) * x.
+
+Besides its forward for the generic engine, AttAI has hand-written batched kernels (`forward` /
+`backward` on stacked [k, ...] weights) that the fast engines use (engine=batched/sequential).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import Adapter, register
 
 LAYER_KEYS = ("0.weight", "0.bias", "2.weight", "2.bias")
 
@@ -12,19 +18,33 @@ def attai(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim), nn.Softmax(dim=-1))
 
 
-def init_adapters(dim: int, seed: int, towers: tuple[str, ...] = ("image",)) -> dict[str, torch.Tensor]:
-    """Initial global adapter(s) with PyTorch's default Linear init, as flat `<tower>.<layer key>` tensors."""
-    state = {}
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
-        torch.manual_seed(seed)
-        for tower in towers:
-            module = attai(dim)
-            state.update({f"{tower}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
-    return state
+@register("attai")
+class AttAI(Adapter):
+    """The image adapter of FedCLIP; `text_adapter=true` adds a second one on the class prompts
+    (paper section 4.4). Parameters in nn.Sequential layout: `image.0.weight`, ..., `text.2.bias`."""
+    fast_path = True
+
+    def __init__(self, text_tower: bool = False):
+        self.towers = ("image", "text") if text_tower else ("image",)
+        self.settings = {"text_tower": text_tower}
+
+    def init(self, dim, text):
+        state = {}
+        for tower in self.towers:  # PyTorch's default Linear init, image tower first
+            state.update({f"{tower}.{k}": v for k, v in attai(dim).state_dict().items()})
+        return state
+
+    def image(self, params, x):
+        return gate(layers(params, "image"), x) * x
+
+    def text(self, params, t):
+        return gate(layers(params, "text"), t) * t if "text" in self.towers else t
 
 
-def num_parameters(state: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() for v in state.values())
+def gate(weights, x: torch.Tensor) -> torch.Tensor:
+    """g(x) of one client's (unstacked) weights on x [n, d]."""
+    W1, b1, W2, b2 = weights
+    return torch.softmax(torch.tanh(x @ W1.T + b1) @ W2.T + b2, dim=-1)
 
 
 def layers(state: dict[str, torch.Tensor], tower: str, k: int | None = None):

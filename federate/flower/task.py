@@ -1,0 +1,81 @@
+"""What the Flower client and server apps share: the run's typed settings and a client's data."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import adapters, methods
+from ..cache import load_cache
+from ..config import FederateConfig
+from ..errors import ConfigError
+from ..experiment import class_text, client_splits, make_client
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def settings_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
+    """`flwr run`: the federate config (conf/federate.yaml, typed by its schema) with the run config's
+    entries as Hydra overrides (`rounds=20`, `method=fedprox`, `method.mu=0.1`, ...), and the output dir."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = {k: v for k, v in run_config.items() if k != "output_dir"}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="federate", overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return cfg, Path(str(run_config.get("output_dir", "outputs/flower")))
+
+
+def ship(cfg) -> str:
+    """The settings that travel with every message (so a client needs no configuration but its data)."""
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
+
+
+def unship(text: str) -> DictConfig:
+    """The typed settings back from a message."""
+    return OmegaConf.merge(OmegaConf.structured(FederateConfig), json.loads(text))
+
+
+def device_of(name: str) -> torch.device:
+    """A client's device: the server's choice when this machine has it, else the CPU (sites differ)."""
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=2)
+def client_data(cache_file: str, model_name: str, domain: str, seed: int, split_file: str, device: str):
+    """This client's splits (only its domain is read), class prompts and logit scale; kept across rounds."""
+    cache = load_cache(cache_file, model_name, domains=(domain,))
+    split = client_splits(cache, [domain], seed, split_file or None)[domain]
+    dev = device_of(device)
+    return make_client(cache, domain, split, dev), class_text(cache, dev), cache.logit_scale
+
+
+def client_adapter(cfg) -> adapters.Adapter:
+    return adapters.build(cfg.adapter, text_tower=cfg.text_adapter)
+
+
+def client_method(cfg) -> methods.Method:
+    return methods.get(cfg.method.name)
+
+
+def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
+    """Why a client's update cannot be aggregated, or None when it can."""
+    if set(arrays) != set(reference):
+        return f"keys {sorted(arrays)} instead of {sorted(reference)}"
+    for k, v in arrays.items():
+        if v.shape != reference[k].shape:
+            return f"{k} has shape {tuple(v.shape)} instead of {tuple(reference[k].shape)}"
+        if not torch.isfinite(v).all():
+            return f"{k} has non-finite values"
+    return None
+
+
+def domain_of_node(node_config, participants: list[str]) -> str:
+    if node_config.get("partition"):
+        return str(node_config["partition"])
+    if "partition-id" in node_config and 0 <= int(node_config["partition-id"]) < len(participants):
+        return participants[int(node_config["partition-id"])]
+    raise ConfigError(f"this SuperNode has no domain: start it with --node-config \"partition='<domain>'\" "
+                      f"(one of {', '.join(participants)})")

@@ -20,9 +20,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from . import methods
+
 log = logging.getLogger("federate.report")
 
-# The paper's FedCLIP numbers with CLIP ViT-B/32 (DESIGN.md section 3), keyed by the domain's initial.
+# The paper's FedCLIP numbers with CLIP ViT-B/32 (docs/protocol.md), keyed by the domain's initial.
 PAPER_MODEL = "openai/clip-vit-base-patch32"
 PAPER = {
     "generalization": {"pacs": {"A": 96.34, "C": 97.91, "P": 99.76, "S": 85.59, "Avg": 94.90},
@@ -37,12 +39,25 @@ DEFAULTS = {"aggregation": "uniform", "loss": "contrastive", "text_adapter": Fal
             "rounds": 200, "backend": "local"}
 
 
+def settings_label(name: str, settings: dict, hidden=()) -> str:
+    shown = {k: v for k, v in settings.items() if k not in hidden}
+    return name + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
+
+
 def method_label(s: dict) -> str:
+    """The row name of a run: the method (with its backbone when it trains one) and every setting that
+    makes a different variant (adapter, server strategy, loss, ...); runs with the same label are seeds."""
     extras = [f"{k}={s[k]}" for k in VARIANT_KEYS
               if k in s and k != "mu" and s[k] != DEFAULTS.get(k) and not (k == "rounds" and s["method"] == "zeroshot")]
-    if s["method"] == "fedprox":
+    adapter, server = s.get("adapter"), s.get("strategy")
+    if adapter and adapter["name"] != "attai":  # AttAI's only setting is text_adapter, listed above
+        extras.insert(0, "adapter=" + settings_label(adapter["name"], adapter, hidden=("name",)))
+    if server and server["name"] != "fedavg":
+        extras.insert(0, "strategy=" + settings_label(server["name"], server, hidden=("name", "aggregation")))
+    if methods.METHODS.get(s["method"], methods.METHODS["fedclip"]).proximal:
         extras.insert(0, f"mu={s.get('mu')}")
-    return s["method"] + (f" ({', '.join(extras)})" if extras else "")
+    name = s["method"] + (f"/{s['backbone']}" if s.get("backbone") else "")
+    return name + (f" ({', '.join(extras)})" if extras else "")
 
 
 def collect(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:

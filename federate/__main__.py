@@ -1,9 +1,19 @@
-"""python -m federate [key=value ...]  (config: conf/federate.yaml)"""
+"""python -m federate [key=value ...]  (config: conf/federate.yaml)
+
+An error in the settings, the inputs or an output path is one line, without a traceback. A single run
+then exits with status 2. A job of a sweep (-m) logs its error (the last line of its log file), writes no
+summary.json and returns, so the later points still run; federate.callbacks.FederateErrors (hydra.callbacks)
+names the failed jobs at the end and exits with status 1.
+"""
+from __future__ import annotations
+
 import logging
+import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .errors import ConfigError
@@ -12,13 +22,39 @@ from .run import run
 log = logging.getLogger("federate")
 
 
+def os_error_message(e: OSError, output_dir: str) -> str:
+    """One line for a file that could not be read or written, with what to do about it."""
+    reason = e.strerror or str(e) or type(e).__name__
+    path = e.filename
+    if path is None:
+        return f"{reason} ({type(e).__name__}; this run writes to {output_dir})"
+    path = os.path.abspath(os.fsdecode(path))
+    out = os.path.abspath(output_dir)
+    if os.path.commonpath([path, out]) in (path, out):  # the output folder, a file in it or a parent of it
+        return (f"cannot write {path}: {reason}; the run's output folder {out} must be writable: set "
+                f"hydra.run.dir=<a folder you can write> (hydra.sweep.dir=... with -m)")
+    also = f" and {os.fsdecode(e.filename2)}" if e.filename2 else ""
+    return f"cannot access {path}{also}: {reason}; check that the path exists and that you may read and write it"
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split()) if "\n" in message else message
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="federate")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    output_dir = hydra_cfg.runtime.output_dir
     try:
-        return run(cfg, HydraConfig.get().runtime.output_dir)["overall"]
+        return run(cfg, output_dir)["overall"]
     except ConfigError as e:
-        log.error("%s", e)
-        sys.exit(2)
+        message = str(e)
+    except OSError as e:
+        message = os_error_message(e, output_dir)
+    log.error("%s", one_line(message))
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return None  # the sweep goes on; the job folder without summary.json marks the failure
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""Hydra callback for `python -m federate`, registered in conf/federate.yaml:
+
+    hydra:
+      callbacks:
+        federate_errors:
+          _target_: federate.callbacks.FederateErrors
+
+- Before a run or a sweep, the output folder (hydra.run.dir, or hydra.sweep.dir with -m) must be a folder
+  that can be written; otherwise one line names it and the process exits with status 2 (Hydra would
+  otherwise fail with a traceback when it creates the folder or opens the job's log file).
+- After a sweep, the jobs of this sweep without a fresh summary.json (a failed job logs its one-line error
+  and returns, so that the later points still run) are named in one line, and the process exits with
+  status 1. `python -m federate.report <sweep dir>` lists them too, with the last line of each job's log.
+
+Messages go to stderr, not through logging: at the end of a sweep the root logger still writes to the
+last job's log file, whose last line must stay that job's own.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+SWEEP_FAILED = 1  # some jobs of a sweep failed (the others wrote their summaries)
+BAD_OUTPUT = 2  # as for any error in settings or inputs
+
+
+def error(message: str, status: int) -> None:
+    sys.stderr.write(f"[federate][ERROR] - {message}\n")
+    sys.stderr.flush()
+    sys.exit(status)
+
+
+def check_output_folder(config: DictConfig, key: str) -> None:
+    """Exit with one line when the folder at `key` cannot be created or written."""
+    try:
+        folder = OmegaConf.select(config, key, throw_on_resolution_failure=True)
+    except Exception:  # an interpolation Hydra reports itself
+        return
+    if not folder:
+        return
+    path = Path(str(folder))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{file} is a file, not a folder" if file else f"{e.strerror or e} ({e.filename or path})"
+        error(f"cannot write the output folder {path}: {reason}; set {key}=<a folder you can write>", BAD_OUTPUT)
+
+
+def job_folders(sweep_dir: Path) -> dict[Path, int]:
+    """Hydra job folders under a sweep folder -> the time their .hydra/hydra.yaml was written (ns)."""
+    if not sweep_dir.is_dir():
+        return {}
+    return {p.parent.parent: p.stat().st_mtime_ns for p in sweep_dir.rglob("hydra.yaml") if p.parent.name == ".hydra"}
+
+
+def failed(job: Path) -> bool:
+    """No summary.json, or one left by an earlier job in the same folder."""
+    summary = job / "summary.json"
+    return not summary.exists() or summary.stat().st_mtime_ns < (job / ".hydra" / "hydra.yaml").stat().st_mtime_ns
+
+
+def overrides_of(job: Path) -> list[str]:
+    try:
+        return [str(o) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")]
+    except Exception:
+        return []
+
+
+class FederateErrors(Callback):
+    def __init__(self) -> None:
+        self.before: dict[Path, int] = {}
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_folder(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_folder(config, "hydra.sweep.dir")
+        self.before = job_folders(Path(str(config.hydra.sweep.dir)))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = sorted(j for j, t in job_folders(sweep_dir).items() if self.before.get(j) != t)
+        bad = [j for j in jobs if failed(j)]
+        if not bad:
+            return
+        overrides = {j: overrides_of(j) for j in jobs}
+        common = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
+        points = {j: " ".join(o for o in overrides[j] if o not in common) for j in bad}  # what the sweep varied
+        shown = "; ".join(f"{j} ({points[j]})" if points[j] else str(j) for j in bad[:10])
+        more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+        error(f"{len(bad)} of {len(jobs)} jobs of the sweep failed (they wrote no summary.json): {shown}{more}; "
+              f"the last line of each job's log says why, and python -m federate.report {sweep_dir} lists them",
+              SWEEP_FAILED)

@@ -8,8 +8,10 @@ import re
 import numpy as np
 import pytest
 from conftest import config, run_cli
+from omegaconf import OmegaConf
 from planted import planted, write_cache
 
+from federate.callbacks import FederateErrors
 from federate.errors import ConfigError
 from federate.splits import check_split_sizes, read_split_file, split_indices, splits_to_ids
 
@@ -147,13 +149,29 @@ def test_bad_split_files_are_refused_in_one_line_naming_the_file_domain_and_part
         assert fragment in text, text
 
 
-@pytest.mark.parametrize("case", ["overlap", "repeated id", "ids not strings", "no val"])
-def test_cli_bad_split_file_is_one_line_and_exit_2(cache_file, tmp_path, case):
-    data, fragments = BAD_SPLITS[case]
+def test_cli_split_file_without_val_is_one_line_and_exit_2(cache_file, tmp_path):
+    data, fragments = BAD_SPLITS["no val"]
     path = write_split(tmp_path / "bad.json", data)
     proc = cli(cache_file, tmp_path, f"split_file={path}", f"hydra.run.dir={tmp_path}/run")
     assert_one_line_error(proc, f"split_file {path}", *fragments)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+CLI_CASES = ["overlap", "repeated id", "ids not strings", "no val"]
+
+
+def test_cli_sweep_over_bad_split_files_ends_each_job_with_its_one_line_error(cache_file, tmp_path):
+    paths = [write_split(tmp_path / f"bad{i}.json", BAD_SPLITS[case][0]) for i, case in enumerate(CLI_CASES)]
+    sweep = tmp_path / "sweep"
+    proc = cli(cache_file, tmp_path, "-m", f"split_file={','.join(paths)}", f"hydra.sweep.dir={sweep}", CALLBACK)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout
+    assert len(error_lines(proc.stdout)) == len(CLI_CASES) + 1, proc.stdout
+    assert f"{len(CLI_CASES)} of {len(CLI_CASES)} jobs of the sweep failed" in proc.stdout.strip().splitlines()[-1]
+    for job, (case, path) in enumerate(zip(CLI_CASES, paths)):
+        last = (sweep / str(job) / "__main__.log").read_text().strip().splitlines()[-1]
+        assert f"[federate][ERROR] - split_file {path}" in last, last
+        for fragment in BAD_SPLITS[case][1]:
+            assert fragment in last, last
 
 
 # the runner ---------------------------------------------------------------------------------------------
@@ -204,13 +222,31 @@ def test_cli_sweep_into_a_folder_under_a_file_is_one_line(cache_file, tmp_path):
 
 # unwritable outputs -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("run_dir", ["a_file/run", "a_file"])
-def test_cli_output_folder_that_cannot_be_created_is_one_line_and_exit_2(cache_file, tmp_path, run_dir):
+def test_cli_output_folder_under_a_file_is_one_line_and_exit_2(cache_file, tmp_path):
     (tmp_path / "a_file").write_text("")
-    proc = cli(cache_file, tmp_path, f"hydra.run.dir={tmp_path}/{run_dir}", CALLBACK)
-    assert_one_line_error(proc, f"cannot write the output folder {tmp_path}/{run_dir}",
+    proc = cli(cache_file, tmp_path, f"hydra.run.dir={tmp_path}/a_file/run", CALLBACK)
+    assert_one_line_error(proc, f"cannot write the output folder {tmp_path}/a_file/run",
                           f"{tmp_path}/a_file is a file, not a folder", "set hydra.run.dir=")
     assert (tmp_path / "a_file").read_text() == ""
+
+
+@pytest.mark.parametrize("folder", ["a_file", "a_file/run", "a_file/run/deeper"])
+def test_an_output_folder_that_is_or_lies_under_a_file_is_refused(tmp_path, capsys, folder):
+    (tmp_path / "a_file").write_text("")
+    cfg = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / folder)}}})
+    with pytest.raises(SystemExit) as e:
+        FederateErrors().on_run_start(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"[federate][ERROR] - cannot write the output folder {tmp_path / folder}: {tmp_path}/a_file is a "
+                   f"file, not a folder; set hydra.run.dir=<a folder you can write>\n")
+
+
+def test_a_writable_output_folder_passes_and_is_created(tmp_path, capsys):
+    cfg = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "new" / "run")}}})
+    FederateErrors().on_run_start(cfg)
+    assert (tmp_path / "new" / "run").is_dir() and not list((tmp_path / "new" / "run").iterdir())
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_output_file_that_cannot_be_written_is_one_line_and_exit_2(cache_file, tmp_path):

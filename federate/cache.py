@@ -1,4 +1,11 @@
-"""Reading an embedding cache through its HDF5 schema (version 1): no transformers needed."""
+"""Reading an embedding cache through its HDF5 schema (version 1; docs/cache.md): no transformers needed.
+
+Everything that is read is verified first: the identity attributes (one sha256 over them), the text
+embeddings, the logit scale, and each loaded domain's embeddings, labels and ids (their sha256
+attributes); labels must lie in range and ids be unique. A mismatch is a one-line ConfigError. The model
+is checked by content: a local model folder is fingerprinted (extract/identity.py, standard library only)
+and compared with the cache's `model_fingerprint`, so the same weights at another path are accepted.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +16,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from extract.identity import (buffer_sha256, cache_file_stem, canonical_domain, identity_sha256,  # noqa: F401
+                              is_local_model, model_fingerprint, short, strings_sha256)
 
 from .errors import ConfigError
 
@@ -34,16 +44,21 @@ class EmbeddingCache:
     model_num_parameters: int
     domains: dict[str, DomainData]
     all_domains: tuple[str, ...]  # every domain of the file, also those not loaded
+    model_fingerprint: str = ""  # sha256 of the weights and configs ("" in caches of an older fedclip)
+    verify_seconds: float = 0.0  # time spent reading and verifying (the first load of this process)
 
 
-def default_cache_path(cache_dir: str, dataset_name: str, model_name: str) -> Path:
-    """The contract of DESIGN.md section 5 (the extract stage writes the same path)."""
-    return Path(cache_dir) / dataset_name / (model_name.strip("/").replace("/", "--") + ".h5")
+def default_cache_path(cache_dir: str, dataset_name: str, model_name_or_path: str) -> Path:
+    """<cache_dir>/<dataset>/<model>.h5, the path extract writes: <model> is a hub id with "/" -> "--", or
+    a local model folder's base name (never its absolute path)."""
+    return Path(cache_dir) / dataset_name / (cache_file_stem(model_name_or_path) + ".h5")
 
 
 def load_cache(path: str | Path, model_name: str | None = None, domains: tuple[str, ...] | None = None) -> EmbeddingCache:
-    """Load and validate a complete cache; jobs of one sweep process share the loaded arrays.
-    With `domains`, only those domains' embeddings are read (a Flower client reads only its own)."""
+    """Load, verify and validate a complete cache; jobs of one sweep process share the loaded arrays.
+    With `domains`, only those domains' embeddings are read and verified (a Flower client reads only its
+    own). `model_name` is a hub id (it must be the cache's `model_name`) or a local model folder (its
+    fingerprint must be the cache's `model_fingerprint`)."""
     path = Path(path)
     if not path.exists():
         hint = f" (an interrupted extraction left {path}.partial: re-run extract to finish it)" \
@@ -51,46 +66,146 @@ def load_cache(path: str | Path, model_name: str | None = None, domains: tuple[s
         raise ConfigError(f"no embedding cache at {path}{hint}; build it with: python -m extract "
                           f"dataset=<name> [model=...], or pass cache_file=<path>")
     st = os.stat(path)
-    cache = _load(str(path.resolve()), st.st_mtime_ns, st.st_size, tuple(domains) if domains is not None else None)
-    if model_name is not None and cache.model_name != model_name:
-        raise ConfigError(f"{path} was built with model {cache.model_name!r}, not model.name={model_name!r}; "
-                          f"pass model.name={cache.model_name} or extract a cache with that model")
+    only = tuple(canonical_domain(d) for d in domains) if domains is not None else None
+    cache = _load(str(path.resolve()), st.st_mtime_ns, st.st_size, only)
+    if model_name is not None:
+        check_model(cache, str(model_name), path)
     return cache
+
+
+def check_model(cache: EmbeddingCache, model_name: str, path) -> None:
+    """Share by what the cache is: same weights (by fingerprint) or the same hub id; else one line."""
+    if is_local_model(model_name):
+        if not cache.model_fingerprint:
+            raise ConfigError(f"{path} records no model fingerprint (an older fedclip wrote it), so it cannot be "
+                              f"checked against the weights in {model_name}; rebuild it (python -m extract ... "
+                              f"overwrite=true) or pass model.name={cache.model_name}")
+        try:
+            mine = model_fingerprint(model_name)
+        except OSError as e:
+            raise ConfigError(f"cannot fingerprint the model folder {model_name}: {e}") from None
+        if mine != cache.model_fingerprint:
+            raise ConfigError(f"{path} was built with model {cache.model_name!r} ({short(cache.model_fingerprint)}), "
+                              f"but the weights in {model_name} differ ({short(mine)}); pass model.name=<a local copy "
+                              f"of the cache's weights> or model.name={cache.model_name}, or extract a cache with "
+                              "these weights")
+    elif model_name.strip().strip("/") != cache.model_name:
+        raise ConfigError(f"{path} was built with model {cache.model_name!r}, not model.name={model_name!r}; pass "
+                          f"model.name={cache.model_name} (or model.name=<local folder with the same weights>), or "
+                          "extract a cache with that model")
+
+
+def _stale(path: str, what: str) -> ConfigError:
+    return ConfigError(f"{path} has no checksum for {what} (an older fedclip wrote it) and cannot be verified; "
+                       "rebuild it: python -m extract ... overwrite=true")
+
+
+def _mismatch(path: str, what: str) -> ConfigError:
+    return ConfigError(f"checksum mismatch in {what} of {path}: the file was changed or damaged after it was "
+                       "written; get a fresh copy or rebuild it (python -m extract ... overwrite=true)")
+
+
+def _verified(ds: h5py.Dataset, path: str, strings: bool = False):
+    """Read a dataset and check it against its sha256 attribute."""
+    expected = ds.attrs.get("sha256")
+    if expected is None:
+        raise _stale(path, ds.name)
+    data = ds[()]
+    if strings:
+        data = [s.decode() if isinstance(s, bytes) else str(s) for s in np.atleast_1d(data)]
+        actual = strings_sha256(data)
+    else:
+        actual = buffer_sha256(np.ascontiguousarray(data))
+    if actual != (expected.decode() if isinstance(expected, bytes) else str(expected)):
+        raise _mismatch(path, ds.name)
+    return data
 
 
 @lru_cache(maxsize=4)
 def _load(path: str, mtime_ns: int, size: int, only: tuple[str, ...] | None) -> EmbeddingCache:
+    import time
+
+    t0 = time.perf_counter()
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise ConfigError(f"cannot read {path} as HDF5 ({e}); rebuild it with python -m extract") from None
-    with f:
-        a = f.attrs
-        if a.get("schema_version") != SCHEMA_VERSION:
-            raise ConfigError(f"{path} has cache schema version {a.get('schema_version')}, this fedclip reads "
-                              f"version {SCHEMA_VERSION}; rebuild it with python -m extract ... overwrite=true")
-        if not bool(a.get("complete", False)):
-            raise ConfigError(f"{path} is not complete (its extraction did not finish); re-run the extract "
-                              "command that builds it")
-        domains, names = {}, json.loads(a["domains"])
-        unknown = [d for d in only or () if d not in names]
-        if unknown:
-            raise ConfigError(f"domain {unknown[0]!r} is not in {path}; its domains: {', '.join(names)}")
-        for name in names:
-            if only is not None and name not in only:
-                continue
-            g = f[f"domains/{name}"]
-            feats = g["image_embeddings"][()].astype(np.float32)
-            if not np.isfinite(feats).all():
-                raise ConfigError(f"domain {name} of {path} has non-finite embeddings; rebuild the cache "
-                                  "(python -m extract ... overwrite=true)")
-            ids = tuple(s.decode() if isinstance(s, bytes) else s for s in g["ids"][()])
-            domains[name] = DomainData(feats, g["labels"][()].astype(np.int64), ids)
-        text = f["text/embeddings"][()].astype(np.float32)
-        if not np.isfinite(text).all():
-            raise ConfigError(f"the text embeddings of {path} are non-finite; rebuild the cache")
-        return EmbeddingCache(
-            path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
-            embed_dim=int(a["embed_dim"]), class_names=tuple(json.loads(a["class_names"])), text=text,
-            logit_scale=float(f["text/logit_scale"][()]),
-            model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains, all_domains=tuple(names))
+    try:
+        with f:
+            return _read(f, path, only, t0)
+    except (KeyError, ValueError, TypeError, OSError) as e:  # a structure the schema does not allow
+        raise ConfigError(f"{path} does not follow the cache schema ({type(e).__name__}: {e}); rebuild it: "
+                          "python -m extract ... overwrite=true") from None
+
+
+def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
+    import time
+
+    a = f.attrs
+    if a.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError(f"{path} has cache schema version {a.get('schema_version')}, this fedclip reads "
+                          f"version {SCHEMA_VERSION}; rebuild it with python -m extract ... overwrite=true")
+    if not bool(a.get("complete", False)):
+        raise ConfigError(f"{path} is not complete (its extraction did not finish); re-run the extract "
+                          "command that builds it")
+    if "identity_sha256" not in a:
+        raise _stale(path, "its identity attributes")
+    if identity_sha256(a) != str(a["identity_sha256"]):
+        raise _mismatch(path, "the identity attributes (model, dataset, domains, classes, prompts)")
+    if "text" not in f or "embeddings" not in f["text"] or "logit_scale" not in f["text"]:
+        raise ConfigError(f"{path} has no /text/embeddings or /text/logit_scale; rebuild it: python -m extract ... "
+                          "overwrite=true")
+    names = json.loads(a["domains"])
+    class_names = tuple(json.loads(a["class_names"]))
+    embed_dim = int(a["embed_dim"])
+    unknown = [d for d in only or () if d not in names]
+    if unknown:
+        raise ConfigError(f"domain {unknown[0]!r} is not in {path}; its domains: {', '.join(names)}")
+    text = _verified(f["text/embeddings"], path).astype(np.float32)
+    if text.ndim != 3 or text.shape[1:] != (len(class_names), embed_dim):
+        raise ConfigError(f"the text embeddings of {path} have shape {text.shape}, not [T, {len(class_names)}, "
+                          f"{embed_dim}]; rebuild the cache")
+    if not np.isfinite(text).all():
+        raise ConfigError(f"the text embeddings of {path} are non-finite; rebuild the cache")
+    logit_scale = float(np.asarray(_verified(f["text/logit_scale"], path)).reshape(-1)[0])
+    domains = {}
+    for name in names:
+        if only is not None and name not in only:
+            continue
+        domains[name] = _read_domain(f, path, name, len(class_names), embed_dim)
+    return EmbeddingCache(
+        path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
+        embed_dim=embed_dim, class_names=class_names, text=text, logit_scale=logit_scale,
+        model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains, all_domains=tuple(names),
+        model_fingerprint=str(a.get("model_fingerprint", "")), verify_seconds=time.perf_counter() - t0)
+
+
+def _read_domain(f: h5py.File, path: str, name: str, num_classes: int, embed_dim: int) -> DomainData:
+    if f"domains/{name}" not in f:
+        raise ConfigError(f"domain {name} is listed in {path} but has no /domains/{name} group; rebuild the cache")
+    g = f[f"domains/{name}"]
+    feats = _verified(g["image_embeddings"], path)
+    labels = _verified(g["labels"], path)
+    ids = tuple(_verified(g["ids"], path, strings=True)) if g["ids"].shape != () else ()
+    n = len(ids)
+    if feats.ndim != 2 or feats.shape != (n, embed_dim) or labels.shape != (n,):
+        raise ConfigError(f"domain {name} of {path} has {feats.shape} embeddings, {labels.shape} labels and {n} ids "
+                          f"(expected [{n}, {embed_dim}], [{n}], {n}); rebuild the cache")
+    feats = feats.astype(np.float32)
+    if not np.isfinite(feats).all():
+        raise ConfigError(f"domain {name} of {path} has non-finite embeddings; rebuild the cache "
+                          "(python -m extract ... overwrite=true)")
+    labels = labels.astype(np.int64)
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+        raise ConfigError(f"domain {name} of {path} has label {bad}, outside 0..{num_classes - 1} (its classes); "
+                          "rebuild the cache")
+    if len(set(ids)) != n:
+        seen, dup = set(), None
+        for i in ids:
+            if i in seen:
+                dup = i
+                break
+            seen.add(i)
+        raise ConfigError(f"domain {name} of {path} has duplicated id {dup!r}; rebuild the cache")
+    return DomainData(feats, labels, ids)

@@ -3,6 +3,9 @@
 `planted` puts the class signal in the first C dimensions and a per-domain "style" offset in the next S;
 the class prompts also have random components in the style dimensions, so the style biases zero-shot
 CLIP towards some classes while an adapter that attends to the class dimensions is immune to it.
+
+`write_cache` writes the checksums that `extract` writes (and `federate` verifies); `checksums=False`
+writes a cache like those of an older fedclip, without them.
 """
 from __future__ import annotations
 
@@ -12,10 +15,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from extract.identity import buffer_sha256, identity_sha256, strings_sha256
+
 
 def write_cache(path, domains: dict[str, tuple[np.ndarray, np.ndarray]], text: np.ndarray, *,
                 model_name="fedclip/planted", dataset_name="planted", class_names=None, logit_scale=100.0,
-                complete=True, schema_version=1, model_num_parameters=151_277_313) -> Path:
+                complete=True, schema_version=1, model_num_parameters=151_277_313, model_fingerprint=None,
+                ids=None, checksums=True) -> Path:
+    """`ids`: {domain: list of ids} instead of the default "<domain>/<row>"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     C, D = text.shape[-2:]
@@ -24,13 +31,24 @@ def write_cache(path, domains: dict[str, tuple[np.ndarray, np.ndarray]], text: n
                        dataset_name=dataset_name, embed_dim=D, domains=json.dumps(list(domains)),
                        class_names=json.dumps(class_names or [f"class{c}" for c in range(C)]),
                        prompt_templates=json.dumps(["a picture of a {}"]), model_num_parameters=model_num_parameters)
-        f["text/embeddings"] = text.reshape(-1, C, D).astype(np.float32)
-        f["text/logit_scale"] = np.float32(logit_scale)
+        if model_fingerprint is not None:
+            f.attrs["model_fingerprint"] = model_fingerprint
+        if checksums:
+            f.attrs["identity_sha256"] = identity_sha256(f.attrs)
+
+        def put(name, data, strings=False):
+            ds = f.create_dataset(name, data=np.array(data, dtype=object) if strings else data,
+                                  dtype=h5py.string_dtype() if strings else None)
+            if checksums:
+                ds.attrs["sha256"] = strings_sha256(data) if strings else buffer_sha256(np.ascontiguousarray(data))
+
+        put("text/embeddings", text.reshape(-1, C, D).astype(np.float32))
+        put("text/logit_scale", np.float32(logit_scale))
         for name, (x, y) in domains.items():
-            g = f.create_group(f"domains/{name}")
-            g["image_embeddings"] = x.astype(np.float32)
-            g["labels"] = y.astype(np.int64)
-            g["ids"] = np.array([f"{name}/{i:05d}" for i in range(len(y))], dtype=h5py.string_dtype())
+            put(f"domains/{name}/image_embeddings", np.ascontiguousarray(x, np.float32))
+            put(f"domains/{name}/labels", np.asarray(y, np.int64))
+            put(f"domains/{name}/ids", list((ids or {}).get(name) or [f"{name}/{i:05d}" for i in range(len(y))]),
+                strings=True)
     return path
 
 

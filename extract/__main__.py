@@ -1,11 +1,13 @@
-"""python -m extract dataset=<name> [model=...] [key=value ...]  (config: conf/extract.yaml)"""
+"""python -m extract dataset=<name> [model=...] [key=value ...]  (config: conf/extract.yaml, typed by
+extract/config.py)"""
 import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from .errors import ExtractError
+from . import config  # noqa: F401  (registers the typed schema `extract_schema` before Hydra composes)
+from .errors import ExtractError, describe_os_error
 from .pipeline import run
 
 log = logging.getLogger("extract")
@@ -17,6 +19,9 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except ExtractError as e:
         log.error("%s", e)
+        sys.exit(2)
+    except OSError as e:  # a file system error no step turned into a sentence: still one line
+        log.error("%s", describe_os_error(e, "read or write a file"))
         sys.exit(2)
 
 

@@ -1,37 +1,48 @@
-"""Writing the HDF5 embedding cache (schema version 1, see the README).
+"""Writing the HDF5 embedding cache (schema version 1; docs/cache.md describes it).
 
-Crash safety: everything is written to `<cache>.partial`; each batch is appended and flushed before the
-domain's progress counters move, so a re-run truncates any uncommitted tail and resumes at the last
-committed batch. Only a finished file gets `complete = True` and is renamed to its final path. A lock
-file keeps two processes from writing the same cache.
+Crash safety: the work in progress lives in the folder `<cache>.partial/`: a `header.json` with the
+settings (model fingerprint included) and one small `.npz` file per committed batch, each written to a
+temporary name and renamed into place. A crash, Ctrl-C or a full disk can only lose the batch being
+written: a re-run validates every batch file (zip CRC, row counts, continuity), recomputes from the first
+damaged one, and resumes. The HDF5 file itself is built at the end, in memory, and written in one go to a
+temporary file that is renamed to the final path: nothing half-written ever looks like a cache, and a
+failed write of the final file loses no extracted batch. A lock file keeps two processes from writing
+the same cache.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
+import io
 import json
 import logging
 import os
+import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .errors import ExtractError
+from .errors import DISK_FULL, ExtractError, os_errors
+from .identity import (buffer_sha256, cache_file_stem, identity_sha256, short, strings_sha256)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")
-# Root attributes that must agree before a partial file may be resumed.
-IDENTITY = ("schema_version", "model_name", "dataset_name", "embed_dim", "domains", "class_names",
-            "prompt_templates", "prompt_names", "image_dtype", "inputs_fingerprint")
+PARTIAL_FORMAT = "fedclip partial v2"
+# Root attributes that must agree before a partial extraction is resumed or a complete cache is kept.
+# model_name is not among them: the same weights under another name are the same cache.
+SETTINGS = ("schema_version", "model_fingerprint", "dataset_name", "domains", "class_names", "prompt_names",
+            "prompt_templates", "image_dtype", "inputs_fingerprint")
 
 
-def default_cache_path(cache_dir: str, dataset_name: str, model_name: str) -> Path:
-    return Path(cache_dir) / dataset_name / (model_name.strip("/").replace("/", "--") + ".h5")
+def default_cache_path(cache_dir: str, dataset_name: str, model_name_or_path: str) -> Path:
+    """<cache_dir>/<dataset>/<model>.h5 where <model> is the hub id with "/" -> "--", or a local model
+    folder's base name (never its absolute path)."""
+    return Path(cache_dir) / dataset_name / (cache_file_stem(model_name_or_path) + ".h5")
 
 
 def partial_path(path: Path) -> Path:
@@ -40,6 +51,8 @@ def partial_path(path: Path) -> Path:
 
 def inputs_fingerprint(domains) -> str:
     """Hash of every domain's ids and labels: a partial file is resumed only for the same inputs."""
+    import hashlib
+
     h = hashlib.sha256()
     for d in domains:
         h.update(json.dumps([d.name, d.ids, d.labels]).encode())
@@ -48,9 +61,9 @@ def inputs_fingerprint(domains) -> str:
 
 def dataset_sha256(ds: h5py.Dataset) -> str:
     data = ds[()]
-    if data.dtype.kind == "O":  # variable-length strings
-        return hashlib.sha256("\n".join(s.decode() if isinstance(s, bytes) else s for s in data).encode()).hexdigest()
-    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+    if isinstance(data, np.ndarray) and data.dtype.kind == "O":  # variable-length strings
+        return strings_sha256(data)
+    return buffer_sha256(np.ascontiguousarray(data))
 
 
 def is_complete(path: Path) -> bool:
@@ -61,11 +74,58 @@ def is_complete(path: Path) -> bool:
         return False
 
 
+def read_settings(path: Path) -> dict | None:
+    """The root attributes of a fedclip cache (plus `complete`); None when `path` is not one."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "schema_version" not in f.attrs:
+                return None
+            return {k: _plain(v) for k, v in f.attrs.items()}
+    except OSError:
+        return None
+
+
+def _plain(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _show(key: str, value) -> str:
+    if value is None:
+        return "none"
+    if key == "model_fingerprint":
+        return short(value)
+    if key == "inputs_fingerprint":
+        return f"inputs {str(value)[:12]}"
+    if isinstance(value, str) and value[:1] == "[":
+        try:
+            return ",".join(map(str, json.loads(value)))
+        except ValueError:
+            pass
+    return str(value)
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What differs between the settings of an existing cache (or partial) and this run, as text."""
+    out = []
+    for k in SETTINGS:
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            if k == "inputs_fingerprint":
+                out.append("the image files (ids or labels) differ")
+            else:
+                out.append(f"{k} {_show(k, a)} (now {_show(k, b)})")
+    return out
+
+
 @contextmanager
 def exclusive_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with os_errors(f"create the cache folder {path.parent}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    with os_errors(f"write the lock file {lock}"):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,104 +139,223 @@ def exclusive_lock(path: Path):
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _attrs_match(f: h5py.File, header: dict) -> bool:
-    return all(k in f.attrs and f.attrs[k] == header[k] for k in IDENTITY)
+@dataclass
+class DomainProgress:
+    processed: int = 0  # source images handled (embedded or skipped)
+    batches: list[Path] = field(default_factory=list)
 
 
-@contextmanager
-def open_partial(path: Path, header: dict):
-    """Open (resuming when possible) or create `<path>.partial` with the root attributes in `header`."""
-    part = partial_path(path)
-    f = None
-    if part.exists():
-        try:
-            f = h5py.File(part, "a")
-            if _attrs_match(f, header):
-                log.info("resuming the interrupted extraction in %s", part)
+class PartialStore:
+    """`<cache>.partial/`: header.json plus d<k>/<start>.npz per committed batch of domain k."""
+
+    def __init__(self, path: Path, settings: dict, num_domains: int):
+        self.path, self.dir, self.settings = path, partial_path(path), settings
+        self.progress = [DomainProgress() for _ in range(num_domains)]
+
+    # --- opening: resume, refuse, or start over ------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, settings: dict, num_domains: int, overwrite: bool) -> "PartialStore":
+        store = cls(path, settings, num_domains)
+        part = store.dir
+        if part.is_file() or part.is_symlink():  # an HDF5 .partial of an earlier fedclip version
+            if not overwrite:
+                raise ExtractError(f"{part} is an unfinished extraction by an earlier fedclip version and cannot "
+                                   f"be resumed; delete it (rm '{part}') and re-run, or pass overwrite=true")
+            log.warning("overwrite=true: discarding %s (an earlier fedclip's unfinished extraction)", part)
+            with os_errors(f"delete {part}"):
+                part.unlink()
+        elif part.is_dir():
+            header = store._read_header()
+            if header is None:
+                raise ExtractError(f"{part} is not a readable fedclip extraction in progress (no valid "
+                                   f"header.json); delete it (rm -r '{part}') and re-run")
+            diffs = differences(header.get("settings", {}), settings)
+            if diffs and not overwrite:
+                raise ExtractError(f"{part} is an unfinished extraction with other settings ({'; '.join(diffs)}); "
+                                   "re-run with its settings to finish it, pass overwrite=true to discard it, or "
+                                   "choose another cache_file")
+            if diffs:
+                log.warning("overwrite=true: discarding %s (other settings: %s)", part, "; ".join(diffs))
+                store.discard()
             else:
-                log.warning("%s was started with other settings or inputs; starting over", part)
-                f.close()
-                f = None
-        except OSError:
-            log.warning("%s is unreadable (killed mid-write?); starting over", part)
-            f = None
-    if f is None:
-        f = h5py.File(part, "w")
-    try:
-        for k, v in header.items():
-            f.attrs[k] = v
-        f.attrs["complete"] = False
-        yield f
-    finally:
-        f.close()
+                store._scan()
+                done = sum(p.processed for p in store.progress)
+                if done:
+                    log.info("resuming the interrupted extraction in %s (%d images done)", part, done)
+        if not (part / "header.json").is_file():
+            with os_errors(f"create {part}"):
+                part.mkdir(parents=True, exist_ok=True)
+                _atomic_write(part / "header.json",
+                              json.dumps({"format": PARTIAL_FORMAT, "settings": settings}).encode())
+        return store
 
+    def _read_header(self) -> dict | None:
+        try:
+            header = json.loads((self.dir / "header.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return header if isinstance(header, dict) and header.get("format") == PARTIAL_FORMAT else None
 
-def write_text(f: h5py.File, embeddings: np.ndarray, logit_scale: float) -> None:
-    if "text" in f:
-        del f["text"]
-    g = f.create_group("text")
-    ds = g.create_dataset("embeddings", data=embeddings.astype(np.float32))
-    ds.attrs["sha256"] = dataset_sha256(ds)
-    g.create_dataset("logit_scale", data=np.float32(logit_scale))
-    f.flush()
-
-
-class DomainWriter:
-    """Appends committed batches to /domains/<name>; resumes from the last committed batch."""
-
-    def __init__(self, f: h5py.File, name: str, num_images: int, embed_dim: int, dtype: str):
-        root = f.require_group("domains")
-        if name not in root:
-            g = root.create_group(name)
-            g.create_dataset("image_embeddings", (0, embed_dim), dtype, maxshape=(None, embed_dim),
-                             chunks=(256, embed_dim))
-            g.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
-            g.create_dataset("ids", (0,), STR, maxshape=(None,), chunks=(1024,))
-            s = g.create_group("skipped")
-            s.create_dataset("ids", (0,), STR, maxshape=(None,), chunks=(64,))
-            s.create_dataset("reasons", (0,), STR, maxshape=(None,), chunks=(64,))
-            g.attrs.update(num_source_images=num_images, processed=0, rows=0, skipped_rows=0, done=False)
-        self.g = root[name]
-        # Drop whatever was written after the last commit.
-        for key, n in (("image_embeddings", "rows"), ("labels", "rows"), ("ids", "rows"),
-                       ("skipped/ids", "skipped_rows"), ("skipped/reasons", "skipped_rows")):
-            self.g[key].resize(int(self.g.attrs[n]), axis=0)
-
-    @property
-    def processed(self) -> int:
-        return int(self.g.attrs["processed"])
-
-    @property
-    def done(self) -> bool:
-        return bool(self.g.attrs["done"])
+    def _scan(self) -> None:
+        """Validate the committed batches of every domain; drop the first damaged one and what follows."""
+        for k, progress in enumerate(self.progress):
+            folder = self.dir / f"d{k:03d}"
+            for tmp in folder.glob("*.tmp"):  # a batch that was being written when the run stopped
+                tmp.unlink(missing_ok=True)
+            files = sorted(folder.glob("*.npz"))
+            for i, file in enumerate(files):
+                problem = self._check_batch(file, progress.processed)
+                if problem:
+                    log.warning("%s: %s; recomputing from image %d of domain %d", file, problem,
+                                progress.processed, k)
+                    for bad in files[i:]:
+                        bad.unlink(missing_ok=True)
+                    break
+                with np.load(file, allow_pickle=False) as z:
+                    progress.processed = int(z["end"])
+                progress.batches.append(file)
 
     @staticmethod
-    def _append(ds: h5py.Dataset, values) -> None:
-        n = ds.shape[0]
-        ds.resize(n + len(values), axis=0)
-        ds[n:] = values
+    def _check_batch(file: Path, expected_start: int) -> str | None:
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}  # reading every member checks its CRC
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+            return f"damaged batch file ({type(e).__name__}: {e})"
+        need = {"start", "end", "embeddings", "labels", "ids", "skipped_ids", "skipped_reasons"}
+        if not need <= set(arrays):
+            return "incomplete batch file"
+        n, s = len(arrays["ids"]), len(arrays["skipped_ids"])
+        if (int(arrays["start"]) != expected_start or int(arrays["end"]) - int(arrays["start"]) != n + s
+                or len(arrays["embeddings"]) != n or len(arrays["labels"]) != n or len(arrays["skipped_reasons"]) != s):
+            return "inconsistent batch file"
+        return None
 
-    def commit(self, embeddings: np.ndarray, ids: list[str], labels: list[int], skipped: list[tuple[str, str]],
-               processed: int) -> None:
-        g = self.g
-        if len(ids):
-            self._append(g["image_embeddings"], embeddings.astype(g["image_embeddings"].dtype))
-            self._append(g["labels"], np.asarray(labels, np.int64))
-            self._append(g["ids"], ids)
-        if skipped:
-            self._append(g["skipped/ids"], [s[0] for s in skipped])
-            self._append(g["skipped/reasons"], [s[1] for s in skipped])
-        g.file.flush()
-        g.attrs.update(processed=processed, rows=g["ids"].shape[0], skipped_rows=g["skipped/ids"].shape[0])
-        g.file.flush()
+    def discard(self) -> None:
+        """Delete this partial folder (only fedclip's own files in it)."""
+        with os_errors(f"delete {self.dir}"):
+            for sub in sorted(self.dir.glob("d[0-9][0-9][0-9]")):
+                for file in list(sub.glob("*.npz")) + list(sub.glob("*.tmp")):
+                    file.unlink()
+                if not any(sub.iterdir()):
+                    sub.rmdir()
+            for name in ("header.json", "assembled.h5.tmp"):
+                (self.dir / name).unlink(missing_ok=True)
+            if not any(self.dir.iterdir()):
+                self.dir.rmdir()
+            else:
+                log.warning("kept %s: it holds files fedclip did not write", self.dir)
+        self.progress = [DomainProgress() for _ in self.progress]
 
-    def finish(self) -> None:
-        for key in ("image_embeddings", "labels", "ids"):
-            self.g[key].attrs["sha256"] = dataset_sha256(self.g[key])
-        self.g.attrs["done"] = True
-        self.g.file.flush()
+    # --- writing ---------------------------------------------------------------------------------------
+    def processed(self, k: int) -> int:
+        return self.progress[k].processed
+
+    def commit(self, k: int, end: int, embeddings: np.ndarray | None, ids: list[str], labels: list[int],
+               skipped: list[tuple[str, str]], dtype: str, embed_dim: int) -> None:
+        """Write images [processed, end) of domain k as one batch file (atomically)."""
+        progress = self.progress[k]
+        folder = self.dir / f"d{k:03d}"
+        file = folder / f"{progress.processed:09d}.npz"
+        emb = (embeddings if embeddings is not None else np.zeros((0, embed_dim))).astype(dtype)
+        buf = io.BytesIO()
+        np.savez(buf, start=np.int64(progress.processed), end=np.int64(end), embeddings=emb,
+                 labels=np.asarray(labels, np.int64), ids=np.array(ids, dtype=str),
+                 skipped_ids=np.array([s[0] for s in skipped], dtype=str),
+                 skipped_reasons=np.array([s[1] for s in skipped], dtype=str))
+        try:
+            folder.mkdir(exist_ok=True)
+            _atomic_write(file, buf.getbuffer())
+        except OSError as e:
+            raise ExtractError(self._write_failed(e, file)) from None
+        progress.processed = end
+        progress.batches.append(file)
+
+    def _write_failed(self, e: OSError, file: Path) -> str:
+        done = sum(p.processed for p in self.progress)
+        keep = (f"the {done} images extracted so far are kept in {self.dir}: re-run the same command to resume"
+                if done else f"re-run the same command when there is room")
+        if e.errno in DISK_FULL:
+            return f"disk full while writing {file} ({e.strerror}); free some space on that disk, then {keep}"
+        return f"cannot write {file} ({e.strerror or e}); {keep}"
+
+    def read_domain(self, k: int):
+        """All committed rows of domain k: (embeddings, labels, ids, skipped ids, skipped reasons)."""
+        parts = {key: [] for key in ("embeddings", "labels", "ids", "skipped_ids", "skipped_reasons")}
+        for file in self.progress[k].batches:
+            with np.load(file, allow_pickle=False) as z:
+                for key in parts:
+                    parts[key].append(z[key])
+        return tuple(np.concatenate(v) if v else None for v in parts.values())
+
+    def assemble(self, header: dict, text: np.ndarray, logit_scale: float, domains, embed_dim: int,
+                 dtype: str) -> dict[str, tuple[int, int]]:
+        """Build the complete HDF5 file in memory, write it next to the final path, rename it there, and
+        remove the partial folder. Returns {domain: (rows, skipped)}."""
+        counts = {}
+        buf = io.BytesIO()
+        with h5py.File(buf, "w") as f:
+            attrs = dict(header, complete=True)
+            attrs["identity_sha256"] = identity_sha256(attrs)
+            f.attrs.update(attrs)
+            t = f.create_group("text")
+            _put(t, "embeddings", np.ascontiguousarray(text, np.float32))
+            _put(t, "logit_scale", np.asarray(logit_scale, np.float32))  # a scalar dataset
+            for k, domain in enumerate(domains):
+                emb, labels, ids, sids, reasons = self.read_domain(k)
+                emb = np.zeros((0, embed_dim), dtype) if emb is None else np.ascontiguousarray(emb, dtype)
+                labels = np.zeros(0, np.int64) if labels is None else labels.astype(np.int64)
+                ids = [] if ids is None else ids.tolist()
+                sids = [] if sids is None else sids.tolist()
+                reasons = [] if reasons is None else reasons.tolist()
+                g = f.create_group(f"domains/{domain.name}")
+                _put(g, "image_embeddings", emb)
+                _put(g, "labels", labels)
+                _put(g, "ids", ids)
+                _put(g, "skipped/ids", sids)
+                _put(g, "skipped/reasons", reasons)
+                g.attrs.update(num_source_images=len(domain), processed=self.progress[k].processed,
+                               rows=len(ids), skipped_rows=len(sids), done=True)
+                counts[domain.name] = (len(ids), len(sids))
+        tmp = self.dir / "assembled.h5.tmp"
+        try:
+            _atomic_write(tmp, buf.getbuffer(), rename=False)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in DISK_FULL:
+                raise ExtractError(f"disk full while writing the finished cache {self.path} ({e.strerror}); free "
+                                   f"{len(buf.getbuffer()) / 1e6:.0f} MB on that disk, then re-run the same command: "
+                                   f"the extracted embeddings in {self.dir} are kept") from None
+            raise ExtractError(f"cannot write the finished cache {self.path} ({e.strerror or e}); the extracted "
+                               f"embeddings in {self.dir} are kept: re-run the same command") from None
+        self.discard()
+        return counts
 
 
-def publish(path: Path) -> None:
-    """Move the finished `<path>.partial` (already marked complete and closed) to its final path."""
-    os.replace(partial_path(path), path)
+def _put(g: h5py.Group, name: str, data) -> None:
+    if isinstance(data, list):  # strings
+        ds = g.create_dataset(name, data=np.array(data, dtype=object), dtype=STR) if data else \
+            g.create_dataset(name, (0,), STR)
+        ds.attrs["sha256"] = strings_sha256(data)
+    else:
+        ds = g.create_dataset(name, data=data)
+        ds.attrs["sha256"] = buffer_sha256(np.ascontiguousarray(data))
+
+
+def _atomic_write(path: Path, data, rename: bool = True) -> None:
+    """Write `data` to `path` through `<path>.tmp` (renamed into place); a failure removes the temporary."""
+    tmp = path.with_name(path.name + ".tmp") if rename else path
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if rename:
+            os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise

@@ -1,6 +1,8 @@
 """python -m extract.info <cache.h5>: what a colleague needs to trust a shared cache, checksums verified.
 
-Exit status: 0 when the cache is complete and every checksum matches, 1 otherwise, 2 when unreadable.
+Exit status: 0 when the cache is complete, of the schema version this fedclip reads, and every checksum
+(identity attributes, text embeddings, logit scale, every domain's datasets) matches; 1 otherwise (each
+problem is listed); 2 when the file cannot be read as HDF5.
 """
 from __future__ import annotations
 
@@ -10,52 +12,82 @@ import sys
 
 import h5py
 
-from .cache import dataset_sha256
+from .cache import SCHEMA_VERSION, dataset_sha256
+from .identity import identity_sha256, short
+
+
+def _json_list(a, key) -> list:
+    try:
+        value = json.loads(a.get(key, "[]"))
+        return value if isinstance(value, list) else []
+    except (TypeError, ValueError):
+        return []
 
 
 def describe(path: str) -> tuple[list[str], bool]:
     """Return (report lines, ok)."""
-    lines, ok = [], True
+    lines, problems = [], []
     with h5py.File(path, "r") as f:
         a = f.attrs
         complete = bool(a.get("complete", False))
-        ok &= complete
-        classes = json.loads(a.get("class_names", "[]"))
+        if not complete:
+            problems.append("the cache is not complete (re-run extract to finish it)")
+        schema = a.get("schema_version")
+        if schema != SCHEMA_VERSION:
+            problems.append(f"schema version {schema} is not the version this fedclip reads ({SCHEMA_VERSION})")
+        classes = _json_list(a, "class_names")
         lines += [
             f"cache:        {path}",
             f"complete:     {complete}" + ("" if complete else "  (unfinished: re-run extract to resume)"),
-            f"schema:       {a.get('schema_version')}",
-            f"model:        {a.get('model_name')} (revision {a.get('model_revision')}, "
-            f"{int(a.get('model_num_parameters', 0)):,} parameters, run in {a.get('model_dtype')} on {a.get('device')})",
+            f"schema:       {schema}",
+            f"model:        {a.get('model_name')} ({short(a.get('model_fingerprint'))}, revision "
+            f"{a.get('model_revision')}, {int(a.get('model_num_parameters', 0)):,} parameters, run in "
+            f"{a.get('model_dtype')} on {a.get('device')})",
             f"dataset:      {a.get('dataset_name')}  source {a.get('source')}",
             f"embed dim:    {a.get('embed_dim')}  image dtype {a.get('image_dtype')}",
-            f"classes ({len(classes)}): {', '.join(classes)}",
-            f"prompts:      {json.loads(a.get('prompt_templates', '[]'))} with names "
-            f"{json.loads(a.get('prompt_names', '[]'))}",
+            f"classes ({len(classes)}): {', '.join(map(str, classes))}",
+            f"prompts:      {_json_list(a, 'prompt_templates')} with names {_json_list(a, 'prompt_names')}",
             f"created:      {a.get('created_at', '-')}  versions {a.get('versions')}",
             f"preprocessing: {a.get('preprocessing')}",
             "domains:",
         ]
-        checks = [f["text/embeddings"]] if "text/embeddings" in f else []
-        for name in json.loads(a.get("domains", "[]")):
+        checked = 0
+        if "identity_sha256" not in a:
+            problems.append("no checksum for the identity attributes (written by an older fedclip)")
+        elif identity_sha256(a) != str(a["identity_sha256"]):
+            problems.append("checksum MISMATCH in the identity attributes (model, dataset, domains, classes, "
+                            "prompts): an attribute was changed")
+        else:
+            checked += 1
+        checks = []
+        for key in ("text/embeddings", "text/logit_scale"):
+            if key in f:
+                checks.append(f[key])
+            else:
+                problems.append(f"/{key} is missing")
+        for name in _json_list(a, "domains"):
             g = f.get(f"domains/{name}")
-            if g is None:
+            if g is None or any(k not in g for k in ("image_embeddings", "labels", "ids")):
                 lines.append(f"  {name:<16} missing")
-                ok = False
+                problems.append(f"domain {name} is missing or incomplete")
                 continue
-            skipped = g["skipped/ids"].shape[0]
+            skipped = g["skipped/ids"].shape[0] if "skipped/ids" in g else 0
             lines.append(f"  {name:<16} {g['ids'].shape[0]:>7} images  {skipped} skipped")
-            for sid, reason in zip(g["skipped/ids"][()], g["skipped/reasons"][()]):
-                lines.append(f"      skipped {sid.decode()}: {reason.decode()}")
+            if skipped:
+                for sid, reason in zip(g["skipped/ids"][()], g["skipped/reasons"][()]):
+                    lines.append(f"      skipped {sid.decode()}: {reason.decode()}")
             checks += [g["image_embeddings"], g["labels"], g["ids"]]
         for ds in checks:
             expected = ds.attrs.get("sha256")
-            good = expected is not None and dataset_sha256(ds) == expected
-            ok &= good
-            if not good:
-                lines.append(f"checksum MISMATCH in {ds.name}" if expected else f"no checksum for {ds.name}")
-        lines.append(f"checksums:    {'all ' + str(len(checks)) + ' verified' if ok else 'FAILED'}")
-    return lines, ok
+            if expected is None:
+                problems.append(f"no checksum for {ds.name}")
+            elif dataset_sha256(ds) != str(expected):
+                problems.append(f"checksum MISMATCH in {ds.name}")
+            else:
+                checked += 1
+        lines += problems
+        lines.append(f"checksums:    {'all ' + str(checked) + ' verified' if not problems else 'FAILED'}")
+    return lines, not problems
 
 
 def main(argv=None) -> int:

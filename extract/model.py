@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import ExtractError
+from .errors import ExtractError, os_errors
+from .identity import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +60,86 @@ def build_tiny_clip(directory: Path, seed: int, embed_dim: int, hidden_size: int
     tmp.replace(directory)
 
 
-def model_directory(model_cfg, cache_dir: str) -> str:
-    """What from_pretrained loads: the hub id / local directory, or the built tiny model's directory."""
-    if not model_cfg.get("build"):
-        return model_cfg.name
-    directory = Path(cache_dir) / "models" / model_cfg.name.replace("/", "--")
-    if not directory.exists():
-        log.info("building %s in %s", model_cfg.name, directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_clip(directory, **model_cfg.build)
-    return str(directory)
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Which CLIP a run uses: `name` is what the cache records (hub id, config name of a built model, or a
+    local folder's base name), `directory` the local folder that is fingerprinted and loaded."""
+    name: str
+    directory: Path
+    fingerprint: str
+    source: str  # "hub", "local" or "built"
+    revision: str  # the hub snapshot's commit, or "local"
+
+
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt"]  # weights, configs, tokenizer (vocab.json, merges.txt)
+LOCAL_HINT = "pass a local folder saved with save_pretrained: model.name=/path/to/clip-vit-base-patch32"
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~", "\\")) or name in (".", "..") or name.count("/") > 1
+            or (len(name) > 1 and name[1] == ":"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__).rstrip(".")
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot folder of a hub model (downloaded if needed; offline it comes from the HF cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline without a cached copy, unknown repo, auth, network: many kinds
+        raise ExtractError(f"cannot get CLIP model {repo_id!r} from the hub or its local cache "
+                           f"({type(e).__name__}: {_first_line(e)}); no local folder has that name either. "
+                           f"Without hub access, {LOCAL_HINT}") from None
+
+
+def resolve_model(model_cfg, cache_dir: str) -> ResolvedModel:
+    """Find the model's folder (building the tiny model, or getting a hub snapshot) and fingerprint it."""
+    name = str(model_cfg.name)
+    if model_cfg.get("build"):
+        directory = Path(cache_dir) / "models" / name.replace("/", "--")
+        if not directory.exists():
+            log.info("building %s in %s", name, directory)
+            with os_errors(f"build the tiny model in {directory}"):
+                directory.parent.mkdir(parents=True, exist_ok=True)
+                build_tiny_clip(directory, **model_cfg.build)
+        source, revision = "built", "local"
+    else:
+        p = Path(name).expanduser()
+        if p.is_dir():
+            directory, source, revision = p.resolve(), "local", "local"
+            name = directory.name
+        elif p.exists():
+            raise ExtractError(f"model.name {name} is a file, not a folder; {LOCAL_HINT}")
+        elif _looks_like_path(name):
+            raise ExtractError(f"model folder {name} does not exist; {LOCAL_HINT}, or a hub id")
+        else:
+            directory, source = hub_snapshot(name, model_cfg.get("revision") or None), "hub"
+            revision = directory.name
+    check_model_files(directory)
+    try:
+        fingerprint = model_fingerprint(directory)
+    except OSError as e:
+        raise ExtractError(f"cannot read the model files in {directory}: {e}") from None
+    return ResolvedModel(name, directory, fingerprint, source, revision)
+
+
+def check_model_files(directory: Path) -> None:
+    """What from_pretrained would otherwise paper over: no weights, no tokenizer, no processor config."""
+    names = {p.name for p in directory.iterdir() if p.is_file()}
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ExtractError(f"no safetensors weights in model folder {directory} (fedclip loads *.safetensors "
+                           "only); save the model with save_pretrained")
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        raise ExtractError(f"the tokenizer files are missing in model folder {directory} (need tokenizer.json, "
+                           "or vocab.json and merges.txt); save the tokenizer there with save_pretrained")
+    if "preprocessor_config.json" not in names and "processor_config.json" not in names:
+        raise ExtractError(f"preprocessor_config.json is missing in model folder {directory}; save the "
+                           "image processor there with save_pretrained")
 
 
 def image_processor_class():
@@ -84,23 +156,54 @@ def image_processor_class():
     return transformers.CLIPImageProcessor
 
 
-def load_clip(model_cfg, cache_dir: str, device: torch.device):
-    """Return (model, image_processor, tokenizer); safetensors weights only, no remote code."""
+def load_clip(model, device, legacy_device=None):
+    """Return (model, image_processor, tokenizer) from the resolved folder; safetensors only, no remote code.
+    A checkpoint that lacks tensors, a damaged weights file or an unusable tokenizer is an error.
+    `load_clip(model_cfg, cache_dir, device)` (the earlier signature) resolves the model first."""
     from transformers import AutoTokenizer, CLIPModel
+    from transformers.utils import logging as hf_logging
 
-    source = model_directory(model_cfg, cache_dir)
+    if not isinstance(model, ResolvedModel):
+        model, device = resolve_model(model, device), legacy_device
+
+    directory = str(model.directory)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    kwargs = dict(revision=model_cfg.get("revision") or None)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report's table: we turn its findings into one line below
     try:
-        model = CLIPModel.from_pretrained(source, use_safetensors=True, dtype=dtype, **kwargs)
-        processor = image_processor_class().from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        first = (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__).rstrip(".")
-        raise ExtractError(
-            f"cannot load CLIP model {source!r}: {first}. Without hub access, pass a local directory "
-            f"saved with save_pretrained: model.name=/path/to/clip-vit-base-patch32") from None
-    return model.to(device).eval(), processor, tokenizer
+        clip, info = CLIPModel.from_pretrained(directory, use_safetensors=True, dtype=dtype,
+                                               output_loading_info=True)
+    except Exception as e:  # safetensors raises SafetensorError (an Exception) for a damaged file
+        raise ExtractError(f"cannot load the weights of CLIP model {model.name!r} from {directory} "
+                           f"({type(e).__name__}: {_first_line(e)}); the weights file is damaged or not a CLIP "
+                           "checkpoint: copy it again, or re-save the model with save_pretrained") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or []) + sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                                              for k in info.get("mismatched_keys") or [])
+    if missing:
+        raise ExtractError(f"the checkpoint in {directory} lacks {len(missing)} of the CLIP model's tensors "
+                           f"(e.g. {missing[0]}), which would be randomly initialised; use a complete "
+                           "checkpoint saved with save_pretrained")
+    try:
+        processor = image_processor_class().from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:
+        raise ExtractError(f"cannot load the tokenizer or image processor of {directory} "
+                           f"({type(e).__name__}: {_first_line(e)}); re-save them with save_pretrained") from None
+    return clip.to(device).eval(), processor, tokenizer
+
+
+def check_tokenizer(tokenizer, prompts: list[str], directory) -> None:
+    """Different prompts must become different tokens (an empty vocabulary maps all of them to one)."""
+    ids = tokenizer(prompts, padding=True, truncation=True)["input_ids"]
+    seen: dict[tuple, str] = {}
+    for prompt, tokens in zip(prompts, ids):
+        other = seen.setdefault(tuple(tokens), prompt)
+        if other != prompt:
+            raise ExtractError(f"the tokenizer of {directory} turns the different prompts {other!r} and {prompt!r} "
+                               f"into the same tokens (vocabulary of {len(tokenizer)}): its tokenizer files are "
+                               "incomplete; re-save the tokenizer with save_pretrained")
 
 
 def _projected(output) -> torch.Tensor:
@@ -124,5 +227,3 @@ def num_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_revision(model) -> str:
-    return str(getattr(model.config, "_commit_hash", None) or "local")

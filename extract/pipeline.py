@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import cache as cachefile
-from .errors import ExtractError
-from .model import (image_embeddings, load_clip, model_revision, num_parameters, resolve_device,
+from .config import value
+from .errors import ExtractError, os_errors
+from .images import to_rgb
+from .model import (check_tokenizer, image_embeddings, load_clip, num_parameters, resolve_device, resolve_model,
                     text_embeddings)
 from .sources import DomainImages, load_source
 
@@ -25,7 +27,9 @@ log = logging.getLogger(__name__)
 class PreprocessedImages(Dataset):
     """Images start..end of a domain, opened and preprocessed by CLIP's processor (in DataLoader workers).
 
-    A file that cannot be decoded yields its reason instead of pixels, so one bad file does not stop the run.
+    Every image is converted to 8-bit RGB first (`images.to_rgb`: EXIF orientation, high bit depth scaled,
+    transparency on white). A file that cannot be decoded yields its reason instead of pixels, so one bad
+    file does not stop the run; the reason is recorded in the cache.
     """
 
     def __init__(self, domain: DomainImages, processor, start: int):
@@ -39,7 +43,7 @@ class PreprocessedImages(Dataset):
         try:
             with self.domain.open(i) as image:
                 image.load()
-                pixels = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+                pixels = self.processor(images=to_rgb(image), return_tensors="pt")["pixel_values"][0]
             return i, pixels, None
         except Exception as e:  # any decoder error means "this file is unusable"
             return i, None, f"{type(e).__name__}: {e}"
@@ -52,100 +56,124 @@ def collate(items):
     return [i for i, _ in good], pixels, bad, len(items)
 
 
-def encode_domain(f: h5py.File, domain: DomainImages, model, processor, cfg, embed_dim: int) -> tuple[int, int]:
-    writer = cachefile.DomainWriter(f, domain.name, len(domain), embed_dim, cfg.cache_dtype)
-    if writer.done:
-        log.info("%s: already in the cache", domain.name)
-        return writer.g["ids"].shape[0], writer.g["skipped/ids"].shape[0]
-    processed = writer.processed
+def encode_domain(store: cachefile.PartialStore, k: int, domain: DomainImages, model, processor, cfg,
+                  embed_dim: int) -> None:
+    """Embed the images of domain k that the partial store does not hold yet, one committed batch at a time."""
+    processed = store.processed(k)
+    if processed >= len(domain):
+        log.info("%s: already extracted", domain.name)
+        return
     loader = DataLoader(PreprocessedImages(domain, processor, processed), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, collate_fn=collate,
                         pin_memory=model.device.type == "cuda")
+    fail = value(cfg.on_bad_image) == "fail"
     with tqdm(total=len(domain), initial=processed, unit="img", desc=domain.name, dynamic_ncols=True) as bar:
         for rows, pixels, bad, n in loader:
             for i, reason in bad:
-                if cfg.on_bad_image == "fail":
+                if fail:
                     raise ExtractError(f"cannot read image {domain.ids[i]} of domain {domain.name}: {reason} "
                                        "(on_bad_image=skip skips such files)")
                 log.warning("skipping unreadable image %s: %s", domain.ids[i], reason)
             embeddings = image_embeddings(model, pixels).numpy() if pixels is not None else None
             processed += n
-            writer.commit(embeddings, [domain.ids[i] for i in rows], [domain.labels[i] for i in rows],
-                          [(domain.ids[i], reason) for i, reason in bad], processed)
+            store.commit(k, processed, embeddings, [domain.ids[i] for i in rows], [domain.labels[i] for i in rows],
+                         [(domain.ids[i], reason) for i, reason in bad], value(cfg.cache_dtype), embed_dim)
             bar.update(n)
-    writer.finish()
-    return writer.g["ids"].shape[0], writer.g["skipped/ids"].shape[0]
 
 
 def check_settings(cfg) -> None:
-    if cfg.on_bad_image not in ("skip", "fail"):
-        raise ExtractError(f"on_bad_image must be skip or fail, not {cfg.on_bad_image!r}")
-    if cfg.cache_dtype not in ("float32", "float16"):
-        raise ExtractError(f"cache_dtype must be float32 or float16, not {cfg.cache_dtype!r}")
+    """What the typed schema (extract/config.py) cannot say: ranges and template syntax."""
     if int(cfg.batch_size) < 1 or int(cfg.num_workers) < 0:
         raise ExtractError("batch_size must be >= 1 and num_workers >= 0")
     if not cfg.prompt_templates or any("{}" not in t for t in cfg.prompt_templates):
         raise ExtractError("prompt_templates must be a non-empty list of strings containing {}")
 
 
+def settings_of(source, model_ref, cfg) -> dict:
+    """The root attributes that say what the cache is (cache.SETTINGS), before the model is loaded."""
+    return {
+        "schema_version": cachefile.SCHEMA_VERSION,
+        "model_fingerprint": model_ref.fingerprint,
+        "dataset_name": source.name,
+        "domains": json.dumps([d.name for d in source.domains]),
+        "class_names": json.dumps(source.class_names),
+        "prompt_names": json.dumps(source.prompt_names),
+        "prompt_templates": json.dumps(list(cfg.prompt_templates)),
+        "image_dtype": value(cfg.cache_dtype),
+        "inputs_fingerprint": cachefile.inputs_fingerprint(source.domains),
+    }
+
+
+def check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
+    """True when `path` already is the cache these settings describe (nothing to do)."""
+    if not path.exists():
+        return False
+    existing = cachefile.read_settings(path)
+    if existing is None:
+        raise ExtractError(f"{path} exists and is not a fedclip cache; fedclip does not overwrite it: move it away "
+                           "or choose another cache_file")
+    diffs = cachefile.differences(existing, settings)
+    if overwrite:
+        log.info("overwrite=true: rebuilding %s", path)
+        return False
+    if not existing.get("complete"):
+        raise ExtractError(f"{path} is an incomplete fedclip cache; pass overwrite=true to rebuild it")
+    if diffs:
+        raise ExtractError(f"{path} is a complete cache built with other settings ({'; '.join(diffs)}); pass "
+                           "overwrite=true to rebuild it, or cache_file=<another path> to keep both")
+    return True
+
+
 def run(cfg) -> Path:
     """Extract the cache described by `cfg` (conf/extract.yaml); return its path."""
     start = time.time()
     check_settings(cfg)
-    source = load_source(cfg.dataset)
+    with os_errors(f"prepare dataset {cfg.dataset.name or cfg.dataset.root}"):
+        source = load_source(cfg.dataset)
+    model_ref = resolve_model(cfg.model, cfg.cache_dir)
     path = Path(cfg.cache_file) if cfg.cache_file else cachefile.default_cache_path(
-        cfg.cache_dir, source.name, cfg.model.name)
+        cfg.cache_dir, source.name, model_ref.name)
+    settings = settings_of(source, model_ref, cfg)
     with cachefile.exclusive_lock(path):
-        if path.exists() and not cfg.overwrite:
-            if cachefile.is_complete(path):
-                log.info("%s is complete already: nothing to do (overwrite=true rebuilds it)", path)
-                return path
-            raise ExtractError(f"{path} exists but is not a complete fedclip cache; move it away or pass "
-                               "overwrite=true")
-        if cfg.overwrite:
-            cachefile.partial_path(path).unlink(missing_ok=True)
-        device = resolve_device(cfg.device)
-        model, processor, tokenizer = load_clip(cfg.model, cfg.cache_dir, device)
+        if check_existing(path, settings, bool(cfg.overwrite)):
+            log.info("%s is complete already, with these settings and model: nothing to do (overwrite=true "
+                     "rebuilds it)", path)
+            return path
+        store = cachefile.PartialStore.open(path, settings, len(source.domains), bool(cfg.overwrite))
+        device = resolve_device(value(cfg.device))
+        model, processor, tokenizer = load_clip(model_ref, device)
         templates = list(cfg.prompt_templates)
         prompts = [t.format(c) for t in templates for c in source.prompt_names]
+        check_tokenizer(tokenizer, prompts, model_ref.directory)
         text = text_embeddings(model, tokenizer, prompts)
         embed_dim = text.shape[-1]
         import transformers
 
-        header = {
-            "schema_version": cachefile.SCHEMA_VERSION,
-            "model_name": cfg.model.name,
-            "dataset_name": source.name,
-            "embed_dim": embed_dim,
-            "domains": json.dumps([d.name for d in source.domains]),
-            "class_names": json.dumps(source.class_names),
-            "prompt_names": json.dumps(source.prompt_names),
-            "prompt_templates": json.dumps(templates),
-            "image_dtype": cfg.cache_dtype,
-            "inputs_fingerprint": cachefile.inputs_fingerprint(source.domains),
-            "model_num_parameters": num_parameters(model),
-            "model_revision": model_revision(model),
-            "model_dtype": str(model.dtype).replace("torch.", ""),
-            "preprocessing": json.dumps(processor.to_dict(), default=str),
-            "source": json.dumps(source.provenance),
-            "versions": json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
-                                    "h5py": h5py.__version__, "numpy": np.__version__}),
-            "device": device.type,
-        }
-        with cachefile.open_partial(path, header) as f:
-            cachefile.write_text(f, text.numpy().reshape(len(templates), len(source.class_names), embed_dim),
-                                 float(model.logit_scale.detach().exp()))
-            counts = {}
-            try:
-                for domain in source.domains:
-                    counts[domain.name] = encode_domain(f, domain, model, processor, cfg, embed_dim)
-            except KeyboardInterrupt:
-                log.error("interrupted: %s keeps what was done; re-run the same command to resume",
-                          cachefile.partial_path(path))
-                raise
-            f.attrs["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            f.attrs["complete"] = True
-        cachefile.publish(path)
+        header = dict(
+            settings,
+            model_name=model_ref.name,
+            embed_dim=embed_dim,
+            model_num_parameters=num_parameters(model),
+            model_revision=model_ref.revision,
+            model_source=model_ref.source,
+            model_path=str(model_ref.directory) if model_ref.source == "local" else "",
+            model_dtype=str(model.dtype).replace("torch.", ""),
+            preprocessing=json.dumps(processor.to_dict(), default=str),
+            source=json.dumps(source.provenance),
+            versions=json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+                                 "h5py": h5py.__version__, "numpy": np.__version__}),
+            device=device.type,
+        )
+        try:
+            for k, domain in enumerate(source.domains):
+                encode_domain(store, k, domain, model, processor, cfg, embed_dim)
+        except KeyboardInterrupt:
+            log.error("interrupted: %s keeps what was done; re-run the same command to resume", store.dir)
+            raise
+        header["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        counts = store.assemble(header, text.numpy().reshape(len(templates), len(source.class_names), embed_dim),
+                                float(model.logit_scale.detach().exp()), source.domains, embed_dim,
+                                value(cfg.cache_dtype))
     total = sum(n for n, _ in counts.values())
     skipped = sum(s for _, s in counts.values())
     log.info("wrote %s: %d images (%s), %d skipped, %d classes, dim %d, %.1f s", path, total,

@@ -1,7 +1,10 @@
 """Where images come from: a local `<root>/<domain>/<class>/<image>` folder or a hub dataset.
 
 Each domain becomes a `DomainImages`: stable sorted ids, labels, and a picklable way to open image i
-(DataLoader workers open and decode the images).
+(DataLoader workers open and decode the images). Domain names are canonical (`canonical_domain`: Office-Home's
+hub domain "Real World" and a folder copy's "Real_World" are both "Real_World"). Every non-hidden file
+under a class folder is an input: one that cannot be decoded is skipped and recorded in the cache, never
+silently dropped.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import ExtractError
+from .identity import canonical_domain
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # for messages only
 
 
 @dataclass
@@ -80,6 +84,8 @@ def _subdirs(path: Path) -> list[str]:
 def _pick(kind: str, wanted, available: list[str], where: str) -> list[str]:
     if not wanted:
         return available
+    if kind == "domain":
+        wanted = [canonical_domain(w) for w in wanted]
     missing = [w for w in wanted if w not in available]
     if missing:
         raise ExtractError(f"{kind} {', '.join(map(str, missing))} not found in {where}; "
@@ -87,13 +93,26 @@ def _pick(kind: str, wanted, available: list[str], where: str) -> list[str]:
     return list(wanted)
 
 
+def _canonical_folders(root: Path) -> dict[str, str]:
+    """Canonical domain name -> folder name under root."""
+    out: dict[str, str] = {}
+    for folder in _subdirs(root):
+        name = canonical_domain(folder)
+        if name in out:
+            raise ExtractError(f"folders {out[name]!r} and {folder!r} under {root} are the same domain "
+                               f"{name!r} (spaces and underscores are one); rename one of them")
+        out[name] = folder
+    return out
+
+
 def folder_source(dataset_cfg) -> Source:
     root = Path(dataset_cfg.root).expanduser()
     if not root.is_dir():
         raise ExtractError(f"dataset.root {root} does not exist or is not a folder "
                            "(expected <root>/<domain>/<class>/<image>)")
-    domains = _pick("domain", dataset_cfg.domains, _subdirs(root), str(root))
-    found_classes = sorted({c for d in domains for c in _subdirs(root / d)})
+    folder_of = _canonical_folders(root)
+    domains = _pick("domain", dataset_cfg.domains, sorted(folder_of), str(root))
+    found_classes = sorted({c for d in domains for c in _subdirs(root / folder_of[d])})
     classes = list(dataset_cfg.classes) if dataset_cfg.classes else found_classes
     unknown = sorted(set(found_classes) - set(classes))
     if unknown:
@@ -103,9 +122,10 @@ def folder_source(dataset_cfg) -> Source:
     out = []
     for d in domains:
         ids, labels = [], []
-        for c in _subdirs(root / d):
-            files = sorted(p for p in (root / d / c).rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        for c in _subdirs(root / folder_of[d]):
+            base = root / folder_of[d] / c
+            files = sorted(p for p in base.rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts))
             for p in files:
                 ids.append(p.relative_to(root).as_posix())
                 labels.append(label_of[c])
@@ -136,7 +156,8 @@ def hub_source(dataset_cfg) -> Source:
     if dataset_cfg.classes and list(dataset_cfg.classes) != classes:
         raise ExtractError(f"hub dataset {dataset_cfg.hub_id} has classes {classes}, the config lists "
                            f"{list(dataset_cfg.classes)}")
-    domain_col, label_col = list(table["domain"]), list(table["label"])
+    domain_col = [canonical_domain(v) for v in table["domain"]]
+    label_col = list(table["label"])
     domains = _pick("domain", dataset_cfg.domains, sorted(set(domain_col)), dataset_cfg.hub_id)
     table = table.cast_column("image", datasets.Image(decode=False))
     out = []
@@ -159,5 +180,7 @@ def load_source(dataset_cfg) -> Source:
         return folder_source(dataset_cfg)
     if dataset_cfg.hub_id:
         return hub_source(dataset_cfg)
-    raise ExtractError(f"dataset {dataset_cfg.name} has neither dataset.root nor dataset.hub_id; "
-                       "set dataset.root=<folder>")
+    name = dataset_cfg.name or "<name>"
+    raise ExtractError(f"dataset {name} has no hub copy: it is read from a local folder in the DomainBed "
+                       f"layout <root>/<domain>/<class>/<image>; run: python -m extract dataset={name} "
+                       f"dataset.root=/path/to/{name}")

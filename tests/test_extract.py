@@ -38,7 +38,7 @@ def built(tmp_path_factory, image_root, tiny_model):
     work = tmp_path_factory.mktemp("extract")
     proc = run_cli(*extract_args(image_root, tiny_model, work), cwd=work)
     assert proc.returncode == 0, proc.stdout
-    path = work / "cache" / "shapes" / (str(tiny_model).strip("/").replace("/", "--") + ".h5")
+    path = work / "cache" / "shapes" / (tiny_model.name + ".h5")  # a local model: its folder's name
     return path, proc, work
 
 
@@ -48,14 +48,16 @@ def test_cli_writes_a_complete_cache_in_the_documented_schema(built, tiny_model)
     c = read(path)
     a = c["attrs"]
     assert a["schema_version"] == 1 and a["complete"] == True  # noqa: E712 (numpy bool)
-    assert a["model_name"] == str(tiny_model) and a["dataset_name"] == "shapes" and a["embed_dim"] == 32
+    assert a["model_name"] == tiny_model.name and a["dataset_name"] == "shapes" and a["embed_dim"] == 32
+    from extract.identity import model_fingerprint
+    assert a["model_fingerprint"] == model_fingerprint(tiny_model) and a["model_fingerprint"].startswith("sha256:")
     assert json.loads(a["domains"]) == ["photo", "sketch"]
     assert json.loads(a["class_names"]) == ["Square_Thing", "circle"]
     assert json.loads(a["prompt_names"]) == ["square thing", "circle"]
     assert json.loads(a["prompt_templates"]) == ["a picture of a {}"]
     from transformers import CLIPModel
     assert a["model_num_parameters"] == sum(p.numel() for p in CLIPModel.from_pretrained(tiny_model).parameters())
-    for key in ("model_revision", "versions", "preprocessing", "created_at", "source"):
+    for key in ("model_revision", "versions", "preprocessing", "created_at", "source", "identity_sha256"):
         assert key in a
     assert c["text"].shape == (1, 2, 32) and c["text"].dtype == np.float32
     # 12 drawn images per domain, plus grayscale, RGBA, palette and CMYK files in photo/circle
@@ -129,9 +131,9 @@ def test_interrupted_extraction_resumes_to_the_same_file(tmp_path, image_root, t
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(config("extract", overrides + [f"cache_file={target}"]))
     partial = target.with_name(target.name + ".partial")
-    assert not target.exists() and partial.exists()
-    with h5py.File(partial, "r") as f:
-        assert not f.attrs["complete"] and f["domains/sketch"].attrs["processed"] == 4 * 1
+    assert not target.exists() and (partial / "header.json").exists()
+    # photo (16 images) took 4 batches, then sketch committed one batch of 4 before the interruption
+    assert len(list((partial / "d000").glob("*.npz"))) == 4 and len(list((partial / "d001").glob("*.npz"))) == 1
     monkeypatch.setattr(pipeline, "image_embeddings", real)
     calls["n"] = 0
     pipeline.run(config("extract", overrides + [f"cache_file={target}"]))
@@ -167,8 +169,9 @@ def test_bad_images_are_skipped_and_recorded_or_fail_with_one_line(tmp_path, ima
     (["dataset=folder", "dataset.root=/no/such/folder"], "does not exist"),
     (["dataset=folder", "dataset.root={empty}"], "no images under"),
     (["dataset=folder", "dataset.root={images}", "dataset.domains=[photo,nope]"], "domain nope not found"),
-    (["dataset=folder", "dataset.root={images}", "model.name=/no/such/model"], "model.name=/path/to/clip"),
-    (["dataset=folder", "dataset.root={images}", "model.name={model}", "on_bad_image=maybe"], "on_bad_image must be"),
+    (["dataset=folder", "dataset.root={images}", "model.name=/no/such/model"], "model folder /no/such/model does not exist"),
+    (["dataset=folder", "dataset.root={images}", "model.name={model}", "on_bad_image=maybe"],
+     "Invalid value 'maybe', expected one of [skip, fail]"),
 ])
 def test_bad_input_gets_one_line_and_no_traceback(tmp_path, image_root, tiny_model, overrides, message):
     (tmp_path / "empty" / "d" / "c").mkdir(parents=True)

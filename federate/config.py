@@ -24,6 +24,7 @@ class FederateConfig:
     method: Any = MISSING
     adapter: Any = MISSING
     strategy: Any = MISSING
+    backbone: Any = MISSING
     target_domain: Optional[str] = None
     lr: float = MISSING
     rounds: int = MISSING

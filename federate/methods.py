@@ -39,6 +39,9 @@ for _m in (
     Method("local", "clients", personal=True),
     Method("central", "pooled"),
     Method("zeroshot", "none"),
+    Method("fedavg_full", "clients", aggregates=True, images=True),  # federate/backbone/
+    Method("fedprox_full", "clients", aggregates=True, proximal=True, images=True),
+    Method("fedclip_full", "clients", aggregates=True, images=True),
 ):
     register(_m)
 

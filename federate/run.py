@@ -37,6 +37,10 @@ def run(cfg, output_dir: str | Path) -> dict:
         from .flower.simulation import run_simulation
 
         return run_simulation(cfg, cache_path(cfg), output_dir)
+    if method.images:  # the backbone trains on the images (federate/backbone/)
+        from .backbone import run_images
+
+        return run_images(cfg, method, output_dir, start)
     return run_local(cfg, method, output_dir, start)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +29,7 @@ SWEEP_FAILED = 1  # some jobs of a sweep failed (the others wrote their summarie
 BAD_OUTPUT = 2  # as for any error in settings or inputs
 
 
-def error(message: str, status: int) -> None:
+def error(message: str, status: int) -> NoReturn:
     sys.stderr.write(f"[federate][ERROR] - {message}\n")
     sys.stderr.flush()
     sys.exit(status)

@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .evaluate import accuracies
 from .losses import LOSSES
 from .methods import Method
-from .splits import read_split_file, split_indices
+from .splits import check_split_sizes, read_split_file, split_indices
 
 log = logging.getLogger("federate")
 round_log = logging.getLogger("federate.rounds")  # one line per round: the run's log file (and a non-TTY)
@@ -42,6 +42,8 @@ def check_settings(cfg) -> Method:
         (float(cfg.method.get("mu", 0.0)) < 0, f"method.mu must be >= 0, not {cfg.method.get('mu')}"),
         (cfg.loss not in LOSSES, f"loss must be contrastive or ce, not {cfg.loss!r}"),
         (cfg.engine not in ("auto", *ENGINES), f"engine must be auto, {', '.join(ENGINES)}, not {cfg.engine!r}"),
+        (cfg.get("precision", "fp32") not in ("fp32", "bf16"),
+         f"precision must be fp32 or bf16, not {cfg.get('precision')!r}"),
         (cfg.device not in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, not {cfg.device!r}"),
         (cfg.backend not in ("local", "flower"), f"backend must be local or flower, not {cfg.backend!r}"),
         (cfg.backend == "flower" and not method.flower,
@@ -106,8 +108,7 @@ def make_client(cache: EmbeddingCache, domain: str, split: dict, device) -> Clie
     x, y = domain_tensors(cache, domain, device)
     parts = [torch.from_numpy(split[p]).to(device) for p in ("train", "val", "test")]
     client = Client(domain, *((x[i], y[i]) for i in parts))
-    if len(client.train[1]) < 2:
-        raise ConfigError(f"domain {domain} has {len(client.train[1])} training rows; it needs at least 2")
+    check_split_sizes(domain, client.sizes())  # an empty split would read as 0.00% accuracy
     return client
 
 
@@ -123,7 +124,8 @@ def class_text(cache: EmbeddingCache, device) -> torch.Tensor:
 
 def train_settings(cfg, method: Method) -> TrainSettings:
     mu = float(cfg.method.get("mu", 0.0)) if method.proximal else 0.0
-    return TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss, mu=mu)
+    return TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss, mu=mu,
+                         precision=cfg.get("precision", "fp32"))
 
 
 def cost_figures(method: Method, adapter_params: int, clients: int, clip_params: int, rounds: int) -> dict:
@@ -223,6 +225,7 @@ def summarize(cfg, method: Method, dataset: str, model: str, target: str, best: 
         "local_epochs": int(cfg.local_epochs), "batch_size": int(cfg.batch_size),
         "aggregation": cfg.aggregation, "loss": cfg.loss, "text_adapter": bool(cfg.text_adapter),
         "mu": float(cfg.method.get("mu", 0.0)), "engine": cfg.engine,
+        "precision": cfg.get("precision", "fp32"),
         "adapter": adapter.describe() if adapter is not None and method.trains != "none" else None,
         "strategy": strategy.describe() if strategy is not None and method.aggregates else None,
         "best_round": best["round"], "val_mean": best["val"], "val_acc": best["val_acc"],

@@ -222,10 +222,9 @@ def deployment(tmp_path_factory, cache_file):
             p.wait(timeout=30)
 
 
-def flwr_run(deployment, out: Path, **config):
-    settings = {"cache_file": "", "model.name": "fedclip/planted", "target_domain": "target", "lr": 0.001,
-                "output_dir": str(out), **config}
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+def flwr_run(deployment, out: Path, *overrides):
+    settings = ["model.name=fedclip/planted", "target_domain=target", "lr=0.001", *overrides]
+    run_config = f"output_dir={json.dumps(str(out))} overrides={json.dumps(' '.join(settings))}"
     proc = subprocess.run([Path(sys.executable).parent / "flwr", "run", str(ROOT), "test", "--run-config", run_config],
                           env=deployment["env"], cwd=deployment["home"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "Successfully started run" in proc.stdout, proc.stdout + proc.stderr
@@ -233,12 +232,13 @@ def flwr_run(deployment, out: Path, **config):
 
 def test_deployment_on_loopback_matches_in_process_and_survives_a_killed_client(deployment, cache_file, tmp_path):
     out = tmp_path / "deployed"
-    flwr_run(deployment, out, cache_file=str(cache_file), rounds=3, **{"flower.round_timeout": 120.0})
+    flwr_run(deployment, out, f"cache_file={cache_file}", "rounds=3", "flower.round_timeout=120")
     wait_for(lambda: (out / "summary.json").exists(), 300, "the deployed run's summary.json")
     same_results(json.loads((out / "summary.json").read_text()), in_process(cache_file, tmp_path / "local"))
 
     out = tmp_path / "killed"
-    flwr_run(deployment, out, cache_file=str(cache_file), rounds=4, **{"flower.round_timeout": 45.0, "flower.min_clients": 2})
+    flwr_run(deployment, out, f"cache_file={cache_file}", "rounds=4", "flower.round_timeout=45",
+             "flower.min_clients=2")
     history = out / "history.jsonl"
     wait_for(lambda: history.exists() and history.read_text().count("\n") >= 1, 240, "the first round")
     os.killpg(deployment["procs"]["gamma"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp process

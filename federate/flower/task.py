@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,12 +20,18 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 def settings_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
     """`flwr run`: the federate config (conf/federate.yaml, typed by its schema) with the run config's
-    entries as Hydra overrides (`rounds=20`, `method=fedprox`, `method.mu=0.1`, ...), and the output dir."""
+    `overrides` (Hydra overrides, as on the command line of `python -m federate`), and its `output_dir`."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    overrides = {k: v for k, v in run_config.items() if k != "output_dir"}
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="federate", overrides=[f"{k}={v}" for k, v in overrides.items()])
+    try:
+        overrides = shlex.split(str(run_config.get("overrides", "")))
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="federate", overrides=overrides)
+    except (ValueError, HydraException, OmegaConfBaseException) as e:
+        why = f"{e}: {e.__cause__}" if e.__cause__ else str(e)
+        raise ConfigError(f"bad run config overrides ({' '.join(why.split())})") from None
     return cfg, Path(str(run_config.get("output_dir", "outputs/flower")))
 
 

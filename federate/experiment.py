@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from . import methods
 from .adapters import Adapter
-from .cache import EmbeddingCache, default_cache_path
+from .cache import EmbeddingCache, canonical_domain, default_cache_path
 from .engine import ENGINES, TrainSettings
 from .errors import ConfigError
 from .evaluate import accuracies
@@ -74,8 +74,9 @@ def cache_path(cfg) -> Path:
 
 
 def target_and_participants(domains, target: str | None, path) -> tuple[str, list[str]]:
-    """Leave-one-domain-out: the target (default: the first domain) never trains."""
-    target = target or domains[0]
+    """Leave-one-domain-out: the target (default: the first domain) never trains. Domain names are
+    canonical ("Real World" and "Real_World" are one domain)."""
+    target = canonical_domain(target) if target else domains[0]
     if target not in domains:
         raise ConfigError(f"target_domain {target!r} is not in {path}; its domains: {', '.join(domains)}")
     participants = [d for d in domains if d != target]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import canonical_domain
 from .errors import ConfigError
 
 PARTS = ("train", "val", "test")
@@ -69,6 +70,7 @@ def read_split_file(path: str | Path, ids_of: dict[str, tuple[str, ...]], domain
     shape = 'a JSON object {domain: {"train": [ids], "val": [ids], "test": [ids]}}'
     if not isinstance(data, dict):
         raise ConfigError(f"split_file {path} must be {shape}, not a JSON {type_name(data)}")
+    data = {canonical_domain(d): parts for d, parts in data.items()}  # "Real World" is "Real_World"
     out = {}
     for d in domains:
         if d not in data:

@@ -182,3 +182,14 @@ def test_cli_sweep_in_parallel_with_the_joblib_launcher(cache_file, tmp_path):
     assert proc.returncode == 0, proc.stdout
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout
     assert sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "sweep").glob("*/summary.json")) == [0, 1]
+
+
+def test_office_home_real_world_is_one_domain_whatever_its_spelling(tmp_path):
+    domains, text = planted({"Art": 60, "Real_World": 60, "Clipart": 60})
+    cache = write_cache(tmp_path / "oh.h5", domains, text)
+    assert federate(cache, tmp_path / "r", "target_domain=Real World", "rounds=1")["target_domain"] == "Real_World"
+    a = federate(cache, tmp_path / "a", "target_domain=Art", "rounds=2")
+    split = json.loads((tmp_path / "a" / "splits.json").read_text())
+    (tmp_path / "spaced.json").write_text(json.dumps({d.replace("_", " "): parts for d, parts in split.items()}))
+    b = federate(cache, tmp_path / "b", "target_domain=Art", "rounds=2", f"split_file={tmp_path / 'spaced.json'}")
+    assert b["personalization"] == a["personalization"] and set(b["personalization"]) == {"Real_World", "Clipart"}

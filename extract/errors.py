@@ -12,7 +12,8 @@ class ExtractError(Exception):
 
 
 def describe_os_error(e: OSError, what: str) -> str:
-    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    name = getattr(e, "filename", None)
+    where = f" ({name})" if name and str(name) not in what else ""
     reason = e.strerror or str(e) or type(e).__name__
     if e.errno in DISK_FULL:
         return f"disk full: cannot {what}{where}: {reason}; free some space (or choose another folder) and re-run"

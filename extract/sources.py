@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import ExtractError
+from .errors import ExtractError, os_errors
 from .identity import canonical_domain
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,9 @@ def load_source(dataset_cfg) -> Source:
     if dataset_cfg.get("generate"):
         from .demo import ensure_demo_images
 
-        ensure_demo_images(Path(dataset_cfg.root), dataset_cfg.domains, dataset_cfg.classes,
-                           **dataset_cfg.generate)
+        with os_errors(f"generate the demo images in {dataset_cfg.root}"):
+            ensure_demo_images(Path(dataset_cfg.root), dataset_cfg.domains, dataset_cfg.classes,
+                               **dataset_cfg.generate)
     if dataset_cfg.root:
         return folder_source(dataset_cfg)
     if dataset_cfg.hub_id:

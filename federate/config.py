@@ -40,6 +40,7 @@ class FederateConfig:
     finetune_epochs: int = MISSING
     split_file: Optional[str] = None
     engine: str = MISSING
+    precision: str = "fp32"
     backend: str = MISSING
     flower: FlowerSettings = field(default_factory=FlowerSettings)
 

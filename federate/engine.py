@@ -12,9 +12,14 @@ gradients come from is the only difference:
 - `batched`: AttAI's hand-written gradients into preallocated buffers (its fast path);
 - `sequential`: the batched kernels one client at a time, which keeps a client's state in cache on a CPU;
 - `plain`: one client after another, one batch at a time, autograd and torch.optim.Adam (the baseline).
+
+`precision=bf16` runs the adapter's matrix multiplies in bf16 with fp32 accumulation; the master weights,
+the gradients and Adam's moments stay fp32. The fast path casts explicitly (attai.forward/backward:
+elementwise math in fp32), the generic and plain engines and evaluation use autocast (`autocast`).
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 
@@ -36,6 +41,26 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     weight_decay: float = 0.2
+    precision: str = "fp32"  # fp32 | bf16 (the adapter's matmuls)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def low_dtype(precision: str) -> torch.dtype | None:
+    """The matmul dtype of `precision` (None: fp32 throughout)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be {' or '.join(PRECISIONS)}, not {precision!r}")
+    return PRECISIONS[precision]
+
+
+def autocast(precision: str, device: torch.device | str):
+    """Autocast to the precision's matmul dtype (a no-op for fp32), for code that calls an adapter's
+    `logits`: the generic and plain engines and evaluation."""
+    low = low_dtype(precision)
+    if low is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=low)
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -112,8 +137,8 @@ class LockstepTrainer:
                 t.zero_()
         return self._bufs
 
-    def prepare(self, state, ys: torch.Tensor) -> None:
-        """Per-round set-up before the steps (ys: the round's labels [S, K, B])."""
+    def prepare(self, state, xs: torch.Tensor, ys: torch.Tensor) -> None:
+        """Per-round set-up before the steps (xs, ys: the round's batches [S, K, B, d] and labels [S, K, B])."""
 
     def gradients(self, params: dict, x, y, ok, step: int) -> tuple[torch.Tensor, dict]:
         """Loss [k] and gradients of the first k clients' `params` on batch x [k, B, d], labels y [k, B]
@@ -132,7 +157,7 @@ class LockstepTrainer:
         idx = (idx + c.offsets.cpu()[None, :, None]).to(device)
         valid = valid.to(device)
         xs, ys = c.x[idx], c.y[idx]  # the round's batches, gathered once: [S, K, B, d] and [S, K, B]
-        self.prepare(state, ys)
+        self.prepare(state, xs, ys)
         keys = list(state)
         m, v2 = self._moments(state)  # a fresh Adam every round: moments start at zero
         step_count = {q: torch.zeros((), dtype=torch.float32, device=device) for q in keys}  # as fused Adam keeps them
@@ -162,8 +187,12 @@ class GenericTrainer(LockstepTrainer):
     def __init__(self, adapter, clients, text, scale, settings):
         super().__init__(adapter, clients, text, scale, settings)
 
+        device = text.device
+
         def loss(params, x, y, ok):
-            return masked_loss(adapter.logits(params, x, text, scale), y, ok, settings.loss)
+            with autocast(settings.precision, device):
+                logits = adapter.logits(params, x, text, scale)
+            return masked_loss(logits.float(), y, ok, settings.loss)
 
         self._grad = torch.func.vmap(torch.func.grad_and_value(loss))
 
@@ -180,7 +209,9 @@ class BatchedTrainer(LockstepTrainer):
         self._grad_views = {}
         return m, v2
 
-    def prepare(self, state, ys):
+    def prepare(self, state, xs, ys):
+        self.low = low_dtype(self.settings.precision)
+        self.xs_low = xs.to(self.low) if self.low is not None else None  # cast once per round
         self.text_tower = "text" in self.adapter.towers
         # each row's own class prompt, gathered once per round when the prompts are fixed
         self.rows_text = self.text_norm[ys] if self.settings.loss == "contrastive" and not self.text_tower else None
@@ -189,12 +220,13 @@ class BatchedTrainer(LockstepTrainer):
         k = len(x)
         grads = self._grad_views.get(k) or self._grad_views.setdefault(k, {q: g[:k] for q, g in self._grads.items()})
         W = attai.layers(params, "image")
-        image, saved = attai.forward(*W, x)
+        image, saved = attai.forward(*W, x, self.low, None if self.xs_low is None else self.xs_low[step, :k])
         if self.rows_text is not None:
             loss, d_image, _ = contrastive_grad(image, self.rows_text[step, :k], ok, self.scale)
         else:
             if self.text_tower:
-                texts, text_saved = attai.forward(*attai.layers(params, "text"), self.text.expand(k, *self.text.shape))
+                texts, text_saved = attai.forward(*attai.layers(params, "text"), self.text.expand(k, *self.text.shape),
+                                                  self.low)
             else:
                 texts = self.text_norm.expand(k, *self.text_norm.shape)
             if self.settings.loss == "contrastive":
@@ -226,7 +258,8 @@ class PlainTrainer(LockstepTrainer):
             for step in range(steps[k]):
                 rows = idx[step, k][valid[step, k]].to(c.x.device) + c.offsets[k]
                 x, y = c.x[rows], c.y[rows]
-                logits = self.adapter.logits(params, x, self.text, self.scale)
+                with autocast(s.precision, c.x.device):
+                    logits = self.adapter.logits(params, x, self.text, self.scale).float()
                 loss = in_batch_loss(logits[:, y]) if s.loss == "contrastive" \
                     else torch.nn.functional.cross_entropy(logits, y)
                 total += loss.item()  # the data loss, as the other engines report

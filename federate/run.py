@@ -17,7 +17,7 @@ import torch
 
 from . import adapters, strategy
 from .cache import load_cache
-from .engine import ClientSets, TrainSettings, client_generator, make_trainer
+from .engine import ClientSets, TrainSettings, autocast, client_generator, make_trainer
 from .evaluate import accuracies, pick
 from .experiment import (RunLog, cache_path, check_finite, check_settings, class_text, client_splits,
                          cost_figures, domain_tensors, evaluate_round, finish, make_client, mean, resolve_device,
@@ -124,18 +124,22 @@ def federate(cfg, method, adapter, server, clients, global_state, target_set, te
         else:
             shared = pick(stacked, 0)  # after aggregation (or with one pooled client) all are equal
             client_states, target_states = [shared] * len(clients), [shared]
-        evaluate_round(runlog, adapter, scale, r, int(cfg.rounds), client_states, target_states, clients,
-                       target_set, text, row)
+        with autocast(settings.precision, text.device):  # bf16: evaluation's matmuls too
+            evaluate_round(runlog, adapter, scale, r, int(cfg.rounds), client_states, target_states, clients,
+                           target_set, text, row)
 
 
 def finetune(cfg, adapter, clients, selected, text, scale) -> dict[str, float]:
     """Each participant fine-tunes the selected adapter on its own training split; test accuracy after."""
-    settings = TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss)
+    settings = TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss,
+                             precision=cfg.get("precision", "fp32"))
     trainer = make_trainer(cfg.engine, adapter, ClientSets([c.train[0] for c in clients], [c.train[1] for c in clients]),
                            text, scale, settings)
     stacked = strategy.stack(selected, len(clients))
     trainer.train(stacked, int(cfg.finetune_epochs), [client_generator(int(cfg.seed), c.name, "finetune") for c in clients])
-    test = accuracies(adapter, [pick(stacked, i) for i in range(len(clients))], [c.test for c in clients], text, scale)
+    with autocast(settings.precision, text.device):
+        test = accuracies(adapter, [pick(stacked, i) for i in range(len(clients))], [c.test for c in clients], text,
+                          scale)
     log.info("after %d fine-tuning epochs: personalization %s", cfg.finetune_epochs,
              ", ".join(f"{c.name} {100 * a:.2f}%" for c, a in zip(clients, test)))
     return {c.name: a for c, a in zip(clients, test)}

@@ -1,7 +1,8 @@
 """AttAI (FedCLIP's adapter): g = Softmax(Linear(Tanh(Linear(x)))), adapted feature g(x) * x.
 
 Besides its forward for the generic engine, AttAI has hand-written batched kernels (`forward` /
-`backward` on stacked [k, ...] weights) that the fast engines use (engine=batched/sequential).
+`backward` on stacked [k, ...] weights) that the fast engines use (engine=batched/sequential), in fp32
+or with bf16 matrix multiplies (precision=bf16).
 """
 from __future__ import annotations
 
@@ -53,26 +54,46 @@ def layers(state: dict[str, torch.Tensor], tower: str, k: int | None = None):
     return ts if k is None else [t[:k] for t in ts]
 
 
-def forward(W1, b1, W2, b2, x: torch.Tensor):
+def forward(W1, b1, W2, b2, x: torch.Tensor, low: torch.dtype | None = None, x_low: torch.Tensor | None = None):
     """Batched adapter on x [k, n, d] with per-client weights [k, d, d]: normalised g(x) * x, plus what
-    `backward` needs."""
-    h = torch.bmm(x, W1.transpose(1, 2)).add_(b1.unsqueeze(1)).tanh_()
-    a = torch.softmax(torch.bmm(h, W2.transpose(1, 2)).add_(b2.unsqueeze(1)), dim=-1)
+    `backward` needs.
+
+    low=torch.bfloat16 runs the matrix multiplies in bf16 (fp32 accumulation) on bf16 copies of the
+    weights and of the activations that feed them; biases, tanh, softmax, the gating and the norm stay
+    in fp32 (the weights themselves stay fp32). `x_low` is x already cast (the engines cast a round's
+    batches once)."""
+    if low is None or low == x.dtype:
+        h = torch.bmm(x, W1.transpose(1, 2)).add_(b1.unsqueeze(1)).tanh_()
+        a = torch.softmax(torch.bmm(h, W2.transpose(1, 2)).add_(b2.unsqueeze(1)), dim=-1)
+        xl, hl, W2l = x, h, W2
+    else:
+        xl = x.to(low) if x_low is None else x_low
+        W2l = W2.to(low)
+        h = torch.add(torch.bmm(xl, W1.to(low).transpose(1, 2)), b1.unsqueeze(1)).tanh_()  # bf16 + fp32 -> fp32
+        hl = h.to(low)
+        a = torch.softmax(torch.add(torch.bmm(hl, W2l.transpose(1, 2)), b2.unsqueeze(1)), dim=-1)
     f = a * x
     norm = f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     fn = f / norm
-    return fn, (x, h, a, fn, norm)
+    return fn, (x, h, a, fn, norm, xl, hl, W2l)
 
 
 def backward(W2, saved, dfn: torch.Tensor, grads) -> None:
-    """Gradients of the weights given d loss / d fn, written into `grads` = (dW1, db1, dW2, db2)."""
-    x, h, a, fn, norm = saved
+    """Gradients of the weights given d loss / d fn, written into `grads` = (dW1, db1, dW2, db2) (fp32),
+    in the precision `forward` ran in (W2 is the fp32 weight; a bf16 forward saved its bf16 copy)."""
+    x, h, a, fn, norm, xl, hl, W2l = saved
     dW1, db1, dW2, db2 = grads
     df = (dfn - fn * (dfn * fn).sum(-1, keepdim=True)) / norm  # through f / ||f||
     da = df * x  # through g(x) * x
     dz2 = a * (da - (da * a).sum(-1, keepdim=True))  # through softmax
-    torch.bmm(dz2.transpose(1, 2), h, out=dW2)
     torch.sum(dz2, 1, out=db2)
-    dz1 = torch.bmm(dz2, W2) * (1 - h * h)  # through Linear 2 and tanh
-    torch.bmm(dz1.transpose(1, 2), x, out=dW1)
+    if xl is x:
+        torch.bmm(dz2.transpose(1, 2), h, out=dW2)
+        dz1 = torch.bmm(dz2, W2) * (1 - h * h)  # through Linear 2 and tanh
+        torch.bmm(dz1.transpose(1, 2), x, out=dW1)
+    else:
+        dz2l = dz2.to(xl.dtype)
+        dW2.copy_(torch.bmm(dz2l.transpose(1, 2), hl))
+        dz1 = torch.bmm(dz2l, W2l) * (1 - h * h)  # bf16 * fp32 -> fp32
+        dW1.copy_(torch.bmm(dz1.to(xl.dtype).transpose(1, 2), xl))
     torch.sum(dz1, 1, out=db1)

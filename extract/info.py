@@ -77,6 +77,7 @@ def describe(path: str) -> tuple[list[str], bool]:
                 for sid, reason in zip(g["skipped/ids"][()], g["skipped/reasons"][()]):
                     lines.append(f"      skipped {sid.decode()}: {reason.decode()}")
             checks += [g["image_embeddings"], g["labels"], g["ids"]]
+            checks += [g[k] for k in ("skipped/ids", "skipped/reasons") if k in g]
         for ds in checks:
             expected = ds.attrs.get("sha256")
             if expected is None:

@@ -92,6 +92,11 @@ def make_schedule(sizes: list[int], batch_size: int, epochs: int, generators: li
     return idx, valid, active, steps
 
 
+def is_stacked(anchor, state) -> bool:
+    """Whether a FedProx anchor holds one adapter per client ([K, ...], like the stacked state)."""
+    return anchor is not None and any(anchor[q].dim() == state[q].dim() for q in state)
+
+
 class ClientSets:
     """Participants' training rows, concatenated on the device (largest client first)."""
 
@@ -149,7 +154,8 @@ class LockstepTrainer:
     def train(self, state: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
               anchor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """One round of local training, in place; returns each client's mean training loss (device).
-        `generators` has one per client; `anchor` is the global adapter FedProx pulls towards."""
+        `generators` has one per client; `anchor` is the global adapter FedProx pulls towards (one state,
+        or stacked [K, ...] like `state`: one per client, as a grouped sweep trains several points)."""
         s, c = self.settings, self.clients
         device = c.x.device
         idx, valid, active, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
@@ -164,13 +170,14 @@ class LockstepTrainer:
         prefix = {k: ({q: state[q][:k] for q in keys}, [m[q][:k] for q in keys], [v2[q][:k] for q in keys])
                   for k in set(active)}
         loss_sum = torch.zeros(len(c), device=device)
+        stacked_anchor = is_stacked(anchor, state)
         fused = device.type in ("cpu", "cuda")
         for step, k in enumerate(active):
             params, m1, m2 = prefix[k]
             loss, grads = self.gradients(params, xs[step, :k], ys[step, :k], valid[step, :k] if padded[step] else None, step)
             if s.mu:
                 for q in keys:  # FedProx: gradient of (mu / 2) ||w - w_global||^2
-                    grads[q].add_(params[q] - anchor[q], alpha=s.mu)
+                    grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
             adam(list(params.values()), [grads[q] for q in keys], m1, m2, [], [step_count[q] for q in keys],
                  fused=fused, amsgrad=False, beta1=s.betas[0], beta2=s.betas[1], lr=s.lr,
                  weight_decay=s.weight_decay, eps=s.eps, maximize=False)
@@ -250,6 +257,7 @@ class PlainTrainer(LockstepTrainer):
         s, c = self.settings, self.clients
         idx, valid, _, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
         losses = []
+        stacked_anchor = is_stacked(anchor, state)
         for k in range(len(c)):
             params = {key: v[k].clone().requires_grad_(True) for key, v in state.items()}
             opt = torch.optim.Adam(params.values(), lr=s.lr, betas=s.betas, eps=s.eps,
@@ -264,7 +272,8 @@ class PlainTrainer(LockstepTrainer):
                     else torch.nn.functional.cross_entropy(logits, y)
                 total += loss.item()  # the data loss, as the other engines report
                 if s.mu:
-                    loss = loss + s.mu / 2 * sum(((params[q] - anchor[q]) ** 2).sum() for q in params)
+                    loss = loss + s.mu / 2 * sum(((params[q] - (anchor[q][k] if stacked_anchor else anchor[q])) ** 2).sum()
+                                                 for q in params)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -286,7 +295,9 @@ class SequentialTrainer:
                          for o, n in bounds]
 
     def train(self, state, epochs, generators, anchor=None):
-        return torch.cat([t.train({q: v[i:i + 1] for q, v in state.items()}, epochs, [generators[i]], anchor)
+        stacked_anchor = is_stacked(anchor, state)
+        return torch.cat([t.train({q: v[i:i + 1] for q, v in state.items()}, epochs, [generators[i]],
+                                  {q: v[i] for q, v in anchor.items()} if stacked_anchor else anchor)
                           for i, t in enumerate(self.trainers)])
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,9 +30,16 @@ log = logging.getLogger("federate")
 
 
 def run(cfg, output_dir: str | Path) -> dict:
-    """Run the experiment `cfg` and return its summary: in process, or through Flower (`backend=flower`)."""
+    """Run the experiment `cfg` and return its summary: in process, or through Flower (`backend=flower`).
+    A job whose point a grouped sweep already trained (hydra/launcher=batched, federate/sweep.py) only
+    hands over that result."""
     start = time.time()
     output_dir = Path(output_dir)
+    from .sweep import take_prepared
+
+    prepared = take_prepared(output_dir)
+    if prepared is not None:
+        return prepared()
     output_dir.mkdir(parents=True, exist_ok=True)
     method = check_settings(cfg)
     if cfg.backend == "flower":
@@ -44,7 +53,30 @@ def run(cfg, output_dir: str | Path) -> dict:
     return run_local(cfg, method, output_dir, start)
 
 
-def run_local(cfg, method, output_dir: Path, start: float) -> dict:
+@dataclass
+class Point:
+    """One experiment's state between its steps (a sweep of grouped points holds many)."""
+    cfg: Any
+    method: Any
+    output_dir: Path
+    adapter: Any
+    server: Any
+    cache: Any
+    target: str
+    clients: list
+    target_set: tuple
+    text: torch.Tensor
+    global_state: dict
+    cost: dict
+    runlog: RunLog
+    settings: TrainSettings | None = None
+    train_sets: list = field(default_factory=list)
+    train_names: list = field(default_factory=list)
+
+
+def setup(cfg, method, output_dir: Path) -> Point:
+    """Steps 1-3: the cache, the splits (splits.json), the clients' data on the device, the initial
+    adapter and the run log."""
     device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)  # softmax over 512 dims makes tiny gradients; denormals are 10x slower
     adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter) if method.trains != "none" else adapters.Adapter()
@@ -70,63 +102,90 @@ def run_local(cfg, method, output_dir: Path, start: float) -> dict:
              cache.dataset_name, target, ", ".join(names), [len(c.train[1]) for c in clients], adapter.name,
              f"{trainable:,}")
 
-    # 4. rounds
     ids_of = {d: cache.domains[d].ids for d in participants}
     runlog = RunLog(output_dir, int(cfg.rounds) if method.trains != "none" else 1)
     (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
+    point = Point(cfg, method, output_dir, adapter, server, cache, target, clients, target_set, text, global_state,
+                  cost, runlog)
+    if method.trains != "none":
+        point.settings = train_settings(cfg, method)
+        if method.trains == "pooled":  # one adapter on the pooled training rows of all participants
+            point.train_sets = [(torch.cat([c.train[0] for c in clients]), torch.cat([c.train[1] for c in clients]))]
+            point.train_names = ["pooled"]
+        else:
+            point.train_sets, point.train_names = [c.train for c in clients], [c.name for c in clients]
+    return point
+
+
+def run_local(cfg, method, output_dir: Path, start: float) -> dict:
+    point = setup(cfg, method, output_dir)
+    # 4. rounds
     try:
         if method.trains == "none":
-            evaluate_round(runlog, adapter, cache.logit_scale, 0, 0, [{}] * len(clients), [{}], clients,
-                           target_set, text, {})
+            evaluate_round(point.runlog, point.adapter, point.cache.logit_scale, 0, 0, [{}] * len(point.clients),
+                           [{}], point.clients, point.target_set, point.text, {})
         else:
-            federate(cfg, method, adapter, server, clients, global_state, target_set, text, cache.logit_scale, runlog)
+            federate(point)
     finally:
-        runlog.close()
-    best = runlog.best
-    summary = summarize(cfg, method, cache.dataset_name, cache.model_name, target, best, cost,
-                        {c.name: c.sizes() for c in clients}, len(target_set[1]), adapter, server)
+        point.runlog.close()
+    return conclude(point, start)
+
+
+def conclude(point: Point, start: float) -> dict:
+    """Steps 5-6: the summary of the selected round, optional local fine-tuning, the outputs."""
+    cfg, method, cache, clients = point.cfg, point.method, point.cache, point.clients
+    best = point.runlog.best
+    summary = summarize(cfg, method, cache.dataset_name, cache.model_name, point.target, best, point.cost,
+                        {c.name: c.sizes() for c in clients}, len(point.target_set[1]), point.adapter, point.server)
 
     # 5. local fine-tuning of the selected global adapter (paper Fig. 3c)
     if int(cfg.finetune_epochs) and method.trains != "none" and not method.personal:
-        summary["personalization_finetuned"] = finetune(cfg, adapter, clients, best["states"][0], text,
+        summary["personalization_finetuned"] = finetune(cfg, point.adapter, clients, best["states"][0], point.text,
                                                         cache.logit_scale)
         summary["personalization_finetuned_mean"] = mean(summary["personalization_finetuned"].values())
 
     # 6. outputs
     if method.trains != "none":
-        save_adapters(output_dir / "adapter.safetensors", method, names, best, cache.dataset_name,
-                      cache.model_name, cache.embed_dim, target, cfg)
-    return finish(output_dir, summary, cfg, start)
+        save_adapters(point.output_dir / "adapter.safetensors", method, [c.name for c in clients], best,
+                      cache.dataset_name, cache.model_name, cache.embed_dim, point.target, cfg)
+    return finish(point.output_dir, summary, cfg, start)
 
 
-def federate(cfg, method, adapter, server, clients, global_state, target_set, text, scale, runlog: RunLog) -> None:
-    if method.trains == "pooled":  # one adapter on the pooled training rows of all participants
-        train_sets = [(torch.cat([c.train[0] for c in clients]), torch.cat([c.train[1] for c in clients]))]
-        train_names = ["pooled"]
+def federate(point: Point) -> None:
+    settings, train_sets = point.settings, point.train_sets
+    trainer = make_trainer(point.cfg.engine, point.adapter, ClientSets(*zip(*train_sets)), point.text,
+                           point.cache.logit_scale, settings)
+    stacked = strategy.stack(point.global_state, len(train_sets))
+    for r in range(1, int(point.cfg.rounds) + 1):
+        losses = trainer.train(stacked, int(point.cfg.local_epochs), generators(point, r),
+                               anchor=point.global_state if settings.mu else None)
+        end_round(point, r, stacked, losses)
+
+
+def generators(point: Point, round_: int) -> list:
+    return [client_generator(int(point.cfg.seed), n, round_) for n in point.train_names]
+
+
+def end_round(point: Point, r: int, stacked: dict, losses: torch.Tensor) -> None:
+    """After round r's local training of the point's clients (`stacked`, in place): the server strategy,
+    validation and model selection, history.jsonl."""
+    cfg, method, clients = point.cfg, point.method, point.clients
+    row = {"train_loss": dict(zip(point.train_names, losses.tolist()))}
+    check_finite(r, row["train_loss"], stacked, cfg.lr)
+    if method.aggregates:
+        num_examples = [len(y) for _, y in point.train_sets]
+        point.global_state = point.server.aggregate_train(point.global_state, stacked, num_examples)
+        check_finite(r, {}, point.global_state, cfg.lr)
+        strategy.configure_train(stacked, point.global_state)
+    if method.personal:
+        client_states = [pick(stacked, i) for i in range(len(clients))]
+        target_states = client_states  # no global model: the mean of the clients' own adapters
     else:
-        train_sets, train_names = [c.train for c in clients], [c.name for c in clients]
-    settings = train_settings(cfg, method)
-    trainer = make_trainer(cfg.engine, adapter, ClientSets(*zip(*train_sets)), text, scale, settings)
-    stacked = strategy.stack(global_state, len(train_sets))
-    num_examples = [len(y) for _, y in train_sets]
-    for r in range(1, int(cfg.rounds) + 1):
-        generators = [client_generator(int(cfg.seed), n, r) for n in train_names]
-        losses = trainer.train(stacked, int(cfg.local_epochs), generators, anchor=global_state if settings.mu else None)
-        row = {"train_loss": dict(zip(train_names, losses.tolist()))}
-        check_finite(r, row["train_loss"], stacked, cfg.lr)
-        if method.aggregates:
-            global_state = server.aggregate_train(global_state, stacked, num_examples)
-            check_finite(r, {}, global_state, cfg.lr)
-            strategy.configure_train(stacked, global_state)
-        if method.personal:
-            client_states = [pick(stacked, i) for i in range(len(clients))]
-            target_states = client_states  # no global model: the mean of the clients' own adapters
-        else:
-            shared = pick(stacked, 0)  # after aggregation (or with one pooled client) all are equal
-            client_states, target_states = [shared] * len(clients), [shared]
-        with autocast(settings.precision, text.device):  # bf16: evaluation's matmuls too
-            evaluate_round(runlog, adapter, scale, r, int(cfg.rounds), client_states, target_states, clients,
-                           target_set, text, row)
+        shared = pick(stacked, 0)  # after aggregation (or with one pooled client) all are equal
+        client_states, target_states = [shared] * len(clients), [shared]
+    with autocast(point.settings.precision, point.text.device):  # bf16: evaluation's matmuls too
+        evaluate_round(point.runlog, point.adapter, point.cache.logit_scale, r, int(cfg.rounds), client_states,
+                       target_states, clients, point.target_set, point.text, row)
 
 
 def finetune(cfg, adapter, clients, selected, text, scale) -> dict[str, float]:

@@ -1,0 +1,195 @@
+"""A sweep's points trained as one computation (`hydra/launcher=batched`, hydra_plugins/fedclip_launcher).
+
+Points that differ only in `lr`, `seed`, `target_domain`, `split_file` and `method.mu` (same cache, method,
+adapter, strategy, rounds, local epochs, batch size, loss, precision, engine, device) form a group. Every
+(point, client) pair of a group is one slot: slots of the same (lr, mu) share one trainer of the engine
+(in lock step on CUDA, one slot after another on a CPU, as `engine=auto` trains the clients of one run),
+over the cache loaded once. After each round every point does what a run alone does (federate/run.py:
+aggregation, validation, model selection, history.jsonl) on its own slots, so each point reaches the same
+numbers and writes the same files as it would alone: same splits (seed, domain), batch order
+(`client_generator(seed, client, round)`), initial adapter (seed) and Adam steps per slot.
+
+The launcher then runs every job through Hydra's `run_job` as usual (job folder, .hydra/, log file,
+callbacks); `federate.run.run` finds the point's prepared result (`take_prepared`), replays its log lines
+into the job's log and returns its summary, or raises its error. Points that cannot be grouped (other
+backends, zero-shot, the image backbones, or a settings error) run as usual.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+from unittest import mock
+
+import torch
+from omegaconf import OmegaConf
+
+from . import experiment, methods
+from .engine import ClientSets, make_trainer
+from .errors import ConfigError
+
+log = logging.getLogger("federate")
+FREE_KEYS = ("lr", "seed", "target_domain", "split_file")  # and method.mu: what may differ inside a group
+_PREPARED: dict[str, Callable[[], dict]] = {}
+
+
+def take_prepared(output_dir) -> Callable[[], dict] | None:
+    """The prepared result of a grouped point for this job folder (once), or None."""
+    return _PREPARED.pop(os.path.abspath(output_dir), None)
+
+
+def group_key(cfg) -> str | None:
+    """Points with equal keys can train together; None: this point runs on its own."""
+    try:
+        method = methods.get(cfg.method.name)
+        experiment.check_settings(cfg)
+    except (ConfigError, Exception):  # noqa: BLE001 - its own job reports the error
+        return None
+    if cfg.backend != "local" or method.trains == "none" or method.images:
+        return None
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key in FREE_KEYS:
+        c.pop(key, None)
+    c["method"].pop("mu", None)
+    return json.dumps(c, sort_keys=True, default=str)
+
+
+def groups(cfgs: list) -> list[list[int]]:
+    """Indices of the points that train together (lists of 2 or more), in sweep order."""
+    by_key = defaultdict(list)
+    for i, cfg in enumerate(cfgs):
+        key = group_key(cfg)
+        if key is not None:
+            by_key[key].append(i)
+    return [ids for ids in by_key.values() if len(ids) > 1]
+
+
+class _Records(logging.Handler):
+    """Holds the `federate` log records of each point while a group trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.of: dict[str, list] = defaultdict(list)
+        self.current: str | None = None
+
+    def emit(self, record):
+        if self.current is not None:
+            self.of[self.current].append(record)
+
+    @contextlib.contextmanager
+    def point(self, key: str):
+        self.current = key
+        try:
+            yield
+        finally:
+            self.current = None
+
+
+@contextlib.contextmanager
+def _captured_logs():
+    logger = logging.getLogger("federate")
+    records, propagate = _Records(), logger.propagate
+    logger.addHandler(records)
+    logger.propagate = False
+    try:
+        with mock.patch.object(experiment, "progress_bar", lambda rounds: None):  # no bar per point
+            yield records
+    finally:
+        logger.removeHandler(records)
+        logger.propagate = propagate
+
+
+def _replay(records: list, result, output_dir: str) -> Callable[[], dict]:
+    def replay():
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+        if isinstance(result, BaseException):
+            raise result
+        os.utime(Path(output_dir) / "summary.json")  # written during this job, as far as the sweep can tell
+        return result
+    return replay
+
+
+def train_group(cfgs: list, output_dirs: list) -> None:
+    """Train the points `cfgs` together and keep each one's result for its job (`take_prepared`)."""
+    from .run import conclude, end_round, generators, setup  # federate.run imports this module
+
+    keys = [os.path.abspath(d) for d in output_dirs]
+    results: dict[str, object] = {}
+    points: dict[str, object] = {}
+    with _captured_logs() as records:
+        for cfg, key in zip(cfgs, keys):
+            with records.point(key):
+                try:
+                    start = time.time()
+                    Path(key).mkdir(parents=True, exist_ok=True)
+                    points[key] = (setup(cfg, experiment.check_settings(cfg), Path(key)), start)
+                except (ConfigError, OSError) as e:
+                    results[key] = e
+        try:
+            _rounds(points, results, records, end_round, generators)
+        finally:
+            for key, (point, _) in points.items():
+                point.runlog.close()
+        for key, (point, start) in points.items():
+            if key in results:
+                continue
+            with records.point(key):
+                try:
+                    results[key] = conclude(point, start)
+                except (ConfigError, OSError) as e:
+                    results[key] = e
+    for key in keys:
+        _PREPARED[key] = _replay(records.of.get(key, []), results[key], key)
+
+
+def _rounds(points: dict, results: dict, records: _Records, end_round, generators) -> None:
+    """The rounds of all points: one trainer per (lr, mu) over its slots, then each point's round end."""
+    live = list(points)
+    if not live:
+        return
+    first = points[live[0]][0]
+    cfg = first.cfg
+    # slots: (point key, client index), grouped by the settings a trainer takes as one scalar
+    by_settings = defaultdict(list)
+    for key in live:
+        point = points[key][0]
+        for i in range(len(point.train_sets)):
+            by_settings[point.settings].append((key, i))
+    subgroups = []
+    for settings, slots in by_settings.items():
+        # largest training set first (the lock-step order); a stable sort keeps the sweep's order otherwise
+        slots = sorted(slots, key=lambda s: -len(points[s[0]][0].train_sets[s[1]][1]))
+        sets = [points[k][0].train_sets[i] for k, i in slots]
+        trainer = make_trainer(cfg.engine, first.adapter, ClientSets(*zip(*sets)), first.text,
+                               first.cache.logit_scale, settings)
+        state = {q: torch.stack([points[k][0].global_state[q] for k, _ in slots]) for q in first.global_state}
+        rows = defaultdict(list)  # point -> its slots' rows in `state`, in the point's client order
+        for row, (k, i) in sorted(enumerate(slots), key=lambda e: e[1][1]):
+            rows[k].append(row)
+        subgroups.append((settings, slots, trainer, state, {k: torch.tensor(v) for k, v in rows.items()}))
+    for r in range(1, int(cfg.rounds) + 1):
+        for settings, slots, trainer, state, rows in subgroups:
+            gens = [generators(points[k][0], r)[i] for k, i in slots]
+            anchor = ({q: torch.stack([points[k][0].global_state[q] for k, _ in slots]) for q in state}
+                      if settings.mu else None)
+            losses = trainer.train(state, int(cfg.local_epochs), gens, anchor=anchor)
+            for key, idx in rows.items():
+                if key in results:  # it failed in an earlier round; its slots train on, unread
+                    continue
+                idx = idx.to(losses.device)
+                point = points[key][0]
+                stacked = {q: v.index_select(0, idx.to(v.device)) for q, v in state.items()}
+                with records.point(key):
+                    try:
+                        end_round(point, r, stacked, losses.index_select(0, idx))
+                    except ConfigError as e:
+                        results[key] = e
+                        continue
+                for q, v in state.items():  # the server's global adapter (or the unchanged own ones) back
+                    v.index_copy_(0, idx.to(v.device), stacked[q])

@@ -1,0 +1,1 @@
+"""fedclip's Hydra launcher `hydra/launcher=batched`: a sweep's compatible points as one computation."""

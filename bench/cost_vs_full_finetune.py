@@ -2,7 +2,7 @@
 whole CLIP ViT-B/32 on the images) and against the reference design that re-encodes every image with CLIP
 each round. One run, one machine, everything measured in this process.
 
-    python bench/cost_vs_full_finetune.py [--steps 3] [--device auto] [--json cost.json]
+    python bench/cost_vs_full_finetune.py [--steps 3] [--device auto] [--threads N] [--json cost.json]
 
 1. FedCLIP: `federate.run` for 10 rounds on a PACS-sized cache (target art_painting, 4,765 training rows),
    seconds per round (validation and model selection included);
@@ -130,8 +130,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", help="also write the figures here (python -m federate.report --cost reads it)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda":

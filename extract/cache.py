@@ -325,12 +325,16 @@ class PartialStore:
             tmp.unlink(missing_ok=True)
             if e.errno in DISK_FULL:
                 raise ExtractError(f"disk full while writing the finished cache {self.path} ({e.strerror}); free "
-                                   f"{len(buf.getbuffer()) / 1e6:.0f} MB on that disk, then re-run the same command: "
+                                   f"{_size(len(buf.getbuffer()))} on that disk, then re-run the same command: "
                                    f"the extracted embeddings in {self.dir} are kept") from None
             raise ExtractError(f"cannot write the finished cache {self.path} ({e.strerror or e}); the extracted "
                                f"embeddings in {self.dir} are kept: re-run the same command") from None
         self.discard()
         return counts
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{max(1, round(n / 1e3))} kB"
 
 
 def _put(g: h5py.Group, name: str, data) -> None:

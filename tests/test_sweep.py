@@ -1,0 +1,98 @@
+"""hydra/launcher=batched: grouped sweep points write what they would write alone (federate/sweep.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import config, run_cli
+from planted import planted, write_cache
+from safetensors.torch import load_file
+
+from federate import sweep
+from federate.run import run
+
+SIZES = {"alpha": 130, "beta": 100, "gamma": 75, "target": 120}
+COMMON = ["model.name=fedclip/planted", "rounds=3"]
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory):
+    domains, text = planted(SIZES)
+    return write_cache(tmp_path_factory.mktemp("cache") / "planted.h5", domains, text)
+
+
+def close(a, b, where: str) -> None:
+    """Equal structure and values, floats to 1e-6."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            close(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+def same_job(a: Path, b: Path) -> None:
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for s in (sa, sb):
+        s.pop("wall_seconds")
+    close(sa, sb, str(b))
+    ha, hb = ([json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()] for d in (a, b))
+    close(ha, hb, f"{b}/history")
+    assert (a / "splits.json").read_text() == (b / "splits.json").read_text()
+    ta, tb = load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors")
+    assert set(ta) == set(tb)
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-6)
+
+
+def test_a_batched_sweep_writes_the_same_job_folders_as_the_basic_launcher(cache_file, tmp_path):
+    points = ["lr=1e-3,3e-4", "seed=0,1", "target_domain=target,alpha"]
+    for launcher in ("basic", "batched"):
+        proc = run_cli("federate", "-m", f"hydra/launcher={launcher}", *points, f"cache_file={cache_file}", *COMMON,
+                       f"hydra.sweep.dir={tmp_path / launcher}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout
+    assert "Launching 8 jobs: 8 in 1 group(s) trained together, 0 on their own" in proc.stdout
+    jobs = sorted(p.name for p in (tmp_path / "basic").iterdir() if (p / "summary.json").exists())
+    assert len(jobs) == 8
+    for job in jobs:
+        same_job(tmp_path / "basic" / job, tmp_path / "batched" / job)
+        assert (tmp_path / "batched" / job / ".hydra" / "overrides.yaml").exists()
+        log = (tmp_path / "batched" / job / "__main__.log").read_text()
+        assert "round 3/3" in log and "wrote" in log  # the job's own log lines
+
+
+def test_points_that_cannot_be_grouped_still_run(cache_file, tmp_path):
+    proc = run_cli("federate", "-m", "hydra/launcher=batched", "method=zeroshot,fedclip", "lr=1e-3,3e-4,0",
+                   f"cache_file={cache_file}", "target_domain=target", *COMMON, f"hydra.sweep.dir={tmp_path}",
+                   cwd=tmp_path)
+    assert "Launching 6 jobs: 2 in 1 group(s) trained together, 4 on their own" in proc.stdout, proc.stdout
+    assert proc.returncode == 1  # lr=0 is refused: its jobs fail, the others write their summaries
+    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")]
+    assert sorted((s["method"], s["lr"]) for s in summaries) == [
+        ("fedclip", 3e-4), ("fedclip", 1e-3), ("zeroshot", 3e-4), ("zeroshot", 1e-3)]
+
+
+@pytest.mark.parametrize("overrides", [
+    [["method=fedprox", "method.mu=0.1", "engine=batched"], ["method=fedprox", "method.mu=0.5", "engine=batched",
+                                                             "seed=1"]],
+    [["method=local", "lr=1e-3"], ["method=local", "lr=3e-4", "target_domain=alpha"]],
+    [["method=central", "precision=bf16"], ["method=central", "precision=bf16", "lr=3e-4", "seed=2"]],
+])
+def test_grouped_points_equal_their_runs_alone(cache_file, tmp_path, overrides):
+    cfgs = [config("federate", [f"cache_file={cache_file}", "target_domain=target", "lr=1e-3", *COMMON, *o])
+            for o in overrides]
+    assert len(sweep.groups(cfgs)) == 1
+    grouped = [tmp_path / f"grouped{i}" for i in range(len(cfgs))]
+    sweep.train_group(cfgs, grouped)
+    for i, cfg in enumerate(cfgs):
+        assert run(cfg, grouped[i]) == json.loads((grouped[i] / "summary.json").read_text())  # handed over
+        run(cfg, tmp_path / f"alone{i}")
+        same_job(tmp_path / f"alone{i}", grouped[i])

@@ -26,4 +26,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from federate.cli import exit_on_unknown_choice
+
+    exit_on_unknown_choice(("dataset", "model"), "extract")
     main()

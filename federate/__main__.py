@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .cli import exit_on_unknown_choice
 from .errors import ConfigError
 from .run import run
 
@@ -58,4 +59,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_choice(("dataset", "model", "method", "adapter", "strategy", "backbone"), "federate")
     main()

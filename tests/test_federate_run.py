@@ -193,3 +193,13 @@ def test_office_home_real_world_is_one_domain_whatever_its_spelling(tmp_path):
     (tmp_path / "spaced.json").write_text(json.dumps({d.replace("_", " "): parts for d, parts in split.items()}))
     b = federate(cache, tmp_path / "b", "target_domain=Art", "rounds=2", f"split_file={tmp_path / 'spaced.json'}")
     assert b["personalization"] == a["personalization"] and set(b["personalization"]) == {"Real_World", "Clipart"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("federate", "backbone=vgg"), "backbone=vgg is not an option of backbone; choose one of alexnet, clip"),
+    (("federate", "-m", "adapter=attai,mlp"), "adapter=mlp is not an option of adapter; choose one of attai, "),
+    (("extract", "dataset=nope"), "dataset=nope is not an option of dataset; choose one of demo, folder, "),
+])
+def test_cli_unknown_group_option_is_one_line(tmp_path, args, message):
+    proc = run_cli(*args, f"hydra.run.dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stdout and len(proc.stdout.strip().splitlines()) == 1, proc.stdout

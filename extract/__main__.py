@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from federate.cli import exit_on_unknown_choice
+    from federate.cli import exit_on_bad_override
 
-    exit_on_unknown_choice(("dataset", "model"), "extract")
+    exit_on_bad_override(("dataset", "model"), ("overwrite",), "extract")
     main()

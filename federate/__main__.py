@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .cli import exit_on_unknown_choice
+from .cli import exit_on_bad_override
 from .errors import ConfigError
 from .run import run
 
@@ -59,5 +59,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    exit_on_unknown_choice(("dataset", "model", "method", "adapter", "strategy", "backbone"), "federate")
+    exit_on_bad_override(("dataset", "model", "method", "adapter", "strategy", "backbone"), ("text_adapter",), "federate")
     main()

@@ -1,5 +1,7 @@
-"""What the command lines check before Hydra composes: an unknown option of a config group (`method=nope`,
-`backbone=vgg`) is one line naming the choices, where Hydra would print a block with its search path."""
+"""What the command lines check before Hydra composes, in one line where Hydra would print a block: an
+unknown option of a config group (`method=nope`, `backbone=vgg`), and a switch set to anything but true or
+false (`overwrite=no` reads as false to Hydra; a switch that decides whether data is kept takes no
+guesses)."""
 from __future__ import annotations
 
 import sys
@@ -31,8 +33,19 @@ def unknown_choice(argv: list[str], groups: tuple[str, ...]) -> str | None:
     return None
 
 
-def exit_on_unknown_choice(groups: tuple[str, ...], logger_name: str) -> None:
-    message = unknown_choice(sys.argv[1:], groups)
+def not_a_switch(argv: list[str], switches: tuple[str, ...]) -> str | None:
+    """The first `switch=value` override whose values are not all true or false."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in switches:
+            bad = [v for v in value.split(",") if v.strip().lower() not in ("true", "false")]
+            if bad:
+                return f"{key.lstrip('+~')} must be true or false, not {bad[0].strip()!r}"
+    return None
+
+
+def exit_on_bad_override(groups: tuple[str, ...], switches: tuple[str, ...], logger_name: str) -> None:
+    message = unknown_choice(sys.argv[1:], groups) or not_a_switch(sys.argv[1:], switches)
     if message:
         sys.stderr.write(f"[{logger_name}][ERROR] - {message}\n")
         sys.exit(2)

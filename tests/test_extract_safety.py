@@ -210,7 +210,6 @@ def test_an_older_fedclip_partial_or_a_foreign_one_names_what_to_delete(tmp_path
 # --- typed settings ----------------------------------------------------------------------------------------
 
 def test_settings_are_typed():
-    assert config("extract", ["overwrite=no"]).overwrite is False  # OmegaConf's booleans: no/off/false/0
     assert config("extract", ["overwrite=true"]).overwrite is True
     for bad, message in (("overwrite=maybe", "overwrite"), ("batch_size=abc", "batch_size"),
                          ("cache_dtype=float64", "cache_dtype"), ("device=tpu", "device")):

@@ -199,7 +199,9 @@ def test_office_home_real_world_is_one_domain_whatever_its_spelling(tmp_path):
     (("federate", "backbone=vgg"), "backbone=vgg is not an option of backbone; choose one of alexnet, clip"),
     (("federate", "-m", "adapter=attai,mlp"), "adapter=mlp is not an option of adapter; choose one of attai, "),
     (("extract", "dataset=nope"), "dataset=nope is not an option of dataset; choose one of demo, folder, "),
+    (("extract", "overwrite=no"), "overwrite must be true or false, not 'no'"),  # OmegaConf would read false
+    (("federate", "-m", "text_adapter=false,yes"), "text_adapter must be true or false, not 'yes'"),
 ])
-def test_cli_unknown_group_option_is_one_line(tmp_path, args, message):
+def test_cli_unknown_group_option_or_non_boolean_switch_is_one_line(tmp_path, args, message):
     proc = run_cli(*args, f"hydra.run.dir={tmp_path}/o", cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stdout and len(proc.stdout.strip().splitlines()) == 1, proc.stdout

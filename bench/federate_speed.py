@@ -65,7 +65,7 @@ def main() -> None:
                 cfg = compose("federate", [*common, f"rounds={args.plain_rounds}", f"engine={engine}",
                                            f"precision={precision}"])
                 t = time.perf_counter()
-                results[engine, precision] = run(cfg, tmp / f"{engine}_{precision}")
+                results[engine, precision] = run(cfg, tmp / f"{engine}_{precision}_{repeat}")
                 seconds = (time.perf_counter() - t) / args.plain_rounds
                 per_round[engine, precision] = min(seconds, per_round.get((engine, precision), seconds))
 

@@ -6,7 +6,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from conftest import config, run_cli
+from conftest import ROOT, config, run_cli
 from planted import planted, write_cache
 from safetensors import safe_open
 
@@ -205,3 +205,43 @@ def test_office_home_real_world_is_one_domain_whatever_its_spelling(tmp_path):
 def test_cli_unknown_group_option_or_non_boolean_switch_is_one_line(tmp_path, args, message):
     proc = run_cli(*args, f"hydra.run.dir={tmp_path}/o", cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stdout and len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+
+
+def test_a_second_run_never_writes_into_a_folder_holding_another_run(cache_file, tmp_path):
+    first = federate(cache_file, tmp_path, "rounds=2")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds a run"):
+        federate(cache_file, tmp_path, "rounds=3", "seed=5")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert json.loads((tmp_path / "summary.json").read_text())["overall"] == first["overall"]
+
+
+def test_two_runs_started_together_get_their_own_default_folders(cache_file, tmp_path):
+    """The default run folder is stamped to the microsecond: a shell loop's runs never share one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "federate", f"cache_file={cache_file}", "model.name=fedclip/planted",
+            "target_domain=target", "rounds=2"]
+    procs = [subprocess.Popen([*args, f"seed={seed}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for seed in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / "outputs" / "federate").glob("*/summary.json"))
+    assert seeds == [0, 1]
+
+
+@pytest.mark.parametrize("lr", ["1e30", "inf"])
+def test_a_diverging_run_stops_with_one_line_naming_the_round_and_no_summary(cache_file, tmp_path, lr):
+    message = "round 1: training diverged" if lr == "1e30" else "lr must be > 0 and finite"
+    with pytest.raises(ConfigError, match=message):
+        federate(cache_file, tmp_path, f"lr={lr}", "rounds=3")
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "adapter.safetensors").exists()
+
+
+def test_cli_diverging_run_is_one_line_and_exit_2(cache_file, tmp_path):
+    proc = run_cli("federate", f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
+                   "lr=1e30", "rounds=3", f"hydra.run.dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout
+    assert "round 1: training diverged" in proc.stdout.strip().splitlines()[-1]

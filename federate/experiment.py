@@ -164,14 +164,14 @@ class RunLog:
     stopped early keeps every finished round). A run directory holds one run: another run's outputs
     there are never overwritten."""
 
-    def __init__(self, output_dir: Path, rounds: int):
+    def __init__(self, output_dir: Path, rounds: int, progress: bool = True):
         for name in ("summary.json", "history.jsonl"):
             if (output_dir / name).exists():
                 raise ConfigError(f"{output_dir} already holds a run ({name}); give this run its own folder "
                                   "(hydra.run.dir=...) or move the old one away")
         self.file = open(output_dir / "history.jsonl", "x")
         self.best = {"round": 0, "val": -math.inf, "val_acc": {}, "test_acc": {}, "target": math.nan, "states": []}
-        self.bar = progress_bar(rounds)
+        self.bar = progress_bar(rounds) if progress else None
 
     def improves(self, val_acc: dict[str, float]) -> bool:
         return mean(val_acc.values()) > self.best["val"]

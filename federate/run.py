@@ -74,9 +74,9 @@ class Point:
     train_names: list = field(default_factory=list)
 
 
-def setup(cfg, method, output_dir: Path) -> Point:
+def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     """Steps 1-3: the cache, the splits (splits.json), the clients' data on the device, the initial
-    adapter and the run log."""
+    adapter and the run log (with a progress bar on a terminal, unless `progress` is false)."""
     device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)  # softmax over 512 dims makes tiny gradients; denormals are 10x slower
     adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter) if method.trains != "none" else adapters.Adapter()
@@ -103,7 +103,7 @@ def setup(cfg, method, output_dir: Path) -> Point:
              f"{trainable:,}")
 
     ids_of = {d: cache.domains[d].ids for d in participants}
-    runlog = RunLog(output_dir, int(cfg.rounds) if method.trains != "none" else 1)
+    runlog = RunLog(output_dir, int(cfg.rounds) if method.trains != "none" else 1, progress)
     (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
     point = Point(cfg, method, output_dir, adapter, server, cache, target, clients, target_set, text, global_state,
                   cost, runlog)

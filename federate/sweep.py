@@ -24,7 +24,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import torch
 from omegaconf import OmegaConf
@@ -97,8 +96,7 @@ def _captured_logs():
     logger.addHandler(records)
     logger.propagate = False
     try:
-        with mock.patch.object(experiment, "progress_bar", lambda rounds: None):  # no bar per point
-            yield records
+        yield records
     finally:
         logger.removeHandler(records)
         logger.propagate = propagate
@@ -128,7 +126,7 @@ def train_group(cfgs: list, output_dirs: list) -> None:
                 try:
                     start = time.time()
                     Path(key).mkdir(parents=True, exist_ok=True)
-                    points[key] = (setup(cfg, experiment.check_settings(cfg), Path(key)), start)
+                    points[key] = (setup(cfg, experiment.check_settings(cfg), Path(key), progress=False), start)
                 except (ConfigError, OSError) as e:
                     results[key] = e
         try:

@@ -168,7 +168,7 @@ def test_cli_sweep_over_bad_split_files_ends_each_job_with_its_one_line_error(ca
     assert len(error_lines(proc.stdout)) == len(CLI_CASES) + 1, proc.stdout
     assert f"{len(CLI_CASES)} of {len(CLI_CASES)} jobs of the sweep failed" in proc.stdout.strip().splitlines()[-1]
     for job, (case, path) in enumerate(zip(CLI_CASES, paths)):
-        last = (sweep / str(job) / "__main__.log").read_text().strip().splitlines()[-1]
+        last = (sweep / str(job) / "federate.log").read_text().strip().splitlines()[-1]
         assert f"[federate][ERROR] - split_file {path}" in last, last
         for fragment in BAD_SPLITS[case][1]:
             assert fragment in last, last
@@ -201,7 +201,7 @@ def test_cli_sweep_goes_on_past_a_bad_point_and_exits_non_zero(cache_file, tmp_p
     assert [json.loads((sweep / j / "summary.json").read_text())["lr"] for j in ("0", "2")] == [1e-3, 1e-3]
     assert not (sweep / "1" / "summary.json").exists()
     # the failed job's log ends with its one-line error
-    last = (sweep / "1" / "__main__.log").read_text().strip().splitlines()[-1]
+    last = (sweep / "1" / "federate.log").read_text().strip().splitlines()[-1]
     assert re.search(r"\[federate\]\[ERROR\] - lr must be > 0.*, not -1", last), last
     # the sweep's last line says how many jobs failed and where
     end = proc.stdout.strip().splitlines()[-1]

@@ -155,3 +155,39 @@ def test_adapters_and_strategies_are_separate_report_rows(biased_cache, tmp_path
     assert "fedclip (adapter=clip_adapter(reduction=4, ratio=0.2), rounds=2)" in text
     assert "fedclip (strategy=fedavgm(server_lr=1.0, momentum=0.9), rounds=2)" in text
     assert "± " in text and "(2)" in text  # the two seeds of plain fedclip are one row
+
+
+def test_a_terminal_shows_a_progress_bar_and_the_log_file_keeps_the_round_lines(biased_cache, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()  # an interactive terminal of 40 x 150, as a person would run it
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "federate", f"cache_file={biased_cache}", "model.name=fedclip/planted",
+                             "target_domain=target", "rounds=6", "lr=1e-3", f"hydra.run.dir={tmp_path}/run"],
+                            cwd=tmp_path, env=env, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(leader)
+    text = screen.decode(errors="replace")
+    assert "6/6" in text and "best target" in text and "round 3/6" not in text
+    log_file = (tmp_path / "run" / "federate.log").read_text()
+    assert all(f"round {r}/6" in log_file for r in range(1, 7))

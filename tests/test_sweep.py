@@ -65,7 +65,7 @@ def test_a_batched_sweep_writes_the_same_job_folders_as_the_basic_launcher(cache
     for job in jobs:
         same_job(tmp_path / "basic" / job, tmp_path / "batched" / job)
         assert (tmp_path / "batched" / job / ".hydra" / "overrides.yaml").exists()
-        log = (tmp_path / "batched" / job / "__main__.log").read_text()
+        log = (tmp_path / "batched" / job / "federate.log").read_text()
         assert "round 3/3" in log and "wrote" in log  # the job's own log lines
 
 

@@ -274,7 +274,7 @@ class PartialStore:
     def _write_failed(self, e: OSError, file: Path) -> str:
         done = sum(p.processed for p in self.progress)
         keep = (f"the {done} images extracted so far are kept in {self.dir}: re-run the same command to resume"
-                if done else f"re-run the same command when there is room")
+                if done else "re-run the same command when there is room")
         if e.errno in DISK_FULL:
             return f"disk full while writing {file} ({e.strerror}); free some space on that disk, then {keep}"
         return f"cannot write {file} ({e.strerror or e}); {keep}"

@@ -27,6 +27,42 @@ def config(name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=name, overrides=overrides)
 
 
+PLANTED_SIZES = {"alpha": 260, "beta": 200, "gamma": 150, "target": 240}
+
+
+@pytest.fixture(scope="session")
+def planted_cache(tmp_path_factory) -> Path:
+    """A planted cache (tests/planted.py) of 3 participants and a held-out domain named target."""
+    from planted import planted, write_cache
+
+    domains, text = planted(PLANTED_SIZES)
+    return write_cache(tmp_path_factory.mktemp("planted") / "planted.h5", domains, text)
+
+
+def run_federate(cache_file, out, *overrides, rounds: int = 15):
+    """One in-process federate run on a planted cache (target domain `target`, lr 1e-3)."""
+    from federate.run import run
+
+    cfg = config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
+                              f"rounds={rounds}", "lr=1e-3", *overrides])
+    return run(cfg, out)
+
+
+def draw_shapes(root: Path, per_class: int, seed: int) -> Path:
+    """<root>/<domain>/<class>/<i>.png: 2 domains x 2 classes x per_class images of 16 px."""
+    import random
+
+    from extract.demo import draw
+
+    rng = random.Random(seed)
+    for d in ("photo", "sketch"):
+        for c in ("circle", "square"):
+            (root / d / c).mkdir(parents=True)
+            for i in range(per_class):
+                draw(c, d, 16, rng).save(root / d / c / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random CLIP saved with save_pretrained (weights, byte-level tokenizer, processor)."""

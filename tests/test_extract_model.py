@@ -3,12 +3,11 @@ random CLIP), and resumes refused after the weights changed."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import h5py
 import pytest
-from conftest import config
+from conftest import config, draw_shapes
 
 from extract import cache as cachefile
 from extract import pipeline
@@ -18,16 +17,7 @@ from extract.identity import model_display_name, model_fingerprint
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
-    from extract.demo import draw
-
-    root = tmp_path_factory.mktemp("small") / "shapes"
-    rng = random.Random(2)
-    for d in ("photo", "sketch"):
-        for c in ("circle", "square"):
-            (root / d / c).mkdir(parents=True)
-            for i in range(2):
-                draw(c, d, 16, rng).save(root / d / c / f"{i}.png")
-    return root
+    return draw_shapes(tmp_path_factory.mktemp("small") / "shapes", per_class=2, seed=2)
 
 
 def run(root, model, tmp, *extra):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import errno
 import json
-import random
 import subprocess
 import sys
 
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, config, run_cli
+from conftest import ROOT, config, draw_shapes, run_cli
 from hydra.errors import ConfigCompositionException
 
 from extract import cache as cachefile
@@ -22,17 +21,7 @@ from extract.errors import ExtractError
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
-    """2 domains x 2 classes x 3 tiny images."""
-    from extract.demo import draw
-
-    root = tmp_path_factory.mktemp("small") / "shapes"
-    rng = random.Random(1)
-    for d in ("photo", "sketch"):
-        for c in ("circle", "square"):
-            (root / d / c).mkdir(parents=True)
-            for i in range(3):
-                draw(c, d, 16, rng).save(root / d / c / f"{i}.png")
-    return root
+    return draw_shapes(tmp_path_factory.mktemp("small") / "shapes", per_class=3, seed=1)
 
 
 def overrides(root, model, tmp, *extra):

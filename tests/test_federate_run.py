@@ -3,33 +3,27 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, config, run_cli
+from conftest import ROOT, run_cli, run_federate
 from planted import planted, write_cache
 from safetensors import safe_open
 
 from federate.cache import load_cache
 from federate.errors import ConfigError
-from federate.run import run
 
-SIZES = {"alpha": 260, "beta": 200, "gamma": 150, "target": 240}
 SUMMARY_KEYS = {"method", "dataset", "target_domain", "seed", "lr", "rounds", "best_round", "generalization",
                 "personalization", "personalization_mean", "overall", "trainable_params", "bytes_per_round",
                 "wall_seconds"}
 
 
-@pytest.fixture(scope="module")
-def cache_file(tmp_path_factory):
-    domains, text = planted(SIZES)
-    return write_cache(tmp_path_factory.mktemp("cache") / "planted.h5", domains, text)
+@pytest.fixture
+def cache_file(planted_cache):
+    return planted_cache
 
 
 def federate(cache_file, out, *overrides):
-    cfg = config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
-                              "rounds=15", "lr=1e-3", *overrides])
-    return run(cfg, out)
+    return run_federate(cache_file, out, *overrides)
 
 
 def history(out):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import config
+from conftest import PLANTED_SIZES, run_federate
 from planted import planted, write_cache
 
 from federate import adapters, methods, strategy
@@ -16,9 +16,7 @@ from federate.adapters.clip_adapter import CLIPAdapter
 from federate.adapters.linear_head import LinearHead
 from federate.errors import ConfigError
 from federate.report import report
-from federate.run import run
 
-SIZES = {"alpha": 260, "beta": 200, "gamma": 150, "target": 240}
 
 
 @adapters.register("toy_scale", init_scale=1.0)
@@ -40,7 +38,7 @@ class ToyScale(adapters.Adapter):
 def biased_cache(tmp_path_factory):
     """Zero-shot CLIP is biased on every domain, the held-out one included: all domains share an offset
     in the dimensions where the class prompts have random components (little per-domain style)."""
-    domains, text = planted(SIZES, style=0.3)
+    domains, text = planted(PLANTED_SIZES, style=0.3)
     common = np.zeros(64)
     common[5:21] = np.random.default_rng(1).normal(0, 3, 16)
     domains = {k: (x + common, y) for k, (x, y) in domains.items()}
@@ -48,9 +46,7 @@ def biased_cache(tmp_path_factory):
 
 
 def federate(cache, out, *overrides):
-    cfg = config("federate", [f"cache_file={cache}", "model.name=fedclip/planted", "target_domain=target",
-                              "rounds=15", "lr=1e-3", *overrides])
-    return run(cfg, out)
+    return run_federate(cache, out, *overrides)
 
 
 def test_clip_adapter_is_a_residual_bottleneck_mlp_of_131k_parameters_at_512():

@@ -3,29 +3,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import config
-from planted import planted, write_cache
+from conftest import run_federate
 
 from federate import adapters, strategy
 from federate.adapters import attai
 from federate.engine import (BatchedTrainer, ClientSets, GenericTrainer, PlainTrainer, SequentialTrainer,
                              TrainSettings, client_generator)
 from federate.errors import ConfigError
-from federate.run import run
 
-SIZES = {"alpha": 260, "beta": 200, "gamma": 150, "target": 240}
-
-
-@pytest.fixture(scope="module")
-def cache_file(tmp_path_factory):
-    domains, text = planted(SIZES)
-    return write_cache(tmp_path_factory.mktemp("cache") / "planted.h5", domains, text)
+@pytest.fixture
+def cache_file(planted_cache):
+    return planted_cache
 
 
 def federate(cache_file, out, *overrides):
-    cfg = config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
-                              "rounds=8", "lr=1e-3", *overrides])
-    return run(cfg, out)
+    return run_federate(cache_file, out, *overrides, rounds=8)
 
 
 def test_bf16_kernels_are_close_to_fp32_and_keep_fp32_gradients():

@@ -52,7 +52,6 @@ def build_model(cfg, method, source, seed: int):
             torch.manual_seed(seed)
             model = AlexNetClassifier(len(source.class_names), float(cfg.backbone.get("dropout", 0.5)))
         return model, AlexNetProcessor(int(cfg.backbone.image_size))
-    from .clip import ClipClassifier
 
     clip, processor, tokenizer = clip_parts(cfg.model, cfg.cache_dir)
     return clip_classifier(clip, tokenizer, list(cfg.backbone.prompt_templates), source.prompt_names, cfg.loss,

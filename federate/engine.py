@@ -113,13 +113,6 @@ class ClientSets:
         return len(self.sizes)
 
 
-def class_text(state, text: torch.Tensor, text_norm: torch.Tensor, k: int):
-    """Per-client normalised class prompts [k, C, d]: through the text adapter when there is one."""
-    if "text.0.weight" not in state:
-        return text_norm.expand(k, *text_norm.shape), None
-    return attai.forward(*attai.layers(state, "text", k), text.expand(k, *text.shape))
-
-
 class LockstepTrainer:
     """Trains the stacked adapters `state` ([K, ...] per tensor) of all clients for some epochs; a
     subclass says how a step's gradients are computed."""

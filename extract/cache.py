@@ -35,8 +35,9 @@ STR = h5py.string_dtype("utf-8")
 PARTIAL_FORMAT = "fedclip partial v2"
 # Root attributes that must agree before a partial extraction is resumed or a complete cache is kept.
 # model_name is not among them: the same weights under another name are the same cache.
+# model_dtype (float16 on CUDA, float32 on a CPU) keeps a resumed extraction in one precision.
 SETTINGS = ("schema_version", "model_fingerprint", "dataset_name", "domains", "class_names", "prompt_names",
-            "prompt_templates", "image_dtype", "inputs_fingerprint")
+            "prompt_templates", "image_dtype", "inputs_fingerprint", "model_dtype")
 
 
 def default_cache_path(cache_dir: str, dataset_name: str, model_name_or_path: str) -> Path:

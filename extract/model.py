@@ -156,6 +156,11 @@ def image_processor_class():
     return transformers.CLIPImageProcessor
 
 
+def model_dtype(device: torch.device) -> torch.dtype:
+    """CLIP runs in float16 on CUDA (as OpenAI's clip package does) and in float32 on a CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def load_clip(model, device, legacy_device=None):
     """Return (model, image_processor, tokenizer) from the resolved folder; safetensors only, no remote code.
     A checkpoint that lacks tensors, a damaged weights file or an unusable tokenizer is an error.
@@ -167,7 +172,7 @@ def load_clip(model, device, legacy_device=None):
         model, device = resolve_model(model, device), legacy_device
 
     directory = str(model.directory)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = model_dtype(device)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report's table: we turn its findings into one line below
     try:

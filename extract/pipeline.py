@@ -17,8 +17,8 @@ from . import cache as cachefile
 from .config import value
 from .errors import ExtractError, os_errors
 from .images import to_rgb
-from .model import (check_tokenizer, image_embeddings, load_clip, num_parameters, resolve_device, resolve_model,
-                    text_embeddings)
+from .model import (check_tokenizer, image_embeddings, load_clip, model_dtype, num_parameters, resolve_device,
+                    resolve_model, text_embeddings)
 from .sources import DomainImages, load_source
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def check_settings(cfg) -> None:
         raise ExtractError("prompt_templates must be a non-empty list of strings containing {}")
 
 
-def settings_of(source, model_ref, cfg) -> dict:
+def settings_of(source, model_ref, cfg, device: torch.device) -> dict:
     """The root attributes that say what the cache is (cache.SETTINGS), before the model is loaded."""
     return {
         "schema_version": cachefile.SCHEMA_VERSION,
@@ -101,6 +101,7 @@ def settings_of(source, model_ref, cfg) -> dict:
         "prompt_templates": json.dumps(list(cfg.prompt_templates)),
         "image_dtype": value(cfg.cache_dtype),
         "inputs_fingerprint": cachefile.inputs_fingerprint(source.domains),
+        "model_dtype": str(model_dtype(device)).replace("torch.", ""),
     }
 
 
@@ -133,14 +134,14 @@ def run(cfg) -> Path:
     model_ref = resolve_model(cfg.model, cfg.cache_dir)
     path = Path(cfg.cache_file) if cfg.cache_file else cachefile.default_cache_path(
         cfg.cache_dir, source.name, model_ref.name)
-    settings = settings_of(source, model_ref, cfg)
+    device = resolve_device(value(cfg.device))
+    settings = settings_of(source, model_ref, cfg, device)
     with cachefile.exclusive_lock(path):
         if check_existing(path, settings, bool(cfg.overwrite)):
             log.info("%s is complete already, with these settings and model: nothing to do (overwrite=true "
                      "rebuilds it)", path)
             return path
         store = cachefile.PartialStore.open(path, settings, len(source.domains), bool(cfg.overwrite))
-        device = resolve_device(value(cfg.device))
         model, processor, tokenizer = load_clip(model_ref, device)
         templates = list(cfg.prompt_templates)
         prompts = [t.format(c) for t in templates for c in source.prompt_names]
@@ -157,7 +158,6 @@ def run(cfg) -> Path:
             model_revision=model_ref.revision,
             model_source=model_ref.source,
             model_path=str(model_ref.directory) if model_ref.source == "local" else "",
-            model_dtype=str(model.dtype).replace("torch.", ""),
             preprocessing=json.dumps(processor.to_dict(), default=str),
             source=json.dumps(source.provenance),
             versions=json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,

@@ -34,9 +34,10 @@ PAPER = {
                 "office_home": {"Avg": 80.27}},
 }
 # Options that make a different method variant (a separate row), beside the method's name.
-VARIANT_KEYS = ("aggregation", "loss", "text_adapter", "local_epochs", "rounds", "backend", "mu")
+VARIANT_KEYS = ("aggregation", "loss", "text_adapter", "local_epochs", "batch_size", "precision", "rounds", "backend",
+                "mu")
 DEFAULTS = {"aggregation": "uniform", "loss": "contrastive", "text_adapter": False, "local_epochs": 1,
-            "rounds": 200, "backend": "local"}
+            "batch_size": 32, "precision": "fp32", "rounds": 200, "backend": "local"}
 
 
 def settings_label(name: str, settings: dict, hidden=()) -> str:

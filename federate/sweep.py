@@ -186,7 +186,7 @@ def _rounds(points: dict, results: dict, records: _Records, end_round, generator
                 with records.point(key):
                     try:
                         end_round(point, r, stacked, losses.index_select(0, idx))
-                    except ConfigError as e:
+                    except (ConfigError, OSError) as e:  # this point fails; the others go on
                         results[key] = e
                         continue
                 for q, v in state.items():  # the server's global adapter (or the unchanged own ones) back

@@ -10,6 +10,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, config, draw_shapes, run_cli
 from hydra.errors import ConfigCompositionException
 
@@ -140,6 +141,17 @@ def test_a_partial_of_other_settings_is_refused_until_overwrite(tmp_path, small_
                    "overwrite=true")
     path = run(small_root, tiny_model, tmp_path, "prompt_templates=['a photo of a {}']", "overwrite=true")
     assert path.exists() and not cachefile.partial_path(path).exists()
+
+
+def test_a_partial_started_in_another_precision_is_not_resumed(tmp_path, small_root, tiny_model, monkeypatch):
+    """A GPU extraction (float16) interrupted and re-run on a CPU (float32) must not mix the two."""
+    monkeypatch.setattr(pipeline, "image_embeddings", Counting(fail_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        run(small_root, tiny_model, tmp_path)
+    monkeypatch.setattr(pipeline, "image_embeddings", Counting())
+    monkeypatch.setattr(pipeline, "model_dtype", lambda device: torch.float16)  # as on CUDA
+    one_line_error(lambda: run(small_root, tiny_model, tmp_path),
+                   "unfinished extraction with other settings (model_dtype float32 (now float16))", "overwrite=true")
 
 
 def test_a_complete_cache_of_other_settings_says_what_differs(tmp_path, small_root, tiny_model):

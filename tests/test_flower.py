@@ -102,6 +102,27 @@ def test_the_flower_apps_reproduce_the_in_process_runner(cache_file, tmp_path):
         assert (tmp_path / "f" / name).exists()
 
 
+def test_bf16_over_flower_equals_bf16_in_process(cache_file, tmp_path):
+    flower = serve(FakeGrid(), flower_cfg(cache_file, tmp_path / "f", "precision=bf16"), tmp_path / "f")
+    cfg = config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
+                              "rounds=3", "lr=1e-3", "precision=bf16"])
+    same_results(flower, run(cfg, tmp_path / "l"))
+
+
+def test_a_deployed_server_finds_the_default_cache_path_like_the_cli(cache_file, tmp_path):
+    import shutil
+
+    default = tmp_path / "cache" / "planted" / "fedclip--planted.h5"  # <cache_dir>/<dataset>/<model>.h5
+    default.parent.mkdir(parents=True)
+    shutil.copy(cache_file, default)
+    cfg = config("federate", [f"cache_dir={tmp_path / 'cache'}", "dataset=folder", "dataset.name=planted",
+                              "model.name=fedclip/planted", "target_domain=target", "rounds=2", "lr=1e-3",
+                              "flower.startup_timeout=10"])
+    assert cfg.cache_file is None
+    s = serve(FakeGrid(), cfg, tmp_path / "out")
+    assert s["config"]["cache_file"] == str(default) and s["rounds"] == 2
+
+
 def test_a_supernode_without_a_domain_is_told_how_to_set_one(cache_file, tmp_path):
     from flwr.app import ArrayRecord, ConfigRecord, Message
 

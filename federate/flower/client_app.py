@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .. import strategy
-from ..engine import ClientSets, client_generator, make_trainer
+from ..engine import ClientSets, autocast, client_generator, make_trainer
 from ..evaluate import accuracies
 from ..experiment import train_settings
 from .task import client_adapter, client_data, client_method, domain_of_node, unship
@@ -57,7 +57,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, client, text, scale = client_of(msg, context)
     state = received_state(msg, client.train[0].device)
-    val, test = accuracies(client_adapter(cfg), [state, state], [client.val, client.test], text, scale)
+    with autocast(cfg.precision, client.train[0].device):  # as the in-process runner evaluates
+        val, test = accuracies(client_adapter(cfg), [state, state], [client.val, client.test], text, scale)
     sizes = client.sizes()
     reply = RecordDict({
         "metrics": MetricRecord({"val_acc": val, "test_acc": test, "num-examples": sizes["val"]}),

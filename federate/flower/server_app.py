@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import open_dict
 
 from .. import adapters, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
-from ..experiment import (RunLog, check_finite, check_settings, class_text, cost_figures, domain_tensors, finish,
+from ..engine import autocast
+from ..experiment import (RunLog, cache_path, check_finite, check_settings, class_text, cost_figures, domain_tensors, finish,
                           resolve_device, save_adapters, summarize, target_and_participants)
 from .task import check_update, settings_from_run_config, ship
 
@@ -86,6 +88,10 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     start = time.time()
     output_dir.mkdir(parents=True, exist_ok=True)
     method = check_settings(cfg)
+    if not cfg.cache_file:  # deployed with `flwr run`: the default path, as the in-process runner finds it
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.cache_file = str(cache_path(cfg))
     if not method.flower:
         raise ConfigError(f"Flower runs the federated methods (fedclip, fedprox), not {method.name}")
     device = resolve_device(cfg.device)
@@ -133,7 +139,8 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
             row = {"round": r, "train_loss": dict(sorted(losses.items())), "val_acc": val_acc,
                    "val_mean": sum(val_acc.values()) / len(val_acc)}
             if runlog.improves(val_acc):
-                target_acc = accuracies(adapter, [global_state], [target_set], text, cache.logit_scale)[0]
+                with autocast(cfg.precision, device):  # as the in-process runner evaluates
+                    target_acc = accuracies(adapter, [global_state], [target_set], text, cache.logit_scale)[0]
                 runlog.record_best(r, val_acc, test_acc, target_acc, [global_state])
                 row.update(test_acc=test_acc, target_acc=target_acc, improved=True)
             runlog.end_round(row, cfg.rounds)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from functools import lru_cache
 from pathlib import Path
@@ -50,9 +51,19 @@ def device_of(name: str) -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-@lru_cache(maxsize=2)
 def client_data(cache_file: str, model_name: str, domain: str, seed: int, split_file: str, device: str):
-    """This client's splits (only its domain is read), class prompts and logit scale; kept across rounds."""
+    """This client's splits (only its domain is read), class prompts and logit scale; kept across rounds,
+    and read again when the cache file changes (a long-lived SuperNode serves many runs)."""
+    try:
+        st = os.stat(cache_file)
+        version = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = None  # load_cache says what is wrong
+    return _client_data(cache_file, version, model_name, domain, seed, split_file, device)
+
+
+@lru_cache(maxsize=2)
+def _client_data(cache_file: str, version, model_name: str, domain: str, seed: int, split_file: str, device: str):
     cache = load_cache(cache_file, model_name, domains=(domain,))
     split = client_splits(cache, [domain], seed, split_file or None)[domain]
     dev = device_of(device)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import adapters, strategy
+from . import adapters, prepared, strategy
 from .cache import load_cache
 from .engine import ClientSets, TrainSettings, autocast, client_generator, make_trainer
 from .evaluate import accuracies, pick
@@ -35,11 +35,9 @@ def run(cfg, output_dir: str | Path) -> dict:
     hands over that result."""
     start = time.time()
     output_dir = Path(output_dir)
-    from .sweep import take_prepared
-
-    prepared = take_prepared(output_dir)
-    if prepared is not None:
-        return prepared()
+    result = prepared.take(output_dir)
+    if result is not None:
+        return result()
     output_dir.mkdir(parents=True, exist_ok=True)
     method = check_settings(cfg)
     if cfg.backend == "flower":

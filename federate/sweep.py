@@ -10,7 +10,7 @@ numbers and writes the same files as it would alone: same splits (seed, domain),
 (`client_generator(seed, client, round)`), initial adapter (seed) and Adam steps per slot.
 
 The launcher then runs every job through Hydra's `run_job` as usual (job folder, .hydra/, log file,
-callbacks); `federate.run.run` finds the point's prepared result (`take_prepared`), replays its log lines
+callbacks); `federate.run.run` finds the point's prepared result (federate/prepared.py), replays its log lines
 into the job's log and returns its summary, or raises its error. Points that cannot be grouped (other
 backends, zero-shot, the image backbones, or a settings error) run as usual.
 """
@@ -28,18 +28,13 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from . import experiment, methods
+from . import experiment, methods, prepared
 from .engine import ClientSets, make_trainer
 from .errors import ConfigError
+from .run import conclude, end_round, generators, setup
 
 log = logging.getLogger("federate")
 FREE_KEYS = ("lr", "seed", "target_domain", "split_file")  # and method.mu: what may differ inside a group
-_PREPARED: dict[str, Callable[[], dict]] = {}
-
-
-def take_prepared(output_dir) -> Callable[[], dict] | None:
-    """The prepared result of a grouped point for this job folder (once), or None."""
-    return _PREPARED.pop(os.path.abspath(output_dir), None)
 
 
 def group_key(cfg) -> str | None:
@@ -114,8 +109,7 @@ def _replay(records: list, result, output_dir: str) -> Callable[[], dict]:
 
 
 def train_group(cfgs: list, output_dirs: list) -> None:
-    """Train the points `cfgs` together and keep each one's result for its job (`take_prepared`)."""
-    from .run import conclude, end_round, generators, setup  # federate.run imports this module
+    """Train the points `cfgs` together and keep each one's result for its job (federate/prepared.py)."""
 
     keys = [os.path.abspath(d) for d in output_dirs]
     results: dict[str, object] = {}
@@ -130,7 +124,7 @@ def train_group(cfgs: list, output_dirs: list) -> None:
                 except (ConfigError, OSError) as e:
                     results[key] = e
         try:
-            _rounds(points, results, records, end_round, generators)
+            _rounds(points, results, records)
         finally:
             for key, (point, _) in points.items():
                 point.runlog.close()
@@ -143,10 +137,10 @@ def train_group(cfgs: list, output_dirs: list) -> None:
                 except (ConfigError, OSError) as e:
                     results[key] = e
     for key in keys:
-        _PREPARED[key] = _replay(records.of.get(key, []), results[key], key)
+        prepared.put(key, _replay(records.of.get(key, []), results[key], key))
 
 
-def _rounds(points: dict, results: dict, records: _Records, end_round, generators) -> None:
+def _rounds(points: dict, results: dict, records: _Records) -> None:
     """The rounds of all points: one trainer per (lr, mu) over its slots, then each point's round end."""
     live = list(points)
     if not live:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -123,8 +124,6 @@ def _verified(ds: h5py.Dataset, path: str, strings: bool = False):
 
 @lru_cache(maxsize=4)
 def _load(path: str, mtime_ns: int, size: int, only: tuple[str, ...] | None) -> EmbeddingCache:
-    import time
-
     t0 = time.perf_counter()
     try:
         f = h5py.File(path, "r")
@@ -139,8 +138,6 @@ def _load(path: str, mtime_ns: int, size: int, only: tuple[str, ...] | None) -> 
 
 
 def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
-    import time
-
     a = f.attrs
     if a.get("schema_version") != SCHEMA_VERSION:
         raise ConfigError(f"{path} has cache schema version {a.get('schema_version')}, this fedclip reads "

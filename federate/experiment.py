@@ -129,9 +129,11 @@ def train_settings(cfg, method: Method) -> TrainSettings:
                          precision=cfg.get("precision", "fp32"))
 
 
-def cost_figures(method: Method, adapter_params: int, clients: int, clip_params: int, rounds: int) -> dict:
-    """What crosses the wire (float32 weights), against FedAvg fine-tuning the whole CLIP."""
-    per_client = 4 * adapter_params if method.aggregates else 0
+def cost_figures(method: Method, adapter_params: int, clients: int, clip_params: int, rounds: int,
+                 sent_bytes: int | None = None) -> dict:
+    """What crosses the wire, against FedAvg fine-tuning the whole CLIP: `sent_bytes` per client and
+    direction (default: the trainable parameters as float32), when the method communicates."""
+    per_client = (4 * adapter_params if sent_bytes is None else sent_bytes) if method.aggregates else 0
     per_round = {"up": clients * per_client, "down": clients * per_client}
     full = {"up": clients * 4 * clip_params, "down": clients * 4 * clip_params}
     return {

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from .. import adapters, strategy
-from ..experiment import (RunLog, check_finite, finish, mean, resolve_device, summarize, target_and_participants,
+from ..experiment import (RunLog, check_finite, cost_figures, finish, mean, resolve_device, summarize, target_and_participants,
                           train_settings)
 from ..splits import splits_to_ids
 from . import ADAPTER_METHODS
@@ -45,17 +45,6 @@ def vit_b32_params() -> int:
         with torch.device("meta"):
             VIT_B32_PARAMS = sum(p.numel() for p in CLIPModel(CLIPConfig()).parameters())
     return VIT_B32_PARAMS
-
-
-def cost(trainable: int, sent: int, clients: int, rounds: int, clip_params: int) -> dict:
-    per_round = {"up": clients * sent, "down": clients * sent}
-    return {
-        "trainable_params": trainable, "bytes_per_round": per_round,
-        "bytes_total": {k: v * rounds for k, v in per_round.items()},
-        "fedavg_full_clip": {"trainable_params": clip_params,
-                             "bytes_per_round": {"up": clients * 4 * clip_params, "down": clients * 4 * clip_params},
-                             "param_ratio": clip_params / trainable},
-    }
 
 
 def eval_batches(keys: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
@@ -100,7 +89,7 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sent = state_bytes(global_state)
     clip_params = (sum(p.numel() for p in model.clip.parameters()) if backbone == "clip" else vit_b32_params())
-    costs = cost(trainable, sent, len(clients), int(cfg.rounds), clip_params)
+    costs = cost_figures(method, trainable, len(clients), clip_params, int(cfg.rounds), sent_bytes=sent)
     log.info("%s (backbone %s) on %s images: target %s (%d images), clients %s (train images %s), %s trainable "
              "parameters, %.1f MB sent per client and direction per round, device %s, %d loader workers",
              method.name, backbone, source.name, target, len(target_keys), ", ".join(clients), num_examples,
@@ -123,8 +112,8 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
                 row["train_loss"][d] = local_update(model, loader.batches(batches), settings, device,
                                                     anchor=global_state, rng_seed=dropout_seed(seed, d, r))
                 total.add(model.state_dict(), weights[k])
-            check_finite(r, row["train_loss"], total.result(), cfg.lr)
             averaged = total.result()
+            check_finite(r, row["train_loss"], averaged, cfg.lr)
             global_state = server.aggregate_train(global_state, {k: v.unsqueeze(0) for k, v in averaged.items()}, [1])
             del total, averaged
             check_finite(r, {}, global_state, cfg.lr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,6 +46,8 @@ class EmbeddingCache:
     domains: dict[str, DomainData]
     all_domains: tuple[str, ...]  # every domain of the file, also those not loaded
     model_fingerprint: str = ""  # sha256 of the weights and configs ("" in caches of an older fedclip)
+    identity_sha256: str = ""  # sha256 of the identity attributes (model, dataset, domains, classes, prompts)
+    checksums: dict = field(default_factory=dict)  # HDF5 dataset path -> sha256 of what was read and verified
     verify_seconds: float = 0.0  # time spent reading and verifying (the first load of this process)
 
 
@@ -174,7 +176,19 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
         path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
         embed_dim=embed_dim, class_names=class_names, text=text, logit_scale=logit_scale,
         model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains, all_domains=tuple(names),
-        model_fingerprint=str(a.get("model_fingerprint", "")), verify_seconds=time.perf_counter() - t0)
+        model_fingerprint=str(a.get("model_fingerprint", "")), identity_sha256=str(a["identity_sha256"]),
+        checksums=_checksums(f, ["text/embeddings", "text/logit_scale",
+                                 *(f"domains/{d}/{k}" for d in domains for k in ("image_embeddings", "labels", "ids"))]),
+        verify_seconds=time.perf_counter() - t0)
+
+
+def _checksums(f: h5py.File, names: list[str]) -> dict[str, str]:
+    """The verified sha256 attributes of the datasets read: what a run computed on, by content."""
+    out = {}
+    for name in names:
+        value = f[name].attrs["sha256"]
+        out[name] = value.decode() if isinstance(value, bytes) else str(value)
+    return out
 
 
 def _read_domain(f: h5py.File, path: str, name: str, num_classes: int, embed_dim: int) -> DomainData:

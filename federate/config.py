@@ -25,6 +25,7 @@ class FederateConfig:
     adapter: Any = MISSING
     strategy: Any = MISSING
     backbone: Any = MISSING
+    partition: Any = MISSING
     target_domain: Optional[str] = None
     lr: float = MISSING
     rounds: int = MISSING
@@ -39,6 +40,8 @@ class FederateConfig:
     text_adapter: bool = MISSING
     finetune_epochs: int = MISSING
     split_file: Optional[str] = None
+    clients_per_round: Optional[int] = None
+    selection: str = "val_mean"
     engine: str = MISSING
     precision: str = "fp32"
     backend: str = MISSING

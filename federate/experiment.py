@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .evaluate import accuracies
 from .losses import LOSSES
 from .methods import Method
-from .splits import check_split_sizes, read_split_file, split_indices
+from .splits import check_split_sizes
 
 log = logging.getLogger("federate")
 round_log = logging.getLogger("federate.rounds")  # one line per round: the run's log file (and a non-TTY)
@@ -96,20 +96,12 @@ class Client:
         return {p: len(getattr(self, p)[1]) for p in ("train", "val", "test")}
 
 
-def client_splits(cache: EmbeddingCache, domains: list[str], seed: int, split_file: str | None) -> dict:
-    """Row indices of train/val/test per domain: from the seed, or a published splits.json."""
-    ids_of = {d: cache.domains[d].ids for d in domains}
-    if split_file:
-        return read_split_file(split_file, ids_of, domains)
-    return {d: split_indices(len(ids_of[d]), seed, d) for d in domains}
-
-
-def make_client(cache: EmbeddingCache, domain: str, split: dict, device) -> Client:
-    """One participating domain's splits on the device."""
-    x, y = domain_tensors(cache, domain, device)
-    parts = [torch.from_numpy(split[p]).to(device) for p in ("train", "val", "test")]
-    client = Client(domain, *((x[i], y[i]) for i in parts))
-    check_split_sizes(domain, client.sizes())  # an empty split would read as 0.00% accuracy
+def make_client(cache: EmbeddingCache, split, device) -> Client:
+    """One client's splits (a federate.partition.ClientSplit) on the device."""
+    x, y = domain_tensors(cache, split.domain, device)
+    parts = [torch.from_numpy(split.rows[p]).to(device) for p in ("train", "val", "test")]
+    client = Client(split.name, *((x[i], y[i]) for i in parts))
+    check_split_sizes(split.name, client.sizes())  # an empty split would read as 0.00% accuracy
     return client
 
 

@@ -21,10 +21,10 @@ from . import adapters, prepared, strategy
 from .cache import load_cache
 from .engine import ClientSets, TrainSettings, autocast, client_generator, make_trainer
 from .evaluate import accuracies, pick
-from .experiment import (RunLog, cache_path, check_finite, check_settings, class_text, client_splits,
+from .experiment import (RunLog, cache_path, check_finite, check_settings, class_text,
                          cost_figures, domain_tensors, evaluate_round, finish, make_client, mean, resolve_device,
                          save_adapters, summarize, target_and_participants, train_settings)
-from .splits import splits_to_ids
+from .partition import make_clients, splits_json
 
 log = logging.getLogger("federate")
 
@@ -84,11 +84,11 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     cache = load_cache(cache_path(cfg), cfg.model.name)
     target, participants = target_and_participants(list(cache.domains), cfg.target_domain, cache.path)
 
-    # 2. splits
-    splits = client_splits(cache, participants, int(cfg.seed), cfg.split_file)
+    # 2. clients and their splits (federate/partition.py)
+    splits = make_clients(cache, participants, cfg)
 
     # 3. data on the device, largest training split first (the lock-step engines' order)
-    clients = sorted((make_client(cache, d, splits[d], device) for d in participants), key=lambda c: -len(c.train[1]))
+    clients = sorted((make_client(cache, s, device) for s in splits), key=lambda c: -len(c.train[1]))
     names = [c.name for c in clients]
     target_set = domain_tensors(cache, target, device)
     text = class_text(cache, device)
@@ -100,9 +100,8 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
              cache.dataset_name, target, ", ".join(names), [len(c.train[1]) for c in clients], adapter.name,
              f"{trainable:,}")
 
-    ids_of = {d: cache.domains[d].ids for d in participants}
     runlog = RunLog(output_dir, int(cfg.rounds) if method.trains != "none" else 1, progress)
-    (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
+    (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, cache)))
     point = Point(cfg, method, output_dir, adapter, server, cache, target, clients, target_set, text, global_state,
                   cost, runlog)
     if method.trains != "none":

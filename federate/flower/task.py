@@ -14,7 +14,9 @@ from .. import adapters, methods
 from ..cache import load_cache
 from ..config import FederateConfig
 from ..errors import ConfigError
-from ..experiment import class_text, client_splits, make_client
+from ..experiment import class_text, make_client
+from ..partition import ClientSplit
+from ..splits import read_split_file, split_indices
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -65,9 +67,10 @@ def client_data(cache_file: str, model_name: str, domain: str, seed: int, split_
 @lru_cache(maxsize=2)
 def _client_data(cache_file: str, version, model_name: str, domain: str, seed: int, split_file: str, device: str):
     cache = load_cache(cache_file, model_name, domains=(domain,))
-    split = client_splits(cache, [domain], seed, split_file or None)[domain]
+    ids = {domain: cache.domains[domain].ids}
+    rows = read_split_file(split_file, ids, [domain]) if split_file else {domain: split_indices(len(ids[domain]), seed, domain)}
     dev = device_of(device)
-    return make_client(cache, domain, split, dev), class_text(cache, dev), cache.logit_scale
+    return make_client(cache, ClientSplit(domain, domain, rows[domain]), dev), class_text(cache, dev), cache.logit_scale
 
 
 def client_adapter(cfg) -> adapters.Adapter:

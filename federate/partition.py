@@ -12,10 +12,12 @@ per-domain file of earlier versions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .cache import DomainData, EmbeddingCache
+from .errors import ConfigError
 from .splits import PARTS, read_split_file, split_indices
 
 
@@ -40,3 +42,25 @@ def make_clients(cache, participants: list[str], cfg) -> list[ClientSplit]:
 def splits_json(clients: list[ClientSplit], cache) -> dict:
     """What splits.json holds: each client's ids per part."""
     return {c.name: {p: [cache.domains[c.domain].ids[i] for i in c.rows[p]] for p in PARTS} for c in clients}
+
+
+def restrict_classes(cache, classes) -> EmbeddingCache:
+    """The cache seen through a subset of its classes (`dataset.classes=[...]` at federate time, e.g. the
+    10-class DomainNet subset): only their rows, their prompts, labels renumbered in the order given.
+    None (the default) keeps every class."""
+    if classes is None:
+        return cache
+    classes = [str(c) for c in classes]
+    unknown = [c for c in classes if c not in cache.class_names]
+    if unknown or len(set(classes)) != len(classes) or len(classes) < 2:
+        why = (f"{unknown[0]!r} is not a class of {cache.path} (its classes: {', '.join(cache.class_names)})"
+               if unknown else "it must name at least 2 distinct classes")
+        raise ConfigError(f"dataset.classes={classes}: {why}")
+    old = np.array([cache.class_names.index(c) for c in classes])
+    new_label = np.full(len(cache.class_names), -1, dtype=np.int64)
+    new_label[old] = np.arange(len(classes))
+    domains = {}
+    for name, d in cache.domains.items():
+        keep = np.flatnonzero(new_label[d.labels] >= 0)
+        domains[name] = DomainData(d.features[keep], new_label[d.labels[keep]], tuple(d.ids[i] for i in keep))
+    return replace(cache, class_names=tuple(classes), text=cache.text[:, old], domains=domains)

@@ -25,6 +25,7 @@ class FederateConfig:
     adapter: Any = MISSING
     strategy: Any = MISSING
     backbone: Any = MISSING
+    optimizer: Any = None
     target_domain: Optional[str] = None
     lr: float = MISSING
     rounds: int = MISSING

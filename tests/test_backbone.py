@@ -149,7 +149,8 @@ def test_fedavg_full_alexnet_runs_end_to_end_as_the_authors_toolkit(tmp_path):
 def test_alexnet_is_the_authors_toolkit_architecture():
     model = AlexNetClassifier(65)
     names = [n for n, _ in model.named_modules()]
-    assert [n for n in names if ".bn" in n] == [f"features.bn{i}" for i in range(1, 6)] + ["classifier.bn6", "classifier.bn7"]
+    bns = [f"features.bn{i}" for i in range(1, 6)] + ["classifier.bn6", "classifier.bn7"]
+    assert [n for n in names if ".bn" in n] == bns
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())  # the toolkit's has none
     assert sum(p.numel() for p in AlexNet(7).parameters()) == ALEXNET_PACS_PARAMS
     assert model(torch.zeros(2, 3, 256, 256)).shape == (2, 65)

@@ -17,6 +17,7 @@ refuses another optimiser for them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,27 +58,36 @@ def backbone_settings(cfg, base: TrainSettings) -> BackboneSettings:
     if unknown:
         raise ConfigError(f"optimizer={name} has no setting {', '.join(sorted(unknown))}; "
                           f"it takes {', '.join(SETTINGS[name])}")
-    values = {}
-    try:
-        for key in SETTINGS[name]:
-            if key in node:
-                values[key] = (tuple(float(b) for b in node[key]) if key == "betas" else float(node[key]))
-    except (TypeError, ValueError):
-        raise ConfigError(f"optimizer.{key} must be a number (betas: two numbers), not {node[key]!r}") from None
-    betas = values.get("betas", base.betas)
+    values = {key: numbers(node, key) for key in SETTINGS[name] if key in node}
+    decay, betas = values.get("weight_decay", 0.0), values.get("betas", base.betas)
+    eps, momentum = values.get("eps", base.eps), values.get("momentum", 0.0)
     problems = [
-        (values.get("weight_decay", 0.0) < 0, f"optimizer.weight_decay must be >= 0, not {values.get('weight_decay')}"),
-        (len(betas) != 2 or not all(0 <= b < 1 for b in betas), f"optimizer.betas must be two numbers in [0, 1), not {betas}"),
-        (values.get("eps", 1.0) <= 0, f"optimizer.eps must be > 0, not {values.get('eps')}"),
-        (not 0 <= values.get("momentum", 0.0) < 1, f"optimizer.momentum must be in [0, 1), not {values.get('momentum')}"),
+        (decay < 0, f"optimizer.weight_decay must be >= 0, not {decay}"),
+        (len(betas) != 2 or not all(0 <= b < 1 for b in betas),
+         f"optimizer.betas must be two numbers in [0, 1), not {list(betas)}"),
+        (eps <= 0, f"optimizer.eps must be > 0, not {eps}"),
+        (not 0 <= momentum < 1, f"optimizer.momentum must be in [0, 1), not {momentum}"),
     ]
     for bad, message in problems:
         if bad:
             raise ConfigError(message)
     fields = {k: getattr(base, k) for k in TrainSettings.__dataclass_fields__}
-    if name == "sgd":  # TrainSettings' default decay is Adam's 0.2; SGD's is none unless configured
+    if name == "sgd":  # TrainSettings' default decay is Adam's 0.2; SGD has none unless configured
         fields["weight_decay"] = 0.0
     return BackboneSettings(**{**fields, **values, "optimizer": name})
+
+
+def numbers(node, key: str):
+    """optimizer.<key> as a finite float (betas: a tuple of them), or a one-line ConfigError."""
+    value = node[key]
+    try:
+        out = tuple(float(v) for v in value) if key == "betas" else float(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or not all(math.isfinite(v) for v in (out if key == "betas" else (out,))):
+        raise ConfigError(f"optimizer.{key} must be {'a list of two numbers' if key == 'betas' else 'a number'}, "
+                          f"not {value!r}")
+    return out
 
 
 def param_groups(named, settings: TrainSettings) -> list[dict]:

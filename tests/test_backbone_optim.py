@@ -137,3 +137,11 @@ def test_fedavg_full_trains_with_adamw_and_records_it(tiny_model, tmp_path):
     s = run(cfg, tmp_path)
     assert s["optimizer"] == {"name": "adamw", "lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6}
     assert json.loads((tmp_path / "summary.json").read_text())["optimizer"]["name"] == "adamw"
+
+
+def test_cli_unknown_optimizer_is_one_line_and_exit_2(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("federate", "method=fedavg_full", "optimizer=rmsprop", f"hydra.run.dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    assert "optimizer=rmsprop is not an option of optimizer; choose one of adam_l2, adamw, sgd" in proc.stdout

@@ -76,7 +76,8 @@ class Batches:
 
 @dataclass
 class Loader:
-    """Batches of (pixels on the device, labels on the device) for any list of (domain, image) keys."""
+    """Batches of (pixels on the device, labels on the device) for any list of (domain, image) keys, or
+    (domain, image, augmentation seed) training keys."""
     images: Images
     labels: list[np.ndarray]
     ids: list[list[str]]

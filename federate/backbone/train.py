@@ -2,7 +2,7 @@
 
 - `client_batches`: the cached engines' batch order (`federate.engine.client_generator(seed, client,
   round)`, a fresh permutation per local epoch, batches of `batch_size`, a last batch of fewer than 2
-  images skipped), as (domain, image) keys.
+  images skipped), as (domain, image, augmentation seed) keys.
 - `local_update`: one client's local training from the global state, with a fresh optimiser
   (`federate.backbone.optim`: the `optimizer` group, default FedCLIP's
   `Adam(lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)`); FedProx adds mu (w - w_global) to every

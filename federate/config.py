@@ -21,11 +21,11 @@ class FlowerSettings:
 class FederateConfig:
     dataset: Any = MISSING
     model: Any = MISSING
+    optimizer: Any = None  # the backbone methods' (conf/optimizer/)
     method: Any = MISSING
     adapter: Any = MISSING
     strategy: Any = MISSING
     backbone: Any = MISSING
-    optimizer: Any = None
     target_domain: Optional[str] = None
     lr: float = MISSING
     rounds: int = MISSING

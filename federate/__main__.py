@@ -59,5 +59,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    exit_on_bad_override(("dataset", "model", "method", "adapter", "strategy", "backbone"), ("text_adapter",), "federate")
+    exit_on_bad_override(("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer"),
+                         ("text_adapter",), "federate")
     main()

@@ -21,6 +21,7 @@ class FlowerSettings:
 class FederateConfig:
     dataset: Any = MISSING
     model: Any = MISSING
+    optimizer: Any = None  # the backbone methods' (conf/optimizer/)
     method: Any = MISSING
     adapter: Any = MISSING
     strategy: Any = MISSING

@@ -187,11 +187,12 @@ class GenericTrainer(LockstepTrainer):
     def __init__(self, adapter, clients, text, scale, settings):
         super().__init__(adapter, clients, text, scale, settings)
 
-        device = text.device
+        from .matmul_precision import adapter_logits  # bf16: the adapter's matmuls only, as the fast path
+
+        low = low_dtype(settings.precision)
 
         def loss(params, x, y, ok):
-            with autocast(settings.precision, device):
-                logits = adapter.logits(params, x, text, scale)
+            logits = adapter_logits(adapter, params, x, text, scale, low)
             return masked_loss(logits.float(), y, ok, settings.loss)
 
         self._grad = torch.func.vmap(torch.func.grad_and_value(loss))
@@ -247,7 +248,10 @@ class PlainTrainer(LockstepTrainer):
     baseline they are measured against."""
 
     def train(self, state, epochs, generators, anchor=None):
+        from .matmul_precision import adapter_logits  # bf16: the adapter's matmuls only, as the fast path
+
         s, c = self.settings, self.clients
+        low = low_dtype(s.precision)
         idx, valid, _, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
         losses = []
         stacked_anchor = is_stacked(anchor, state)
@@ -259,8 +263,7 @@ class PlainTrainer(LockstepTrainer):
             for step in range(steps[k]):
                 rows = idx[step, k][valid[step, k]].to(c.x.device) + c.offsets[k]
                 x, y = c.x[rows], c.y[rows]
-                with autocast(s.precision, c.x.device):
-                    logits = self.adapter.logits(params, x, self.text, self.scale).float()
+                logits = adapter_logits(self.adapter, params, x, self.text, self.scale, low).float()
                 loss = in_batch_loss(logits[:, y]) if s.loss == "contrastive" \
                     else torch.nn.functional.cross_entropy(logits, y)
                 total += loss.item()  # the data loss, as the other engines report

@@ -33,6 +33,7 @@ round_log = logging.getLogger("federate.rounds")  # one line per round: the run'
 def check_settings(cfg) -> Method:
     """The method of `cfg`, once its settings make sense (types are checked by the config schema)."""
     method = methods.get(cfg.method.name)
+    optimizer = (cfg.get("optimizer") or {}).get("name", "adam_l2")  # the backbone methods' (backbone/optim.py)
     problems = [
         (not (math.isfinite(cfg.lr) and cfg.lr > 0), f"lr must be > 0 and finite, not {cfg.lr}"),
         (cfg.rounds < 1, f"rounds must be >= 1, not {cfg.rounds}"),
@@ -45,6 +46,10 @@ def check_settings(cfg) -> Method:
         (cfg.get("precision", "fp32") not in ("fp32", "bf16"),
          f"precision must be fp32 or bf16, not {cfg.get('precision')!r}"),
         (cfg.device not in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, not {cfg.device!r}"),
+        (not method.images and optimizer != "adam_l2",
+         f"optimizer={optimizer} is for the methods that train the backbone (fedavg_full, fedprox_full, "
+         f"fedclip_full; backbone=alexnet picks optimizer=sgd); method={method.name} trains its adapter with "
+         "FedCLIP's Adam (optimizer=adam_l2)"),
         (cfg.backend not in ("local", "flower"), f"backend must be local or flower, not {cfg.backend!r}"),
         (cfg.backend == "flower" and not method.flower,
          f"backend=flower runs the methods {', '.join(m.name for m in methods.METHODS.values() if m.flower)}, "

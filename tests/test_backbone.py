@@ -85,6 +85,7 @@ def test_fedavg_full_clip_runs_end_to_end_with_the_cached_methods_outputs(fedavg
     assert s["bytes_per_round"] == {"up": 3 * sent, "down": 3 * sent}
     assert s["trainable_params"] == sum(v.numel() for v in state.values())  # every entry is a parameter
     assert s["fedavg_full_clip"]["param_ratio"] == 1.0
+    assert s["optimizer"] == {"name": "adam_l2", "lr": 1e-4, "weight_decay": 0.2, "betas": [0.9, 0.98], "eps": 1e-6}
 
 
 @needs_pacs
@@ -121,26 +122,98 @@ def test_fedclip_full_trains_the_adapter_with_the_backbone(tiny_model, tmp_path)
     assert s["method"] == "fedclip_full" and s["backbone"] == "clip" and len(s["personalization"]) == 3
 
 
+ALEXNET_PACS_PARAMS = 57_051_207  # the toolkit's AlexNet with BatchNorm and a 7-way head (trainable)
+ALEXNET_BN_STATS = 2 * (64 + 192 + 384 + 256 + 256 + 4096 + 4096)  # running_mean and running_var
+
+
 @needs_pacs
-def test_fedavg_full_alexnet_runs_end_to_end(tmp_path):
+def test_fedavg_full_alexnet_runs_end_to_end_as_the_authors_toolkit(tmp_path):
     cfg = config("federate", [f"dataset.root={PACS_MINI}", "dataset.domains=[art_painting,cartoon,photo]",
                               "method=fedavg_full", "backbone=alexnet", "backbone.image_size=64",
-                              "backbone.num_workers=0", "rounds=2", "lr=1e-4"])
+                              "backbone.num_workers=0", "rounds=2"])
     s = run(cfg, tmp_path)
-    assert s["backbone"] == "alexnet" and s["trainable_params"] == 57_032_519 and s["image_size"] == 64
+    assert s["backbone"] == "alexnet" and s["trainable_params"] == ALEXNET_PACS_PARAMS and s["image_size"] == 64
+    assert s["optimizer"] == {"name": "sgd", "lr": 1e-2, "weight_decay": 0.0, "momentum": 0.0}  # the toolkit's
     assert set(s["personalization"]) == {"cartoon", "photo"}
     state, meta = weights(tmp_path / "model.safetensors")
-    assert meta["backbone"] == "alexnet" and state["classifier.6.weight"].shape == (7, 4096)
-    assert s["bytes_per_round"]["up"] == 2 * 4 * 57_032_519
+    assert meta["backbone"] == "alexnet" and state["classifier.fc3.weight"].shape == (7, 4096)
+    # the BatchNorm statistics are averaged and kept with the weights (trained away from their init)
+    assert not torch.equal(state["features.bn1.running_mean"], torch.zeros(64))
+    assert not torch.equal(state["classifier.bn7.running_var"], torch.ones(4096))
+    counts = [v for k, v in state.items() if k.endswith("num_batches_tracked")]
+    assert len(counts) == 7 and all(float(c) == round(float(c)) > 0 for c in counts)  # a whole number of batches
+    sent = 4 * (ALEXNET_PACS_PARAMS + ALEXNET_BN_STATS + 7)
+    assert s["bytes_per_round"]["up"] == 2 * sent
 
 
-def test_alexnet_is_the_paper_architecture():
-    assert sum(p.numel() for p in AlexNet(1000).parameters()) == 61_100_840  # torchvision's alexnet
-    assert AlexNetClassifier(65)(torch.zeros(2, 3, 224, 224)).shape == (2, 65)
+def test_alexnet_is_the_authors_toolkit_architecture():
+    model = AlexNetClassifier(65)
+    names = [n for n, _ in model.named_modules()]
+    bns = [f"features.bn{i}" for i in range(1, 6)] + ["classifier.bn6", "classifier.bn7"]
+    assert [n for n in names if ".bn" in n] == bns
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())  # the toolkit's has none
+    assert sum(p.numel() for p in AlexNet(7).parameters()) == ALEXNET_PACS_PARAMS
+    assert model(torch.zeros(2, 3, 256, 256)).shape == (2, 65)
+
+
+def test_alexnet_inputs_are_the_toolkits_transforms():
+    import numpy as np
     from PIL import Image
 
-    x = AlexNetProcessor(224)(images=Image.new("L", (300, 227), 128))["pixel_values"]
-    assert x.shape == (1, 3, 224, 224)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (227, 300, 3), dtype=np.uint8))
+    processor = AlexNetProcessor(256)
+    x = processor(images=image)["pixel_values"]
+    # evaluation: resized to 256 x 256 (aspect ratio not kept, no crop), [0, 1], no mean/std
+    expected = np.asarray(image.resize((256, 256), Image.BILINEAR), dtype=np.float32) / 255
+    assert x.shape == (1, 3, 256, 256) and torch.equal(x[0], torch.from_numpy(expected).permute(2, 0, 1))
+    # training: a seeded horizontal flip and rotation in [-30, 30] degrees with black corners
+    a, b, c = (processor.augmented(s)(images=image)["pixel_values"] for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, x)
+    g = torch.Generator().manual_seed(1)
+    flip = torch.rand(1, generator=g).item() < 0.5
+    angle = torch.empty(1).uniform_(-30, 30, generator=g).item()
+    manual = image.resize((256, 256), Image.BILINEAR)
+    manual = (manual.transpose(Image.FLIP_LEFT_RIGHT) if flip else manual).rotate(angle, Image.NEAREST)
+    assert torch.equal(a[0], torch.from_numpy(np.asarray(manual, dtype=np.float32) / 255).permute(2, 0, 1))
+
+
+def test_training_keys_carry_a_seeded_augmentation_that_images_apply():
+    from federate.backbone.data import Images
+    from federate.backbone.train import client_batches
+
+    batches = client_batches([5, 6, 7, 8], 1, "cartoon", 0, 3, 2, 1)
+    assert batches == client_batches([5, 6, 7, 8], 1, "cartoon", 0, 3, 2, 1)  # reproducible
+    keys = [k for b in batches for k in b]
+    assert sorted(k[1] for k in keys) == [5, 6, 7, 8] and len({k[2] for k in keys}) == 4
+    assert keys != [k for b in client_batches([5, 6, 7, 8], 1, "cartoon", 0, 4, 2, 1) for k in b]  # per round
+
+    class Domain:  # one image, opened as extract's DomainImages does
+        name, ids, labels = "d", ["x"], [0]
+
+        def __len__(self):
+            return 1
+
+        def open(self, i):
+            from PIL import Image
+
+            return Image.new("RGB", (80, 60), (250, 250, 250))
+
+    images = Images([Domain()], AlexNetProcessor(64))
+    (key, plain, _), (key2, augmented, _) = images[(0, 0)], images[(0, 0, 7)]
+    assert key == key2 == (0, 0) and plain.min() > 0.9  # a white image
+    assert augmented.min() == 0 and torch.equal(augmented, AlexNetProcessor(64).augmented(7)(
+        images=Domain().open(0))["pixel_values"][0])  # rotated: black corners
+
+
+def test_server_averages_batchnorm_statistics_and_rounds_the_batch_count():
+    start = {"bn.running_mean": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(0.0)}
+    total = RunningMean(start)
+    for mean, count, w in ((1.0, 4, 1 / 3), (2.0, 3, 1 / 3), (6.0, 3, 1 / 3)):
+        total.add({"bn.running_mean": torch.full((3,), mean), "bn.num_batches_tracked": torch.tensor(float(count))}, w)
+    result = total.result()
+    torch.testing.assert_close(result["bn.running_mean"], torch.full((3,), 3.0))
+    assert result["bn.num_batches_tracked"].item() == 3.0  # 10/3, rounded: a count
 
 
 def test_server_averages_every_parameter_as_strategy_fedavg(tiny_classifier):

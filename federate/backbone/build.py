@@ -50,7 +50,7 @@ def build_model(cfg, method, source, seed: int):
     if name == "alexnet":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AlexNetClassifier(len(source.class_names), float(cfg.backbone.get("dropout", 0.5)))
+            model = AlexNetClassifier(len(source.class_names))
         return model, AlexNetProcessor(int(cfg.backbone.image_size))
 
     clip, processor, tokenizer = clip_parts(cfg.model, cfg.cache_dir)

@@ -37,19 +37,27 @@ def load_images(dataset_cfg, method: str):
 
 class Images(Dataset):
     """Every domain's PreprocessedImages behind one index (domain number, image number), so one
-    DataLoader (one set of persistent workers) serves training and evaluation of all domains."""
+    DataLoader (one set of persistent workers) serves training and evaluation of all domains.
+
+    A training key (domain, image, seed) asks for the processor's training transform with its random
+    draws seeded (`processor.augmented(seed)`, AlexNet's flips and rotations); processors without one
+    (CLIP's) ignore the seed."""
 
     def __init__(self, domains, processor):
         from extract.pipeline import PreprocessedImages
 
         self.parts = [PreprocessedImages(d, processor, 0) for d in domains]
+        self.augmented = getattr(processor, "augmented", None)
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)
 
     def __getitem__(self, key):
-        d, i = key
-        _, pixels, error = self.parts[d][i]
+        d, i, *seed = key
+        part = self.parts[d]
+        if seed and self.augmented is not None:
+            part = type(part)(part.domain, self.augmented(seed[0]), 0)
+        _, pixels, error = part[i]
         return (d, i), pixels, error
 
 
@@ -68,7 +76,8 @@ class Batches:
 
 @dataclass
 class Loader:
-    """Batches of (pixels on the device, labels on the device) for any list of (domain, image) keys."""
+    """Batches of (pixels on the device, labels on the device) for any list of (domain, image) keys, or
+    (domain, image, augmentation seed) training keys."""
     images: Images
     labels: list[np.ndarray]
     ids: list[list[str]]

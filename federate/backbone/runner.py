@@ -26,6 +26,7 @@ from ..splits import splits_to_ids
 from . import ADAPTER_METHODS
 from .build import build_model, check
 from .data import Images, Loader, default_workers, domain_splits, load_images, probe
+from .optim import backbone_settings
 from .train import RunningMean, accuracy, client_batches, dropout_seed, local_update
 
 log = logging.getLogger("federate")
@@ -62,7 +63,7 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     workers = default_workers(cfg.backbone.get("num_workers", "auto"), device)
     eval_size = int(cfg.backbone.get("eval_batch_size", 128))
     server = strategy.build(cfg.strategy, cfg.aggregation)
-    settings = train_settings(cfg, method)
+    settings = backbone_settings(cfg, train_settings(cfg, method))
 
     # 1. images and model
     source = load_images(cfg.dataset, method.name)
@@ -148,6 +149,7 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
                    precision="bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
                    image_size=(int(cfg.backbone.image_size) if backbone == "alexnet" else
                                int(model.clip.config.vision_config.image_size)))
+    summary.update(optimizer=settings.describe())  # a variant key of the report
     save_model(output_dir / "model.safetensors", best, method, backbone, source.name, cfg.model.name, target, cfg)
     return finish(output_dir, summary, cfg, start)
 

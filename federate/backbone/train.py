@@ -2,10 +2,11 @@
 
 - `client_batches`: the cached engines' batch order (`federate.engine.client_generator(seed, client,
   round)`, a fresh permutation per local epoch, batches of `batch_size`, a last batch of fewer than 2
-  images skipped), as (domain, image) keys.
-- `local_update`: one client's local training from the global state, with a fresh
-  `Adam(lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)` (fused: no model-sized temporaries); FedProx adds
-  mu (w - w_global) to every gradient, the gradient of (mu / 2) ||w - w_global||^2 (mu = 0 adds nothing).
+  images skipped), as (domain, image, augmentation seed) keys.
+- `local_update`: one client's local training from the global state, with a fresh optimiser
+  (`federate.backbone.optim`: the `optimizer` group, default FedCLIP's
+  `Adam(lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)`); FedProx adds mu (w - w_global) to every
+  gradient, the gradient of (mu / 2) ||w - w_global||^2 (mu = 0 adds nothing).
   On CUDA the forward and backward run under bf16 autocast (fp32 master weights).
 - `RunningMean`: the server's weighted mean of the clients' states, one client at a time (one running sum
   instead of K copies); it equals `strategy.FedAvg`'s weighted mean of the stacked states (tested).
@@ -19,21 +20,29 @@ from contextlib import nullcontext
 import torch
 
 from ..engine import TrainSettings, batches_per_epoch, client_generator
+from .optim import fresh_optimizer
 
 
 def client_batches(train_rows, domain_index: int, name: str, seed: int, round_, batch_size: int,
-                   epochs: int) -> list[list[tuple[int, int]]]:
-    """The batches of one client in one round, in the order of the cached engines' schedule."""
+                   epochs: int) -> list[list[tuple[int, int, int]]]:
+    """The batches of one client in one round, in the order of the cached engines' schedule, as
+    (domain, image, augmentation seed) keys: the seed of an image's random training transform depends on
+    (seed, client, round, epoch, image) only, so it does not depend on the DataLoader's workers."""
     n = len(train_rows)
     generator = client_generator(seed, name, round_)
     nb = batches_per_epoch(n, batch_size)
     used = min(n, nb * batch_size)  # drops a lone last row
     out = []
-    for _ in range(epochs):
+    for e in range(epochs):
         rows = torch.randperm(n, generator=generator)[:used].tolist()
-        out += [[(domain_index, int(train_rows[r])) for r in rows[s:s + batch_size]]
-                for s in range(0, used, batch_size)]
+        keys = [(domain_index, int(train_rows[r]), augment_seed(seed, name, round_, e, int(train_rows[r])))
+                for r in rows]
+        out += [keys[s:s + batch_size] for s in range(0, used, batch_size)]
     return out
+
+
+def augment_seed(seed: int, name: str, round_, epoch: int, image: int) -> int:
+    return zlib.crc32(f"{seed}/{name}/{round_}/{epoch}/{image}/augment".encode())
 
 
 def autocast(device: torch.device):
@@ -52,7 +61,7 @@ def local_update(model, batches, settings: TrainSettings, device: torch.device,
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    opt = fresh_adam(model, params, settings, device)
+    opt = fresh_optimizer(model, named, settings)
     anchors = [anchor[n] for n, _ in named] if settings.mu and anchor is not None else None
     total, steps = torch.zeros((), device=device), 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -73,30 +82,12 @@ def local_update(model, batches, settings: TrainSettings, device: torch.device,
     return (total / max(steps, 1)).item()
 
 
-def fresh_adam(model, params, settings: TrainSettings, device: torch.device) -> torch.optim.Adam:
-    """A fresh Adam for this round (reference protocol). The optimiser object of the model is kept and its
-    state zeroed (step 0, zero moments): exactly a new Adam's first steps, without allocating two copies
-    of the model's size again for every client (which dominates a round of AlexNet or CLIP on a CPU)."""
-    opt = getattr(model, "_fresh_adam", None)
-    same = opt is not None and len(opt.param_groups[0]["params"]) == len(params) and all(
-        a is b for a, b in zip(opt.param_groups[0]["params"], params))
-    if not same:
-        opt = torch.optim.Adam(params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                               weight_decay=settings.weight_decay, fused=True)
-        model._fresh_adam = opt
-        return opt
-    group = opt.param_groups[0]
-    group.update(lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
-    with torch.no_grad():
-        for state in opt.state.values():
-            for v in state.values():
-                v.zero_()
-    return opt
-
-
 class RunningMean:
-    """sum_k w_k state_k over clients added one at a time; entries that are not floating point (none in
-    CLIP or AlexNet) are kept from the global state."""
+    """sum_k w_k state_k over clients added one at a time; entries that are not floating point are kept
+    from the global state (the runner's global state is all float32). AlexNet's BatchNorm statistics
+    (running_mean, running_var) are averaged like the weights; a BatchNorm's `num_batches_tracked` is the
+    weighted mean of the clients' counts rounded to a whole number (a count; it only matters to a
+    BatchNorm with momentum=None, and AlexNet's use 0.1)."""
 
     def __init__(self, like: dict[str, torch.Tensor]):
         self.sum = {k: torch.zeros_like(v, dtype=torch.float32) if v.is_floating_point() else v.clone()
@@ -108,6 +99,9 @@ class RunningMean:
         torch._foreach_add_([self.sum[k] for k in floats], [state[k].float() for k in floats], alpha=float(weight))
 
     def result(self) -> dict[str, torch.Tensor]:
+        for k, v in self.sum.items():
+            if k.endswith("num_batches_tracked") and v.is_floating_point():
+                v.round_()
         return self.sum
 
 

@@ -119,6 +119,7 @@ class TableSet:
     checksums: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)
     folder: str = ""
+    other_content_than: str = ""  # the folder of a table set with the same names but other embeddings
 
     def agrees(self, s: dict) -> bool:
         same = (self.dataset, self.model, self.identity, self.splits) == data_key(s)
@@ -129,6 +130,8 @@ class TableSet:
         what = [f"cache {self.identity[:12]}" if self.identity else "cache identity not recorded: older runs"]
         if self.splits:
             what.append(f"splits {self.splits[:12]}")
+        if self.other_content_than:
+            what.append(f"other embeddings than {self.other_content_than}: the cache was rebuilt")
         return f"{self.dataset} with {self.model} ({', '.join(what)})"
 
 
@@ -148,7 +151,7 @@ def table_sets(runs: list[dict]) -> list[TableSet]:
         match.checksums.update(s.get("cache_checksums") or {})
         match.runs.append(s)
     sets.sort(key=lambda t: (t.dataset, t.model, t.identity or "", t.splits or ""))
-    used = set()
+    used = {}
     for t in sets:
         name = "__".join([slug(t.dataset), slug(t.model), *([f"cache-{t.identity[:8]}"] if t.identity else []),
                           *([f"splits-{t.splits[:8]}"] if t.splits else [])])
@@ -156,7 +159,9 @@ def table_sets(runs: list[dict]) -> list[TableSet]:
         while folder.lower() in used:  # the same names, other content (a cache rebuilt at the same path)
             n += 1
             folder = f"{name}-{n}"
-        used.add(folder.lower())
+        if n > 1:
+            t.other_content_than = used[name.lower()]
+        used[folder.lower()] = folder
         t.folder = folder
     return sets
 

@@ -210,6 +210,7 @@ def test_caches_with_other_content_are_separate_tables_never_seeds_of_one_cell(t
     assert cells == {f"{PACS}__cache-aaaaaaaa": ("90.0000", "2"), f"{PACS}__cache-aaaaaaaa-2": ("40.0000", "1"),
                      f"{PACS}__cache-bbbbbbbb": ("20.0000", "1"), PACS: ("60.0000", "1")}
     assert "(cache aaaaaaaaaaaa)" in text and "(cache identity not recorded: older runs)" in text
+    assert f"(cache aaaaaaaaaaaa, other embeddings than {PACS}__cache-aaaaaaaa: the cache was rebuilt)" in text
 
 
 def test_split_file_runs_on_other_splits_are_separate_tables(tmp_path):

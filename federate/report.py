@@ -75,7 +75,8 @@ def method_label(s: dict) -> str:
     makes a different variant (adapter, server strategy, loss, partition, ...); runs with the same label
     are seeds."""
     extras = [f"{k}={s[k]}" for k in VARIANT_KEYS
-              if k in s and k != "mu" and s[k] != DEFAULTS.get(k) and not (k == "rounds" and s["method"] == "zeroshot")]
+              if s.get(k) is not None and k != "mu" and s[k] != DEFAULTS.get(k)
+              and not (k == "rounds" and s["method"] == "zeroshot")]
     if s.get("selection") == "oracle":
         extras[extras.index("selection=oracle")] = "selection=oracle: an upper bound"
     adapter, server, partition = s.get("adapter"), s.get("strategy"), s.get("partition")
@@ -396,6 +397,12 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
         w = csv.writer(f)
         w.writerow(PER_ROUND_HEADER)
         w.writerows(per_round_rows(runs))
+    caveats = [f"- {s['_dir']}: " + "; ".join(
+        ([f"stopped early: {s['stopped']}"] if s.get("stopped") else [])
+        + ([f"dropped clients: {json.dumps(s['dropped_clients'])}"] if s.get("dropped_clients") else []))
+        for s in runs if s.get("stopped") or s.get("dropped_clients")]
+    if caveats:
+        text += ["", "## Runs that lost clients (counted in the tables)", "", *caveats]
     if found.broken:
         text += ["", "## Runs without results", ""] + [f"- {b.folder}: {b.why}" for b in found.broken]
     (out_dir / "report.md").write_text("\n".join(text) + "\n")

@@ -256,6 +256,18 @@ def test_settings_that_change_results_make_another_row(tmp_path, setting):
     assert len(rows) == 2 and all(r["art_painting_n"] == "1" for r in rows), [r["method"] for r in rows]
 
 
+def test_a_backbone_run_without_an_engine_has_no_engine_in_its_label():
+    assert method_label({"method": "fedavg_full", "backbone": "clip", "engine": None}) == "fedavg_full/clip"
+
+
+def test_runs_that_lost_clients_are_named(tmp_path):
+    fake_run(tmp_path, "flower", backend="flower", dropped_clients=["gamma"],
+             stopped="only 1 client(s) left, fewer than flower.min_clients=2")
+    text = report(tmp_path, make_plots=False)
+    assert (f"- {tmp_path / 'flower'}: stopped early: only 1 client(s) left, fewer than flower.min_clients=2; "
+            'dropped clients: ["gamma"]') in text
+
+
 def test_the_oracle_row_says_it_is_an_upper_bound(tmp_path):
     fake_run(tmp_path, "a", selection="oracle")
     assert "fedclip (selection=oracle: an upper bound)" in report(tmp_path, make_plots=False)

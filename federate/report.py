@@ -52,10 +52,10 @@ PAPER = {
 }
 # Options that make a different method variant (a separate row), beside the method's name.
 VARIANT_KEYS = ("aggregation", "loss", "text_adapter", "local_epochs", "batch_size", "precision", "rounds", "backend",
-                "mu", "engine", "clients_per_round", "selection")
+                "engine", "clients_per_round", "selection", "finetune_epochs")
 DEFAULTS = {"aggregation": "uniform", "loss": "contrastive", "text_adapter": False, "local_epochs": 1,
             "batch_size": 32, "precision": "fp32", "rounds": 200, "backend": "local", "engine": "auto",
-            "clients_per_round": None, "selection": "val_mean"}
+            "clients_per_round": None, "selection": "val_mean", "finetune_epochs": 0}
 NA = "—"  # a number that does not exist (no target domain, a domain without clients), never 0
 
 
@@ -64,9 +64,15 @@ def settings_label(name: str, settings: dict, hidden=()) -> str:
     return name + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
 
 
-def split_file(s: dict) -> str | None:
+def setting(s: dict, key: str):
+    """A run's setting: from its summary, else from the config it recorded (finetune_epochs, split_file)."""
     config = s.get("config") if isinstance(s.get("config"), dict) else {}
-    value = s.get("split_file", config.get("split_file"))
+    value = s.get(key, config.get(key))
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def split_file(s: dict) -> str | None:
+    value = setting(s, "split_file")
     return str(value) if value else None
 
 
@@ -74,8 +80,8 @@ def method_label(s: dict) -> str:
     """The row name of a run: the method (with its backbone when it trains one) and every setting that
     makes a different variant (adapter, server strategy, loss, partition, ...); runs with the same label
     are seeds."""
-    extras = [f"{k}={s[k]}" for k in VARIANT_KEYS
-              if s.get(k) is not None and k != "mu" and s[k] != DEFAULTS.get(k)
+    extras = [f"{k}={setting(s, k)}" for k in VARIANT_KEYS
+              if setting(s, k) is not None and setting(s, k) != DEFAULTS.get(k)
               and not (k == "rounds" and s["method"] == "zeroshot")]
     if s.get("selection") == "oracle":
         extras[extras.index("selection=oracle")] = "selection=oracle: an upper bound"

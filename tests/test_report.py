@@ -247,6 +247,7 @@ def test_a_seed_run_twice_counts_once_and_the_report_says_which_run_it_kept(tmp_
     {"engine": "generic"}, {"split_file": "/data/splits.json"}, {"optimizer": {"name": "sgd", "momentum": 0.9}},
     {"backbone": {"name": "alexnet", "pretrained": False}}, {"partition": {"name": "dirichlet", "alpha": 0.5}},
     {"clients_per_round": 2}, {"selection": "last"}, {"adapter": {"name": "coop", "n_ctx": 16}},
+    {"config": {"finetune_epochs": 2}},
 ])
 def test_settings_that_change_results_make_another_row(tmp_path, setting):
     fake_run(tmp_path, "a", seed=0, partition={"name": "domain"}, clients_per_round=None, selection="val_mean")

@@ -1,12 +1,23 @@
 """python -m federate.report <dir>: paper-style tables (and plots) from the runs under a folder.
 
-Searches <dir> recursively for summary.json, groups runs by (dataset, model), and writes to <dir>/report/:
-generalization, personalization and overall tables (Markdown and CSV; accuracies in percent, cells
-mean ± standard error over seeds, with the number of seeds), per_round.csv (every run's per-round,
-per-client metrics), and with matplotlib installed (pip install -e '.[plot]') accuracy-per-round and cost
-plots. When a sweep covers several learning rates, each (method, target) uses the learning rate with the
-best mean validation accuracy over seeds (never the test accuracy); the report says which it picked.
-Runs without a summary (failed or unfinished) are listed, not dropped.
+Searches <dir> recursively for summary.json and writes to <dir>/report/: report.md (every table, what was
+picked and what was left out), per_round.csv (every run's per-round, per-client metrics), and one folder
+per table set, <dataset>__<model>[__cache-<id>][__splits-<id>]/, with the generalization, personalization
+and overall tables as CSV and, with matplotlib (pip install -e '.[plot]'), accuracy_per_round.png and
+cost.png. Accuracies are in percent; cells are mean ± standard error over seeds, with the number of seeds.
+
+- A table set holds the runs that computed on the same data: the same dataset, model, cache identity and
+  cache content (checksums), and for split_file runs the same splits. Runs of older versions, which did
+  not record these, are grouped by (dataset, model).
+- A row is a method variant: every setting that changes results (adapter, strategy, partition,
+  clients_per_round, selection, engine, split_file, the backbone's optimizer, ...) makes another row.
+- Two runs of one variant with the same target, learning rate and seed are one seed: the newest is kept
+  and the report names the others.
+- When a sweep covers several learning rates, each (method, target) uses the learning rate with the best
+  mean validation accuracy over seeds (never the test accuracy); the report says which it picked.
+- `--selection RULE` re-selects each run's reported round from its history.jsonl (federate/selection.py);
+  runs whose history does not record every metric every round keep their own selection.
+- Runs without a usable summary (failed, unfinished or damaged) are listed with the reason.
 """
 from __future__ import annotations
 
@@ -15,12 +26,18 @@ import csv
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import methods
+from . import methods, selection
+from .errors import ConfigError
+from .report_plots import TARGET_NONE, target_label, write_plots
+from .report_runs import collect
+from .report_select import client_spread, domain_accuracies, has_several_clients_per_domain, reselect
 
 log = logging.getLogger("federate.report")
 
@@ -35,9 +52,11 @@ PAPER = {
 }
 # Options that make a different method variant (a separate row), beside the method's name.
 VARIANT_KEYS = ("aggregation", "loss", "text_adapter", "local_epochs", "batch_size", "precision", "rounds", "backend",
-                "mu")
+                "engine", "clients_per_round", "selection", "finetune_epochs")
 DEFAULTS = {"aggregation": "uniform", "loss": "contrastive", "text_adapter": False, "local_epochs": 1,
-            "batch_size": 32, "precision": "fp32", "rounds": 200, "backend": "local"}
+            "batch_size": 32, "precision": "fp32", "rounds": 200, "backend": "local", "engine": "auto",
+            "clients_per_round": None, "selection": "val_mean", "finetune_epochs": 0}
+NA = "—"  # a number that does not exist (no target domain, a domain without clients), never 0
 
 
 def settings_label(name: str, settings: dict, hidden=()) -> str:
@@ -45,48 +64,128 @@ def settings_label(name: str, settings: dict, hidden=()) -> str:
     return name + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
 
 
+def setting(s: dict, key: str):
+    """A run's setting: from its summary, else from the config it recorded (finetune_epochs, split_file)."""
+    config = s.get("config") if isinstance(s.get("config"), dict) else {}
+    value = s.get(key, config.get(key))
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def split_file(s: dict) -> str | None:
+    value = setting(s, "split_file")
+    return str(value) if value else None
+
+
 def method_label(s: dict) -> str:
     """The row name of a run: the method (with its backbone when it trains one) and every setting that
-    makes a different variant (adapter, server strategy, loss, ...); runs with the same label are seeds."""
-    extras = [f"{k}={s[k]}" for k in VARIANT_KEYS
-              if k in s and k != "mu" and s[k] != DEFAULTS.get(k) and not (k == "rounds" and s["method"] == "zeroshot")]
-    adapter, server = s.get("adapter"), s.get("strategy")
-    if adapter and adapter["name"] != "attai":  # AttAI's only setting is text_adapter, listed above
+    makes a different variant (adapter, server strategy, loss, partition, ...); runs with the same label
+    are seeds."""
+    extras = [f"{k}={setting(s, k)}" for k in VARIANT_KEYS
+              if setting(s, k) is not None and setting(s, k) != DEFAULTS.get(k)
+              and not (k == "rounds" and s["method"] == "zeroshot")]
+    if s.get("selection") == "oracle":
+        extras[extras.index("selection=oracle")] = "selection=oracle: an upper bound"
+    adapter, server, partition = s.get("adapter"), s.get("strategy"), s.get("partition")
+    if split_file(s):
+        extras.insert(0, f"split_file={(s.get('splits_sha256') or '')[:8] or Path(split_file(s)).name}")
+    if partition and partition["name"] != "domain":
+        extras.insert(0, "partition=" + settings_label(partition["name"], partition, hidden=("name",)))
+    optimizer = s.get("optimizer")
+    if isinstance(optimizer, dict):
+        extras.insert(0, "optimizer=" + settings_label(optimizer.get("name", ""), optimizer, hidden=("name",)))
+    if adapter and adapter["name"] != "attai":
         extras.insert(0, "adapter=" + settings_label(adapter["name"], adapter, hidden=("name",)))
+    elif adapter:  # AttAI's text tower is text_adapter, listed above
+        extras[:0] = [f"{k}={v}" for k, v in adapter.items() if k not in ("name", "text_tower")]
     if server and server["name"] != "fedavg":
         extras.insert(0, "strategy=" + settings_label(server["name"], server, hidden=("name", "aggregation")))
     if methods.METHODS.get(s["method"], methods.METHODS["fedclip"]).proximal:
         extras.insert(0, f"mu={s.get('mu')}")
-    name = s["method"] + (f"/{s['backbone']}" if s.get("backbone") else "")
+    backbone = s.get("backbone")
+    if isinstance(backbone, dict):
+        name = s["method"] + "/" + settings_label(backbone.get("name", "?"), backbone, hidden=("name",))
+    else:
+        name = s["method"] + (f"/{backbone}" if backbone else "")
     return name + (f" ({', '.join(extras)})" if extras else "")
 
 
-def collect(root: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Summaries under root (each with its run dir) and the run dirs that have none."""
-    runs, broken = [], []
-    for path in sorted(root.rglob("summary.json")):
-        if "report" in path.relative_to(root).parts[:-1]:
-            continue
-        try:
-            s = json.loads(path.read_text())
-            missing = {"method", "dataset", "target_domain", "seed", "lr", "val_mean", "generalization",
-                       "personalization", "overall"} - set(s)
-            if missing:
-                raise ValueError(f"lacks {', '.join(sorted(missing))}")
-        except ValueError as e:
-            broken.append((path.parent, f"unreadable summary.json ({e})"))
-            continue
-        s["_dir"] = path.parent
-        runs.append(s)
-    for hydra_dir in sorted(root.rglob(".hydra")):
-        run_dir = hydra_dir.parent
-        if (hydra_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists() \
-                and "config_name: federate" in (hydra_dir / "hydra.yaml").read_text(errors="ignore"):
-            logs = sorted(run_dir.glob("*.log"))
-            last = next((ln for ln in reversed(logs[0].read_text(errors="ignore").splitlines()) if ln.strip()), "") \
-                if logs else ""
-            broken.append((run_dir, "no summary.json (failed or unfinished)" + (f": {last[-160:]}" if last else "")))
-    return runs, broken
+def slug(name: str) -> str:
+    """A file name from a name found in a cache or a summary: no path separators, no leading dots."""
+    text = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name).replace("/", "--").replace("\\", "--"))
+    text = re.sub(r"\.{2,}", ".", text).strip(".-")[:80].strip(".-")
+    return text or "unnamed"
+
+
+@dataclass
+class TableSet:
+    """Runs that computed on the same data: one set of tables and one folder."""
+    dataset: str
+    model: str
+    identity: str | None  # the cache's identity_sha256 (None: an older run did not record it)
+    splits: str | None  # sha256 of the splits.json of split_file runs
+    checksums: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)
+    folder: str = ""
+    other_content_than: str = ""  # the folder of a table set with the same names but other embeddings
+
+    def agrees(self, s: dict) -> bool:
+        same = (self.dataset, self.model, self.identity, self.splits) == data_key(s)
+        sums = s.get("cache_checksums") or {}
+        return same and all(self.checksums.get(k, v) == v for k, v in sums.items())
+
+    def heading(self) -> str:
+        what = [f"cache {self.identity[:12]}" if self.identity else "cache identity not recorded: older runs"]
+        if self.splits:
+            what.append(f"splits {self.splits[:12]}")
+        if self.other_content_than:
+            what.append(f"other embeddings than {self.other_content_than}: the cache was rebuilt")
+        return f"{self.dataset} with {self.model} ({', '.join(what)})"
+
+
+def data_key(s: dict) -> tuple:
+    return (s["dataset"], s.get("model", "?"), s.get("cache_identity_sha256") or None,
+            (s.get("splits_sha256") or None) if split_file(s) else None)
+
+
+def table_sets(runs: list[dict]) -> list[TableSet]:
+    """Group runs by what they computed on; each set gets a folder name of its own."""
+    sets: list[TableSet] = []
+    for s in sorted(runs, key=lambda s: str(s["_dir"])):
+        match = next((t for t in sets if t.agrees(s)), None)
+        if match is None:
+            match = TableSet(*data_key(s))
+            sets.append(match)
+        match.checksums.update(s.get("cache_checksums") or {})
+        match.runs.append(s)
+    sets.sort(key=lambda t: (t.dataset, t.model, t.identity or "", t.splits or ""))
+    used = {}
+    for t in sets:
+        name = "__".join([slug(t.dataset), slug(t.model), *([f"cache-{t.identity[:8]}"] if t.identity else []),
+                          *([f"splits-{t.splits[:8]}"] if t.splits else [])])
+        folder, n = name, 1
+        while folder.lower() in used:  # the same names, other content (a cache rebuilt at the same path)
+            n += 1
+            folder = f"{name}-{n}"
+        if n > 1:
+            t.other_content_than = used[name.lower()]
+        used[folder.lower()] = folder
+        t.folder = folder
+    return sets
+
+
+def drop_repeats(runs: list[dict]) -> tuple[list[dict], list[str]]:
+    """One run per (variant, target, lr, seed): the newest. A repeated seed is not another sample."""
+    by_key = defaultdict(list)
+    for s in runs:
+        by_key[(method_label(s), target_label(s["target_domain"]), s["lr"], s["seed"])].append(s)
+    kept, notes = [], []
+    for (method, target, lr, seed), rs in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        rs.sort(key=lambda s: (s["_mtime"], str(s["_dir"])))
+        kept.append(rs[-1])
+        if len(rs) > 1:
+            notes.append(f"{method}, target {target}, lr {lr:g}, seed {seed}: kept {rs[-1]['_dir']} (the newest); "
+                         f"left out {', '.join(str(r['_dir']) for r in rs[:-1])}")
+    return kept, notes
 
 
 def select_lr(runs: list[dict]) -> tuple[list[dict], list[str]]:
@@ -94,7 +193,7 @@ def select_lr(runs: list[dict]) -> tuple[list[dict], list[str]]:
     accuracy over seeds; say what was picked when there was a choice."""
     by_cell = defaultdict(lambda: defaultdict(list))
     for s in runs:
-        by_cell[(method_label(s), s["target_domain"])][s["lr"]].append(s)
+        by_cell[(method_label(s), target_label(s["target_domain"]))][s["lr"]].append(s)
     kept, notes = [], []
     for (method, target), by_lr in sorted(by_cell.items()):
         best_lr = max(by_lr, key=lambda lr: (statistics.fmean(r["val_mean"] for r in by_lr[lr]), -lr))
@@ -106,16 +205,18 @@ def select_lr(runs: list[dict]) -> tuple[list[dict], list[str]]:
     return kept, notes
 
 
-def cell(values: list[float]) -> dict:
-    """Mean and standard error (sample std / sqrt n) in percent."""
-    pct = [100 * v for v in values]
+def cell(values: list[float | None]) -> dict | None:
+    """Mean and standard error (sample std / sqrt n) in percent, over the runs that have the number."""
+    pct = [100 * v for v in values if v is not None]
+    if not pct:
+        return None
     se = statistics.stdev(pct) / math.sqrt(len(pct)) if len(pct) > 1 else None
     return {"mean": statistics.fmean(pct), "se": se, "n": len(pct)}
 
 
 def fmt(c: dict | float | None) -> str:
     if c is None:
-        return "-"
+        return NA
     if isinstance(c, (int, float)):
         return f"{c:.2f}"
     return f"{c['mean']:.2f} ± {c['se']:.2f} ({c['n']})" if c["se"] is not None else f"{c['mean']:.2f} ({c['n']})"
@@ -123,7 +224,7 @@ def fmt(c: dict | float | None) -> str:
 
 def paper_value(table: str, dataset: str, model: str, domain: str, targets=()):
     """The paper's number for a target domain, or its average when `targets` covers all its domains."""
-    if model != PAPER_MODEL or dataset not in PAPER[table]:
+    if model != PAPER_MODEL or dataset not in PAPER[table] or domain == TARGET_NONE:
         return None
     numbers = PAPER[table][dataset]
     if domain == "Avg":
@@ -132,14 +233,18 @@ def paper_value(table: str, dataset: str, model: str, domain: str, targets=()):
     return numbers.get(domain[:1].upper())
 
 
-def tables(runs: list[dict], dataset: str, model: str) -> dict[str, tuple[list[str], list[list]]]:
-    """name -> (header, rows of cells or strings)."""
-    methods = sorted({method_label(s) for s in runs})
-    targets = sorted({s["target_domain"] for s in runs})
-    domains = sorted({d for s in runs for d in (s["target_domain"], *s["personalization"])})
+SPREAD = (("clients mean", "mean"), ("clients worst", "worst"), ("clients p10", "p10"))
+
+
+def tables(runs: list[dict], dataset: str, model: str) -> dict[str, tuple[list[str], list[list], int]]:
+    """name -> (header, rows of cells or strings, number of label columns)."""
+    methods_ = sorted({method_label(s) for s in runs})
+    targets = sorted({target_label(s["target_domain"]) for s in runs}, key=lambda t: (t == TARGET_NONE, t))
+    domains = sorted({d for s in runs for d in domain_accuracies(s)} | (set(targets) - {TARGET_NONE}))
+    with_spread = any(has_several_clients_per_domain(s) for s in runs)
     groups = defaultdict(list)
     for s in runs:
-        groups[(method_label(s), s["target_domain"])].append(s)
+        groups[(method_label(s), target_label(s["target_domain"]))].append(s)
 
     def metric(method, target, get):
         rs = groups.get((method, target))
@@ -147,53 +252,59 @@ def tables(runs: list[dict], dataset: str, model: str) -> dict[str, tuple[list[s
 
     def avg(cells):
         cells = [c for c in cells if c is not None]
-        return statistics.fmean(c["mean"] for c in cells) if len(cells) == len(targets) else None
+        return statistics.fmean(c["mean"] for c in cells) if cells and len(cells) == len(targets) else None
 
     out = {}
     header = ["method", *targets, "Avg"]
     rows = []
-    for m in methods:
+    for m in methods_:
         cells = [metric(m, t, lambda r: r["generalization"]) for t in targets]
         rows.append([m, *cells, avg(cells)])
     if any(paper_value("generalization", dataset, model, t) for t in targets):
         rows.append(["FedCLIP (paper)", *[paper_value("generalization", dataset, model, t) for t in targets],
                      paper_value("generalization", dataset, model, "Avg", targets)])
-    out["generalization"] = (header, rows)
+    out["generalization"] = (header, rows, 1)
 
-    header = ["method", "target", *domains, "Avg"]
+    spread_header = [name for name, _ in SPREAD] if with_spread else []
+    header = ["method", "target", *domains, "Avg", *spread_header]
     rows = []
-    for m in methods:
+    for m in methods_:
         for t in targets:
             if (m, t) not in groups:
                 continue
-            per = [None if d == t else metric(m, t, lambda r, d=d: r["personalization"].get(d, math.nan))
-                   for d in domains]
-            rows.append([m, t, *per, metric(m, t, lambda r: r["personalization_mean"])])
-    out["personalization"] = (header, rows)
+            per = [None if d == t else metric(m, t, lambda r, d=d: domain_accuracies(r).get(d)) for d in domains]
+            spread = [metric(m, t, lambda r, k=k: (client_spread(r) or {}).get(k)) for _, k in SPREAD]
+            rows.append([m, t, *per, metric(m, t, lambda r: r["personalization_mean"]),
+                         *(spread if with_spread else [])])
+    out["personalization"] = (header, rows, 2)
 
     paper = [paper_value("overall", dataset, model, t, targets) for t in [*targets, "Avg"]]
-    header = ["target", *methods, *(["FedCLIP (paper)"] if any(p is not None for p in paper) else [])]
-    columns = {m: [metric(m, t, lambda r: r["overall"]) for t in targets] for m in methods}
-    rows = [[t, *[columns[m][i] for m in methods]] for i, t in enumerate(targets)]
-    rows.append(["Avg", *[avg(columns[m]) for m in methods]])
-    if len(header) > 1 + len(methods):
+    header = ["target", *methods_, *(["FedCLIP (paper)"] if any(p is not None for p in paper) else [])]
+    columns = {m: [metric(m, t, lambda r: r["overall"]) for t in targets] for m in methods_}
+    rows = [[t, *[columns[m][i] for m in methods_]] for i, t in enumerate(targets)]
+    rows.append(["Avg", *[avg(columns[m]) for m in methods_]])
+    if len(header) > 1 + len(methods_):
         for row, p in zip(rows, paper):
             row.append(p)
-    out["overall"] = (header, rows)
+    out["overall"] = (header, rows, 1)
     return out
 
 
-def markdown(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(v if isinstance(v, str) else fmt(v) for v in row) + " |" for row in rows]
+def md_text(v: str) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(header, rows, label_cols: int) -> str:
+    lines = ["| " + " | ".join(md_text(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_text(v) if i < label_cols else fmt(v) for i, v in enumerate(row)) + " |"
+              for row in rows]
     return "\n".join(lines)
 
 
-def write_csv(path: Path, header, rows) -> None:
-    """Cells become three columns each: <name>, <name>_se, <name>_n."""
+def write_csv(path: Path, header, rows, label_cols: int) -> None:
+    """Cells become three columns each: <name>, <name>_se, <name>_n; a number that does not exist is empty."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        label_cols = sum(1 for v in rows[0] if isinstance(v, str)) if rows else 1
         w.writerow([*header[:label_cols], *[f"{h}{s}" for h in header[label_cols:] for s in ("", "_se", "_n")]])
         for row in rows:
             out = list(row[:label_cols])
@@ -205,118 +316,101 @@ def write_csv(path: Path, header, rows) -> None:
             w.writerow(out)
 
 
+PER_ROUND_HEADER = ["run", "dataset", "model", "method", "target_domain", "seed", "lr", "round", "client", "role",
+                    "train_loss", "val_acc", "test_acc", "sampled"]
+
+
 def per_round_rows(runs: list[dict]):
     for s in runs:
-        history = s["_dir"] / "history.jsonl"
-        if not history.exists():
-            continue
-        base = [str(s["_dir"]), s["dataset"], s.get("model", ""), method_label(s), s["target_domain"], s["seed"], s["lr"]]
-        for line in history.read_text().splitlines():
-            r = json.loads(line)
-            for client, val in r.get("val_acc", {}).items():
-                yield [*base, r["round"], client, "participant", r.get("train_loss", {}).get(client, ""), val,
-                       r.get("test_acc", {}).get(client, "")]
-            if "target_acc" in r:
-                yield [*base, r["round"], s["target_domain"], "target", "", "", r["target_acc"]]
+        base = [str(s["_dir"]), s["dataset"], s.get("model", ""), method_label(s), target_label(s["target_domain"]),
+                s["seed"], s["lr"]]
+        for r in s["_history"] or []:
+            sampled = r.get("sampled")
+            losses = r.get("train_loss") if isinstance(r.get("train_loss"), dict) else {}
+            tests = r.get("test_acc") if isinstance(r.get("test_acc"), dict) else {}
+            for client, val in r["val_acc"].items():
+                yield [*base, r["round"], client, "participant", losses.get(client, ""), val, tests.get(client, ""),
+                       "" if not isinstance(sampled, list) else client in sampled]
+            if r.get("target_acc") is not None:
+                yield [*base, r["round"], s["target_domain"], "target", "", "", r["target_acc"], ""]
 
 
-PER_ROUND_HEADER = ["run", "dataset", "model", "method", "target_domain", "seed", "lr", "round", "client", "role",
-                    "train_loss", "val_acc", "test_acc"]
+def report_folder(root: Path) -> Path:
+    """<root>/report: a folder this tool made (it holds report.md) or a new one; never someone else's."""
+    out = root / "report"
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").exists():
+        raise ConfigError(f"{out} exists and holds files that are not a report (no report.md); "
+                          "move them away so that the report does not overwrite them")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder; move it away so that the report can be written there")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
-def plots(runs: list[dict], folder: Path, title: str, cost_bench: dict | None = None) -> list[Path]:
-    """Validation and target accuracy per round for each method, and FedCLIP's cost against full-CLIP FedAvg."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install -e '.[plot]'): no plots")
-        return []
-    targets = sorted({s["target_domain"] for s in runs})
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 3.6), squeeze=False, sharey=True)
-    for ax, target in zip(axes[0], targets):
-        by_method = defaultdict(list)
-        for s in runs:
-            if s["target_domain"] == target and (s["_dir"] / "history.jsonl").exists():
-                by_method[method_label(s)].append([json.loads(x) for x in (s["_dir"] / "history.jsonl").read_text().splitlines()])
-        for i, (method, histories) in enumerate(sorted(by_method.items())):
-            color = f"C{i}"
-            rounds = [r["round"] for r in histories[0]]
-            val = [100 * statistics.fmean(h[k]["val_mean"] for h in histories if k < len(h)) for k in range(len(rounds))]
-            ax.plot(rounds, val, color=color, label=f"{method} val")
-            filled = []  # each seed's target accuracy, carried forward from the rounds that recorded one
-            for h in histories:
-                last, row = math.nan, []
-                for r in h:
-                    last = 100 * r["target_acc"] if "target_acc" in r else last
-                    row.append(last)
-                filled.append(row)
-            target_curve = [statistics.fmean(row[k] for row in filled if k < len(row)) for k in range(len(rounds))]
-            ax.plot(rounds, target_curve, color=color, linestyle="--", drawstyle="steps-post", label=f"{method} target")
-        ax.set(title=f"target {target}", xlabel="round")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    paths = [folder / "accuracy_per_round.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
-
-    trained = [s for s in runs if s.get("trainable_params")]
-    fed = next((s for s in trained if s["method"] in ("fedclip", "fedprox") and s.get("fedavg_full_clip")), None)
-    if fed:
-        full = fed["fedavg_full_clip"]
-        per_round = fed["wall_seconds"] / max(1, fed["rounds"])
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-        figures = [("trainable parameters", fed["trainable_params"], full["trainable_params"]),
-                   ("bytes per round (up + down)", sum(fed["bytes_per_round"].values()), sum(full["bytes_per_round"].values())),
-                   ("seconds per round", per_round, (cost_bench or {}).get("fedavg_full_clip_seconds_per_round"))]
-        for ax, (name, ours, theirs) in zip(axes, figures):
-            values = [ours, theirs if theirs else 0]
-            ax.bar(["FedCLIP", "FedAvg\nfull CLIP"], values, color=["C0", "C3"])
-            ax.set_yscale("log")
-            ax.set_title(name, fontsize=9)
-            if not theirs:
-                ax.text(1, ours, "measure with bench/cost_vs_\nfull_finetune.py --json F,\nthen report --cost F",
-                        ha="center", fontsize=7)
-        fig.suptitle(f"{title}: cost (from the runs' cost figures)")
-        fig.tight_layout()
-        paths.append(folder / "cost.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
+def inside(folder: Path, name: str) -> Path:
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise ConfigError(f"refusing to write {path}: outside {folder}")  # slug() never makes such a name
+    return path
 
 
-def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None) -> str:
-    runs, broken = collect(root)
-    out_dir = root / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = [f"# Report for {root}", "", f"{len(runs)} runs with a summary."]
-    groups = defaultdict(list)
+def apply_selection(runs: list[dict], rule: str | None) -> tuple[list[dict], list[str]]:
+    """Re-select each run's round under `rule` from its history; the runs whose history cannot tell
+    keep their own selection."""
+    if rule is None:
+        return runs, []
+    out, kept_own = [], []
     for s in runs:
-        groups[(s["dataset"], s.get("model", "?"))].append(s)
-    for (dataset, model), group in sorted(groups.items()):
-        kept, notes = select_lr(group)
-        prefix = "" if len(groups) == 1 else f"{dataset}__{model.replace('/', '--')}__"
-        text += ["", f"## {dataset} with {model}", "",
-                 "Accuracy in percent: mean ± standard error over seeds (number of seeds)."]
+        again = reselect(s, rule)
+        out.append(again if again is not None else s)
+        if again is None:
+            kept_own.append(str(s["_dir"]))
+    notes = [f"Selection: every run's reported round re-selected by {selection.LABELS[rule]} from its "
+             f"history.jsonl ({len(runs) - len(kept_own)} of {len(runs)} runs)."]
+    if kept_own:
+        notes.append(f"{len(kept_own)} runs keep their own selection: their history does not record every "
+                     "metric every round (older runs)" + (" or they have no target domain" if rule == "oracle" else "")
+                     + ": " + ", ".join(kept_own))
+    return out, notes
+
+
+def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, rule: str | None = None) -> str:
+    found = collect(root)
+    out_dir = report_folder(root)
+    runs, selection_notes = apply_selection(found.summaries, rule)
+    text = [f"# Report for {root}", "", f"{len(runs)} runs with a summary.", *([""] if selection_notes else []),
+            *selection_notes]
+    for t in table_sets(runs):
+        folder = inside(out_dir, t.folder)
+        folder.mkdir(exist_ok=True)
+        unique, repeats = drop_repeats(t.runs)
+        kept, notes = select_lr(unique)
+        text += ["", f"## {t.heading()}", "", f"Files: {folder}/", "",
+                 "Accuracy in percent: mean ± standard error over seeds (number of seeds); "
+                 f"{NA}: no such number (no target domain)."]
+        if repeats:
+            text += ["", "Runs repeated with the same settings and seed count once (the newest):"]
+            text += [f"- {n}" for n in repeats]
         if notes:
             text += ["", "Learning rate picked by the best mean validation accuracy:"] + [f"- {n}" for n in notes]
-        for name, (header, rows) in tables(kept, dataset, model).items():
-            text += ["", f"### {name.capitalize()}", "", markdown(header, rows)]
-            write_csv(out_dir / f"{prefix}{name}.csv", header, rows)
+        for name, (header, rows, label_cols) in tables(kept, t.dataset, t.model).items():
+            text += ["", f"### {name.capitalize()}", "", markdown(header, rows, label_cols)]
+            write_csv(folder / f"{name}.csv", header, rows, label_cols)
         if make_plots:
-            (out_dir / f"{prefix}plots").mkdir(exist_ok=True)
-            for p in plots(kept, out_dir / f"{prefix}plots", f"{dataset} / {model}", cost_bench):
+            for p in write_plots(kept, folder, f"{t.dataset} / {t.model}", method_label, cost_bench):
                 text.append(f"\nplot: {p}")
     with open(out_dir / "per_round.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(PER_ROUND_HEADER)
         w.writerows(per_round_rows(runs))
-    if broken:
-        text += ["", "## Runs without results", ""] + [f"- {d}: {why}" for d, why in broken]
+    caveats = [f"- {s['_dir']}: " + "; ".join(
+        ([f"stopped early: {s['stopped']}"] if s.get("stopped") else [])
+        + ([f"dropped clients: {json.dumps(s['dropped_clients'])}"] if s.get("dropped_clients") else []))
+        for s in runs if s.get("stopped") or s.get("dropped_clients")]
+    if caveats:
+        text += ["", "## Runs that lost clients (counted in the tables)", "", *caveats]
+    if found.broken:
+        text += ["", "## Runs without results", ""] + [f"- {b.folder}: {b.why}" for b in found.broken]
     (out_dir / "report.md").write_text("\n".join(text) + "\n")
     return "\n".join(text)
 
@@ -326,6 +420,9 @@ def main(argv=None) -> int:
     parser.add_argument("dir", help="a multirun folder, or outputs/ (searched recursively)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--cost", help="JSON written by bench/cost_vs_full_finetune.py --json (full-CLIP seconds)")
+    parser.add_argument("--selection", choices=selection.RULES,
+                        help="re-select every run's reported round from its history.jsonl by this rule "
+                             "(default: each run's own selection); oracle is an upper bound, not a result")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     if not root.is_dir():
@@ -333,11 +430,17 @@ def main(argv=None) -> int:
         return 2
     try:
         cost_bench = json.loads(Path(args.cost).read_text()) if args.cost else None
+        if cost_bench is not None and not isinstance(cost_bench, dict):
+            raise ValueError("it holds no JSON object")
     except (OSError, ValueError) as e:
         print(f"error: cannot read --cost {args.cost}: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(report(root, make_plots=not args.no_plots, cost_bench=cost_bench))
+    try:
+        print(report(root, make_plots=not args.no_plots, cost_bench=cost_bench, rule=args.selection))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"\nwrote {root / 'report'}")
     return 0
 

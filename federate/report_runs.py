@@ -1,0 +1,182 @@
+"""The runs under a folder, as `python -m federate.report` reads them: each summary.json checked field by
+field, each history.jsonl read line by line, and every run that cannot be read (or never finished)
+listed with the reason, instead of stopping the report.
+
+Runs of older fedclip versions lack the newer keys (cache identity, clients, partition, selection,
+full-metric histories); they are read as they are.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .selection import RULES
+
+REQUIRED = ("method", "dataset", "target_domain", "seed", "lr", "val_mean", "generalization", "personalization",
+            "personalization_mean", "overall")
+# Hydra's file log format: [time][logger][LEVEL] - message
+LOG_LINE = re.compile(r"^\[[^\]]*\]\[[^\]]*\]\[(?P<level>[A-Z]+)\] - (?P<message>.*)$")
+
+
+@dataclass
+class Broken:
+    """A run folder without usable results, and why."""
+    folder: Path
+    why: str
+
+
+@dataclass
+class Runs:
+    summaries: list[dict] = field(default_factory=list)  # each with "_dir", "_mtime" and "_history"
+    broken: list[Broken] = field(default_factory=list)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_accuracy(v) -> bool:
+    return is_number(v) and 0 <= v <= 1
+
+
+def is_accuracies(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and is_accuracy(a) for k, a in v.items())
+
+
+def summary_problem(s) -> str | None:
+    """What is wrong with a parsed summary.json, or None when the report can use it."""
+    if not isinstance(s, dict):
+        return f"it holds a {type(s).__name__}, not a JSON object"
+    missing = [k for k in REQUIRED if k not in s]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    checks = [
+        ("method", isinstance(s["method"], str) and s["method"], "a method name"),
+        ("dataset", isinstance(s["dataset"], str) and s["dataset"], "a dataset name"),
+        ("model", isinstance(s.get("model", "?"), str), "a model name"),
+        ("target_domain", s["target_domain"] is None or isinstance(s["target_domain"], str), "a domain name or null"),
+        ("seed", isinstance(s["seed"], int) and not isinstance(s["seed"], bool), "an integer"),
+        ("lr", is_number(s["lr"]) and s["lr"] > 0, "a positive number"),
+        ("val_mean", is_accuracy(s["val_mean"]), "an accuracy in [0, 1]"),
+        ("generalization", s["generalization"] is None or is_accuracy(s["generalization"]),
+         "an accuracy in [0, 1] or null"),
+        ("personalization", is_accuracies(s["personalization"]), "an object {client: accuracy in [0, 1]}"),
+        ("personalization_mean", is_accuracy(s["personalization_mean"]), "an accuracy in [0, 1]"),
+        ("overall", is_accuracy(s["overall"]), "an accuracy in [0, 1]"),
+        ("personalization_domains", is_accuracies(s.get("personalization_domains", {})),
+         "an object {domain: accuracy in [0, 1]}"),
+        ("personalization_spread", s.get("personalization_spread") is None or (
+            isinstance(s["personalization_spread"], dict)
+            and all(is_accuracy(s["personalization_spread"].get(k)) for k in ("mean", "worst", "p10"))),
+         "an object with accuracies mean, worst and p10"),
+        ("cache_identity_sha256", isinstance(s.get("cache_identity_sha256", ""), str), "a sha256 string"),
+        ("cache_checksums", isinstance(s.get("cache_checksums", {}), dict)
+         and all(isinstance(k, str) and isinstance(v, str) for k, v in s.get("cache_checksums", {}).items()),
+         "an object {dataset path: sha256}"),
+        ("splits_sha256", s.get("splits_sha256") is None or isinstance(s["splits_sha256"], str), "a sha256 string"),
+        ("partition", s.get("partition") is None or (isinstance(s["partition"], dict)
+                                                     and isinstance(s["partition"].get("name"), str)),
+         "an object with a name"),
+        ("clients_per_round", s.get("clients_per_round") is None or (
+            isinstance(s["clients_per_round"], int) and not isinstance(s["clients_per_round"], bool)),
+         "an integer or null"),
+        ("selection", s.get("selection", "val_mean") in RULES, f"one of {', '.join(RULES)}"),
+        ("clients", s.get("clients") is None or isinstance(s["clients"], dict), "an object {client: ...}"),
+        *[(k, s.get(k) is None or (isinstance(s[k], dict) and isinstance(s[k].get("name", ""), str)),
+           "an object with a name") for k in ("adapter", "strategy", "optimizer")],
+        ("backbone", s.get("backbone") is None or isinstance(s["backbone"], (str, dict)), "a name or an object"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            return f"{key} is {json.dumps(s.get(key))[:60]}, not {expected}"
+    return None
+
+
+def read_history(path: Path) -> list[dict]:
+    """The rounds of history.jsonl; ValueError names the first line that is not a round's record."""
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError(f"history.jsonl line {number} is not JSON (a truncated or damaged file)") from None
+        if not (isinstance(row, dict) and isinstance(row.get("round"), int) and is_accuracies(row.get("val_acc"))
+                and is_number(row.get("val_mean"))):
+            raise ValueError(f"history.jsonl line {number} is not a round's record (round, val_acc, val_mean)")
+        rows.append(row)
+    return rows
+
+
+def read_run(summary_path: Path) -> dict:
+    """One run's summary (with its folder and history); ValueError says what makes it unusable."""
+    try:
+        s = json.loads(summary_path.read_text(errors="replace"))
+    except ValueError as e:
+        raise ValueError(f"unreadable summary.json: not JSON ({e})") from None
+    problem = summary_problem(s)
+    if problem:
+        raise ValueError(f"malformed summary.json: {problem}")
+    history = summary_path.parent / "history.jsonl"
+    s["_history"] = read_history(history) if history.exists() else None
+    s["_dir"] = summary_path.parent
+    s["_mtime"] = summary_path.stat().st_mtime
+    return s
+
+
+def last_error(run_dir: Path) -> str:
+    """The message of the last error in a run's log (else its last line), without the log's prefix."""
+    logs = [run_dir / "federate.log"] if (run_dir / "federate.log").exists() else sorted(run_dir.glob("*.log"))
+    if not logs:
+        return ""
+    lines = [ln.strip() for ln in logs[0].read_text(errors="replace").splitlines() if ln.strip()]
+    parsed = [LOG_LINE.match(ln) for ln in lines]
+    errors = [m["message"] for m in parsed if m and m["level"] in ("ERROR", "CRITICAL")]
+    if errors:
+        return errors[-1]
+    if not lines:
+        return ""
+    return parsed[-1]["message"] if parsed[-1] else lines[-1]
+
+
+def is_federate_job(hydra_dir: Path) -> bool | None:
+    """Whether a Hydra job folder is a federate run (None: its .hydra cannot tell)."""
+    hydra_yaml = hydra_dir / "hydra.yaml"
+    if hydra_yaml.exists():
+        return "config_name: federate" in hydra_yaml.read_text(errors="replace")
+    try:
+        config = yaml.safe_load((hydra_dir / "config.yaml").read_text(errors="replace"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return isinstance(config, dict) and {"method", "target_domain"} <= set(config)
+
+
+def collect(root: Path) -> Runs:
+    """Every run under root: those with a usable summary, and the others with the reason."""
+    runs = Runs()
+    for path in sorted(root.rglob("summary.json")):
+        if "report" in path.relative_to(root).parts[:-1]:
+            continue
+        try:
+            runs.summaries.append(read_run(path))
+        except (OSError, ValueError) as e:
+            runs.broken.append(Broken(path.parent, str(e)))
+    for hydra_dir in sorted(root.rglob(".hydra")):
+        run_dir = hydra_dir.parent
+        if (run_dir / "summary.json").exists() or not hydra_dir.is_dir():
+            continue
+        federate = is_federate_job(hydra_dir)
+        if federate is False:
+            continue
+        why = "no summary.json (failed or unfinished)"
+        if federate is None:
+            why += "; its .hydra folder has neither hydra.yaml nor a readable config.yaml"
+        message = last_error(run_dir)
+        runs.broken.append(Broken(run_dir, why + (f": {message}" if message else "")))
+    return runs

@@ -50,6 +50,9 @@ class PromptTrainer(LockstepTrainer):
                 logits = self.scale * torch.bmm(xs[step, :k], features.transpose(1, 2))
                 loss = self._loss(logits, ys[step, :k], valid[step, :k])
                 grad, = torch.autograd.grad(loss.sum(), leaf)
+            # the context's gradient is a strided view into the prompt's, and fused Adam (PyTorch 2.13, CPU)
+            # reads its storage as if it were contiguous
+            grad = grad.contiguous()
             with torch.no_grad():
                 if s.mu:  # FedProx: gradient of (mu / 2) ||w - w_global||^2
                     grad.add_(params - (anchor["ctx"][:k] if stacked_anchor else anchor["ctx"]), alpha=s.mu)

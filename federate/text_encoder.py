@@ -194,11 +194,12 @@ class PromptModel:
                               "adapter=coop needs a CLIP tokenizer")
         texts = [" ".join(["X"] * n_ctx + [name]) + "." for name in names]
         encoded = self.tokenizer(texts, padding="max_length", max_length=self.encoder.max_length, truncation=False)
-        ids = torch.tensor(encoded["input_ids"])
-        if ids.shape[1] > self.encoder.max_length:
-            longest = names[int((torch.tensor([len(i) for i in encoded["input_ids"]])).argmax())]
+        lengths = [len(i) for i in encoded["input_ids"]]
+        if max(lengths) > self.encoder.max_length:
+            longest = names[lengths.index(max(lengths))]
             raise ConfigError(f"the prompt of class {longest!r} with n_ctx={n_ctx} context tokens is longer than the "
                               f"text encoder's {self.encoder.max_length} tokens; lower adapter.n_ctx")
+        ids = torch.tensor(encoded["input_ids"])
         eos = eos_positions(ids, self.encoder.eos_token_id)
         length = int(eos.max()) + 1  # everything after the last EOS is dropped (exact: causal attention)
         with torch.no_grad():

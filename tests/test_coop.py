@@ -230,3 +230,19 @@ def test_coop_runs_on_a_cache_extracted_with_the_tiny_random_clip(tmp_path):
                   tmp_path / "out")
     assert summary["adapter"]["name"] == "coop" and summary["participants"] == ["sketch"]
     assert summary["trainable_params"] == 2 * 64  # the context of the tiny model's text width (64)
+
+
+def test_promptfl_runs_in_flowers_simulation_engine_as_in_process(cache_file, tiny_model, tmp_path):
+    pytest.importorskip("flwr", reason="needs Flower: pip install -e '.[flower]'")
+    from conftest import run_cli
+
+    overrides = [f"cache_file={cache_file}", f"model.name={tiny_model}", "target_domain=target", "adapter=coop",
+                 "adapter.n_ctx=4", "rounds=2"]
+    proc = run_cli("federate", "backend=flower", *overrides, f"hydra.run.dir={tmp_path}/sim", cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    flower = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    local = run(config("federate", overrides), tmp_path / "local")
+    assert flower["backend"] == "flower" and flower["adapter"] == local["adapter"]
+    assert flower["best_round"] == local["best_round"] and flower["val_acc"] == pytest.approx(local["val_acc"], abs=1e-6)
+    assert flower["generalization"] == pytest.approx(local["generalization"], abs=1e-6)
+    assert flower["bytes_per_round"] == local["bytes_per_round"] and flower["trainable_params"] == 4 * 32

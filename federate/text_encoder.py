@@ -244,34 +244,43 @@ def load_prompt_model(folder: str, fingerprint: str) -> PromptModel:
     from transformers import AutoTokenizer, CLIPConfig
 
     directory = Path(folder)
-    files = sorted(directory.glob("*.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     try:
-        for f in files:
+        for f in sorted(directory.glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    if key.startswith("text_model.") or key == "text_projection.weight":
-                        tensors[key] = st.get_tensor(key).float()
+                tensors.update({k: st.get_tensor(k) for k in st.keys() if is_text_tensor(k)})
         config = CLIPConfig.from_pretrained(folder).text_config
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # safetensors, JSON and tokenizer errors are of many kinds
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"cannot load the text encoder of {directory} for adapter=coop ({type(e).__name__}: "
                           f"{first}); re-save the model with save_pretrained") from None
-    try:
-        encoder = TextEncoder(tensors, config.num_attention_heads, config.layer_norm_eps, config.hidden_act,
-                              config.eos_token_id)
-    except KeyError as e:
-        raise ConfigError(f"the weights in {directory} lack the text encoder tensor {e.args[0]}; adapter=coop needs "
-                          "a complete CLIP checkpoint saved with save_pretrained") from None
-    if not encoder.layers:
-        raise ConfigError(f"the weights in {directory} have no text encoder layers; adapter=coop needs a CLIP checkpoint")
-    if encoder.width % encoder.heads:
-        raise ConfigError(f"the text encoder of {directory} has width {encoder.width} and {encoder.heads} heads, "
-                          "which do not divide; its config.json does not match its weights")
+    encoder = encoder_from(tensors, config, directory)
     log.info("text encoder for prompt learning: %s (%d layers, width %d, %s parameters)", directory.name,
              len(encoder.layers), encoder.width, f"{sum(t.numel() for t in tensors.values()):,}")
     return PromptModel(encoder, tokenizer, directory)
+
+
+def is_text_tensor(key: str) -> bool:
+    """A tensor of CLIPModel's text tower (the text transformer and its projection)."""
+    return key.startswith("text_model.") or key == "text_projection.weight"
+
+
+def encoder_from(tensors: dict[str, torch.Tensor], text_config, where) -> TextEncoder:
+    """The text encoder of a CLIPModel's text tensors (state-dict names) and its CLIPTextConfig."""
+    tensors = {k: v.detach().float() for k, v in tensors.items() if is_text_tensor(k)}
+    try:
+        encoder = TextEncoder(tensors, text_config.num_attention_heads, text_config.layer_norm_eps,
+                              text_config.hidden_act, text_config.eos_token_id)
+    except KeyError as e:
+        raise ConfigError(f"the weights in {where} lack the text encoder tensor {e.args[0]}; adapter=coop needs "
+                          "a complete CLIP checkpoint saved with save_pretrained") from None
+    if not encoder.layers:
+        raise ConfigError(f"the weights in {where} have no text encoder layers; adapter=coop needs a CLIP checkpoint")
+    if encoder.width % encoder.heads:
+        raise ConfigError(f"the text encoder of {where} has width {encoder.width} and {encoder.heads} heads, which "
+                          "do not divide; its config.json does not match its weights")
+    return encoder
 
 
 def model_folder(cache, model_cfg) -> Path:

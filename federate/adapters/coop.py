@@ -59,14 +59,19 @@ class CoOp(Adapter):
     def prepare(self, cache, model_cfg) -> None:
         from ..text_encoder import load_for_cache
 
-        self.model = load_for_cache(cache, model_cfg)
-        if self.model.encoder.projection.shape[0] != cache.embed_dim:
-            raise ConfigError(f"the text encoder projects to {self.model.encoder.projection.shape[0]} dimensions, the "
+        model = load_for_cache(cache, model_cfg)
+        if model.encoder.projection.shape[0] != cache.embed_dim:
+            raise ConfigError(f"the text encoder projects to {model.encoder.projection.shape[0]} dimensions, the "
                               f"cache's embeddings have {cache.embed_dim}; the cache was not made with this model")
+        self.attach(model, prompt_names(cache))
+
+    def attach(self, model, names: list[str]) -> None:
+        """Use the text encoder and tokenizer `model` (federate.text_encoder.PromptModel) on these class names."""
+        self.model = model
         if self.ctx_init:
-            self.init_tokens = self.model.context_tokens(self.ctx_init)
+            self.init_tokens = model.context_tokens(self.ctx_init)
             self.n_ctx = self.settings["n_ctx"] = len(self.init_tokens)  # the initial words' tokens
-        self.prompts = self.model.prompts(prompt_names(cache), self.n_ctx)
+        self.prompts = model.prompts(list(names), self.n_ctx)
         self._features.clear()
 
     def _prepared(self):

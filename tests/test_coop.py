@@ -246,3 +246,17 @@ def test_promptfl_runs_in_flowers_simulation_engine_as_in_process(cache_file, ti
     assert flower["best_round"] == local["best_round"] and flower["val_acc"] == pytest.approx(local["val_acc"], abs=1e-6)
     assert flower["generalization"] == pytest.approx(local["generalization"], abs=1e-6)
     assert flower["bytes_per_round"] == local["bytes_per_round"] and flower["trainable_params"] == 4 * 32
+
+
+def test_a_hub_model_missing_from_the_local_hub_cache_is_one_line(tiny_model, tmp_path, monkeypatch):
+    """model.name is the hub id the cache records, but no copy of it is at hand (offline)."""
+    from conftest import run_cli
+
+    hub_id = "openai/clip-vit-base-patch32"
+    cache = coop_cache(tmp_path / "hub.h5", tiny_model, model_name=hub_id)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    proc = run_cli("federate", f"cache_file={cache}", f"model.name={hub_id}", "adapter=coop", "target_domain=target",
+                   f"hydra.run.dir={tmp_path}/out", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if f"adapter=coop runs the text encoder of model.name={hub_id}" in line]
+    assert len(lines) == 1, proc.stdout

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from extract.identity import model_fingerprint
 from federate import adapters, sweep
 from federate.errors import ConfigError
+from federate.report import report
 from federate.run import run
 from federate.text_encoder import load_prompt_model
 
@@ -123,6 +124,9 @@ def test_promptfl_fedprox_and_local_coop_learn_the_context_only(cache_file, tiny
     clients = len(summary["participants"])
     per_round = 0 if summary["method"] == "local" else clients * 4 * 4 * 32
     assert summary["bytes_per_round"] == {"up": per_round, "down": per_round}
+    if "adapter.optimizer=sgd" not in overrides:  # the report names the adapter and its settings
+        text = report(tmp_path, make_plots=False)
+        assert f"| {summary['method']} (" in text and "adapter=coop(n_ctx=4, ctx_init=None, csc=False, optimizer=adam)" in text
     saved = load_file(tmp_path / "adapter.safetensors")
     if summary["method"] == "local":
         assert sorted(saved) == [f"{d}/ctx" for d in ("alpha", "beta", "gamma")]

@@ -203,6 +203,9 @@ def test_a_cache_of_other_weights_than_the_models_is_refused(tiny_model, tmp_pat
 
 @pytest.mark.parametrize("override, match", [
     ("adapter.n_ctx=0", "adapter.n_ctx must be >= 1"),
+    ("adapter.n_ctx=abc", "adapter.n_ctx must be an integer, not 'abc'"),
+    ("adapter.csc=maybe", "adapter.csc must be true or false, not 'maybe'"),
+    ("adapter.momentum=fast", "adapter.momentum must be a number, not 'fast'"),
     ("adapter.optimizer=rmsprop", "adapter.optimizer must be adam or sgd"),
     ("text_adapter=true", "text_adapter=true needs adapter=attai"),
     ("engine=batched", "engine=generic"),

@@ -32,18 +32,20 @@ class CoOp(Adapter):
         if text_tower:
             raise ConfigError("adapter coop learns the prompts itself; text_adapter=true needs adapter=attai")
         ctx_init = str(ctx_init).strip() if ctx_init is not None else None
+        n_ctx, csc = typed("n_ctx", n_ctx, int), typed("csc", csc, bool)
+        momentum, sgd_weight_decay = typed("momentum", momentum, float), typed("sgd_weight_decay", sgd_weight_decay, float)
         problems = [
-            (int(n_ctx) < 1, f"adapter.n_ctx must be >= 1, not {n_ctx}"),
+            (n_ctx < 1, f"adapter.n_ctx must be >= 1, not {n_ctx}"),
             (ctx_init == "", "adapter.ctx_init must be words (e.g. \"a photo of a\") or null, not empty"),
             (optimizer not in OPTIMIZERS, f"adapter.optimizer must be adam or sgd, not {optimizer!r}"),
-            (not 0 <= float(momentum) < 1, f"adapter.momentum must be in [0, 1), not {momentum}"),
-            (float(sgd_weight_decay) < 0, f"adapter.sgd_weight_decay must be >= 0, not {sgd_weight_decay}"),
+            (not 0 <= momentum < 1, f"adapter.momentum must be in [0, 1), not {momentum}"),
+            (sgd_weight_decay < 0, f"adapter.sgd_weight_decay must be >= 0, not {sgd_weight_decay}"),
         ]
         for bad, message in problems:
             if bad:
                 raise ConfigError(message)
-        self.n_ctx, self.ctx_init, self.csc, self.optimizer = int(n_ctx), ctx_init, bool(csc), optimizer
-        self.momentum, self.sgd_weight_decay = float(momentum), float(sgd_weight_decay)
+        self.n_ctx, self.ctx_init, self.csc, self.optimizer = n_ctx, ctx_init, csc, optimizer
+        self.momentum, self.sgd_weight_decay = momentum, sgd_weight_decay
         self.settings = {"n_ctx": self.n_ctx, "ctx_init": ctx_init, "csc": self.csc, "optimizer": optimizer}
         if optimizer == "sgd":
             self.settings.update(momentum=self.momentum, sgd_weight_decay=self.sgd_weight_decay)
@@ -114,6 +116,17 @@ class CoOp(Adapter):
         self._features.insert(0, (ctx.detach().clone(), features))
         del self._features[8:]
         return features
+
+
+def typed(key: str, value, kind: type):
+    """A setting of the given type (the adapter group is untyped in the schema): `csc=maybe` or `n_ctx=abc`
+    is one line, never a silent bool("maybe") or a traceback."""
+    ok = isinstance(value, bool) if kind is bool else (isinstance(value, (int, float) if kind is float else int)
+                                                       and not isinstance(value, bool))
+    if not ok:
+        what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"adapter.{key} must be {what}, not {value!r}")
+    return kind(value)
 
 
 def prompt_names(cache) -> list[str]:

@@ -19,7 +19,7 @@ gives class features [K, C, d].
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -170,9 +170,17 @@ class Prompts:
     eos: torch.Tensor
     ids: torch.Tensor
     n_ctx: int
+    _on: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to(self, device) -> "Prompts":
-        return Prompts(self.start.to(device), self.suffix.to(device), self.eos.to(device), self.ids, self.n_ctx)
+        """These prompts on `device` (copied once, then kept: training asks at every step)."""
+        device = torch.device(device)
+        if device == self.start.device:
+            return self
+        if device not in self._on:
+            self._on[device] = Prompts(self.start.to(device), self.suffix.to(device), self.eos.to(device), self.ids,
+                                       self.n_ctx)
+        return self._on[device]
 
 
 class PromptModel:

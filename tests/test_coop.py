@@ -112,7 +112,8 @@ def test_evaluation_logits_follow_the_context_even_when_it_changes_in_place(cach
 # --- runs --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides", [["method=fedclip"], ["method=fedprox", "method.mu=0.1"], ["method=local"],
-                                       ["method=fedclip", "adapter.optimizer=sgd", "lr=1e-4"]])
+                                       ["method=fedclip", "adapter.optimizer=sgd", "lr=1e-4"],
+                                       ["method=fedclip", "precision=bf16"]])
 def test_promptfl_fedprox_and_local_coop_learn_the_context_only(cache_file, tiny_model, tmp_path, overrides):
     summary = run(coop_cfg(cache_file, tiny_model, *overrides, rounds=6), tmp_path)
     rows = history(tmp_path)

@@ -50,7 +50,7 @@ class CoOp(Adapter):
         if optimizer == "sgd":
             self.settings.update(momentum=self.momentum, sgd_weight_decay=self.sgd_weight_decay)
         self.model = None
-        self._features: list[tuple[torch.Tensor, torch.Tensor]] = []  # evaluation: (context, class features)
+        self._features: list[tuple] = []  # evaluation: (context, autocast dtype, class features)
 
     @property
     def trainer(self):
@@ -108,12 +108,14 @@ class CoOp(Adapter):
     def _evaluated(self, ctx: torch.Tensor) -> torch.Tensor:
         """Class features of one context, computed once per distinct context: evaluation asks for the same
         adapter on every split (compared by value, so a changed context is never served stale features)."""
-        for seen, features in self._features:
-            if seen.shape == ctx.shape and seen.device == ctx.device and torch.equal(seen, ctx):
+        kind = ctx.device.type
+        low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None  # precision=bf16
+        for seen, seen_low, features in self._features:
+            if seen_low == low and seen.shape == ctx.shape and seen.device == ctx.device and torch.equal(seen, ctx):
                 return features
         with torch.no_grad():
             features = self.class_features(ctx[None])[0]
-        self._features.insert(0, (ctx.detach().clone(), features))
+        self._features.insert(0, (ctx.detach().clone(), low, features))
         del self._features[8:]
         return features
 

@@ -149,7 +149,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), **results}, indent=2))
     r = results["pacs_like"]
-    log.info("promptfl step: cached %.4f s, re-encoding %.4f s, ratio %.1fx", r["cached_s"], r["reencoding_s"], r["ratio"])
+    log.info("promptfl step: cached %.4f s, re-encoding %.4f s, ratio %.1f", r["cached_s"], r["reencoding_s"], r["ratio"])
 
 
 if __name__ == "__main__":

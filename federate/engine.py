@@ -301,6 +301,8 @@ def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch
                  settings: TrainSettings):
     """engine=auto: AttAI's hand-written gradients, in lock step on CUDA (fewer, larger kernels) and one
     client at a time on a CPU (cache); torch.func for any other adapter."""
+    if engine == "auto" and adapter.trainer is not None:  # an adapter with its own trainer (adapter=coop)
+        return adapter.trainer(adapter, clients, text, scale, settings)
     if engine == "auto":
         engine = ("batched" if clients.x.is_cuda else "sequential") if adapter.fast_path else "generic"
     if engine not in ENGINES:

@@ -82,6 +82,7 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
 
     # 1. the cache
     cache = load_cache(cache_path(cfg), cfg.model.name)
+    adapter.prepare(cache, cfg.model)
     target, participants = target_and_participants(list(cache.domains), cfg.target_domain, cache.path)
 
     # 2. clients and their splits (federate/partition.py)

@@ -10,6 +10,10 @@ functions of one client's parameters (the engines stack and `vmap` them over cli
 - `logits(params, x, text, scale)`: class logits [n, C]; by default `scale` times the cosine similarity
   of the adapted image and prompt embeddings, as CLIP predicts.
 
+Two optional hooks serve adapters that need more than the embeddings (adapter=coop runs CLIP's text
+encoder): `prepare(cache, model_cfg)`, which every runner calls once after loading the cache and before
+`init_params`, and `trainer`, a trainer class that `engine=auto` uses instead of the built-in engines.
+
 The in-batch contrastive loss only needs the class logits: its B x B logits are `logits[:, labels]`.
 Register a new adapter with `@register("name", **defaults)`; it is then `adapter=name` on the command
 line (README: "Add your own adapter").
@@ -32,11 +36,16 @@ class Adapter:
     name = "identity"
     towers: tuple[str, ...] = ()  # the embeddings it adapts: "image", "text"
     fast_path = False  # hand-written gradients exist (engine=batched/sequential)
+    trainer = None  # its own trainer class (make_trainer's interface), used by engine=auto
 
     def __init__(self, text_tower: bool = False, **settings):
         if text_tower:
             raise ConfigError(f"adapter {self.name} has no text-tower variant; text_adapter=true needs adapter=attai")
         self.settings = settings
+
+    def prepare(self, cache, model_cfg) -> None:
+        """Called once after the cache (federate.cache.EmbeddingCache) is loaded, before `init`; `model_cfg`
+        is the run's `model` settings (model.name: hub id or local folder). Nothing to do by default."""
 
     def init(self, dim: int, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
@@ -91,4 +100,4 @@ def num_parameters(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for v in state.values())
 
 
-from . import attai, clip_adapter, linear_head  # noqa: E402,F401  (the built-in adapters register themselves)
+from . import attai, clip_adapter, coop, linear_head  # noqa: E402,F401  (the built-in adapters register themselves)

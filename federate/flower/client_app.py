@@ -28,7 +28,7 @@ def client_of(msg: Message, context: Context):
     domain = domain_of_node(context.node_config, participants)
     cache_file = context.node_config.get("cache-file") or cfg.cache_file
     client, text, scale = client_data(str(cache_file), cfg.model.name, domain, cfg.seed, cfg.split_file or "", cfg.device)
-    return cfg, client, text, scale
+    return cfg, client, text, scale, client_adapter(cfg, str(cache_file), domain)
 
 
 def received_state(msg: Message, device):
@@ -37,8 +37,8 @@ def received_state(msg: Message, device):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, client, text, scale = client_of(msg, context)
-    method, adapter = client_method(cfg), client_adapter(cfg)
+    cfg, client, text, scale, adapter = client_of(msg, context)
+    method = client_method(cfg)
     glob = received_state(msg, client.train[0].device)
     state = strategy.stack(glob, 1)
     settings = train_settings(cfg, method)
@@ -55,10 +55,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, client, text, scale = client_of(msg, context)
+    cfg, client, text, scale, adapter = client_of(msg, context)
     state = received_state(msg, client.train[0].device)
     with autocast(cfg.precision, client.train[0].device):  # as the in-process runner evaluates
-        val, test = accuracies(client_adapter(cfg), [state, state], [client.val, client.test], text, scale)
+        val, test = accuracies(adapter, [state, state], [client.val, client.test], text, scale)
     sizes = client.sizes()
     reply = RecordDict({
         "metrics": MetricRecord({"val_acc": val, "test_acc": test, "num-examples": sizes["val"]}),

@@ -100,6 +100,7 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     header = load_cache(cfg.cache_file, cfg.model.name, domains=())
     target, participants = target_and_participants(list(header.all_domains), cfg.target_domain, header.path)
     cache = load_cache(cfg.cache_file, cfg.model.name, domains=(target,))  # the server holds the held-out domain
+    adapter.prepare(cache, cfg.model)
     target_set, text = domain_tensors(cache, target, device), class_text(cache, device)
     global_state = {k: v.to(device) for k, v in adapters.init_params(adapter, cache.embed_dim, cfg.seed, text).items()}
     cost = cost_figures(method, adapters.num_parameters(global_state), len(participants),

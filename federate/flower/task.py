@@ -73,8 +73,10 @@ def _client_data(cache_file: str, version, model_name: str, domain: str, seed: i
     return make_client(cache, ClientSplit(domain, domain, rows[domain]), dev), class_text(cache, dev), cache.logit_scale
 
 
-def client_adapter(cfg) -> adapters.Adapter:
-    return adapters.build(cfg.adapter, text_tower=cfg.text_adapter)
+def client_adapter(cfg, cache_file: str, domain: str) -> adapters.Adapter:
+    adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter)
+    adapter.prepare(load_cache(cache_file, cfg.model.name, domains=(domain,)), cfg.model)  # read once, kept
+    return adapter
 
 
 def client_method(cfg) -> methods.Method:

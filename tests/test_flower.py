@@ -190,6 +190,9 @@ def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, tmp_path):
                    timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
     same_results(json.loads((tmp_path / "sim" / "summary.json").read_text()), in_process(cache_file, tmp_path / "l"))
+    # quiet: only fedclip's lines on the console; Flower's, alembic's and Ray's go to the log file
+    assert all("][federate" in line for line in proc.stdout.splitlines() if line.strip()), proc.stdout[-3000:]
+    assert "[flwr][DEBUG]" in (tmp_path / "sim" / "federate.log").read_text()
 
 
 # ---------------------------------------------------------------- a real deployment on loopback

@@ -81,8 +81,11 @@ def unknown_setting(argv: list[str], config_name: str) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)  # Hydra's own: flags (--cfg job, -m) apart from overrides
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
     except Exception:  # a syntax error: Hydra reports it
         return None
     groups, keys = {}, []

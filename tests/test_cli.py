@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, config, run_cli, run_federate
 from omegaconf import OmegaConf
 
+import extract.config  # noqa: F401  (registers extract's schema, as python -m extract does)
 from federate.callbacks import FederateErrors
 from federate.cli import CONF_DIR
 from federate.errors import ConfigError
@@ -61,6 +62,7 @@ def test_the_readmes_own_adapter_example_runs_as_written_from_any_folder(planted
     ("federate", ["flower.min_client=3"], "flower.min_client is not a setting of federate; did you mean flower.min_clients?"),
     ("federate", ["adapter=clip_adapter", "+adapter.ration=0.3"], "did you mean adapter.ratio?"),
     ("federate", ["-m", "lr=1e-3,1e-4", "seeds=0,1"], "seeds is not a setting of federate; did you mean seed?"),
+    ("federate", ["--cfg", "job", "lrr=1"], "lrr is not a setting of federate; did you mean lr?"),
     ("extract", ["+prompt_template=[x]"], "+prompt_template is not a setting of extract; did you mean prompt_templates?"),
     ("extract", ["dataset=demo", "dataset.generate.image_per_class=3"], "did you mean dataset.generate.images_per_class?"),
 ])

@@ -53,8 +53,8 @@ def not_a_switch(argv: list[str], switches: tuple[str, ...]) -> str | None:
 def setting_paths(cfg, prefix: str = "") -> list[str]:
     """Every key of a composed config as a dotted path (nodes and leaves; missing values included)."""
     paths = []
-    items = enumerate(cfg) if isinstance(cfg, ListConfig) else cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else ()
-    for key, _ in items:
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else cfg.keys()
+    for key in keys:
         path = f"{prefix}{key}"
         paths.append(path)
         child = cfg._get_node(key)
@@ -63,7 +63,7 @@ def setting_paths(cfg, prefix: str = "") -> list[str]:
     return paths
 
 
-def group_options(override, group: str) -> list[str]:
+def group_options(override) -> list[str]:
     """The options a group override picks: one, or each of a sweep's `a,b` list (other sweeps: none)."""
     from hydra.core.override_parser.types import ValueType
 
@@ -79,9 +79,8 @@ def unknown_setting(argv: list[str], config_name: str) -> str | None:
     command line composes (the config group options it picks, each option of a swept group tried in turn),
     with the closest known key. Hydra's own checks (syntax, types) come later; hydra.* is Hydra's."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args, _ = get_args_parser().parse_known_args(argv)  # Hydra's own: flags (--cfg job, -m) apart from overrides
     try:
@@ -91,10 +90,10 @@ def unknown_setting(argv: list[str], config_name: str) -> str | None:
     groups, keys = {}, []
     for o in overrides:
         key = o.key_or_group
-        if key.startswith("hydra") or o.package is not None:
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or o.package is not None:
             continue
         if choices(key):
-            groups[key] = group_options(o, key) or [None]
+            groups[key] = group_options(o) or [None]
         else:
             keys.append((o.input_line.split("=")[0], key))
     if not keys:

@@ -165,11 +165,11 @@ def check_finite(round_: int, losses: dict[str, float], state: dict[str, torch.T
     exploded = 100.0  # root mean square of a weight tensor: trained weights stay near 1 or below; lr=1e3 gives ~500
     bad = [n for n, v in losses.items() if not math.isfinite(v)]
     if not bad and bool(torch.stack([torch.isfinite(v).all() for v in state.values()]).all()):
-        rms = max((float(v.double().square().mean().sqrt()) for v in state.values() if v.is_floating_point() and v.numel()),
-                  default=0.0)
+        rms = max((float(torch.linalg.vector_norm(v.float())) / v.numel() ** 0.5 for v in state.values()
+                   if v.is_floating_point() and v.numel()), default=0.0)
         if rms <= exploded:
             return
-        bad_weights = f"exploding weights (root mean square {rms:.3g}, above {exploded:g})"
+        bad_weights = f"exploding weights: root mean square {rms:.3g} > {exploded:g}"
     else:
         bad_weights = "non-finite adapter weights"
     what = f"non-finite training loss for {', '.join(bad)}" if bad else bad_weights

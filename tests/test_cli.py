@@ -96,6 +96,14 @@ def test_the_known_settings_come_from_the_composed_config_not_a_list(monkeypatch
     assert "did you mean adapter.init_scale?" in unknown_setting(["adapter=scale_for_test", "adapter.init_scal=0.5"], "federate")
 
 
+def test_flwr_runs_overrides_take_known_settings_only():
+    from federate.flower.task import settings_from_run_config
+
+    with pytest.raises(ConfigError, match=r"bad run config overrides \(\+lrr is not a setting of federate; did you mean lr\?\)"):
+        settings_from_run_config({"overrides": "rounds=2 +lrr=1e-3"})
+    assert settings_from_run_config({"overrides": "rounds=2 lr=1e-3"})[0].lr == 1e-3
+
+
 @pytest.mark.parametrize("command, argv, message", [
     ("federate", ["lrr=1e-3"], "lrr is not a setting of federate; did you mean lr?"),
     ("extract", ["dataset=demo", "+overwrit=true"], "+overwrit is not a setting of extract; did you mean overwrite?"),

@@ -129,7 +129,10 @@ def error_line(logger_name: str, message: str) -> None:
 
 def exit_on_bad_override(groups: tuple[str, ...], switches: tuple[str, ...], logger_name: str) -> None:
     argv = sys.argv[1:]
-    message = unknown_choice(argv, groups) or not_a_switch(argv, switches) or unknown_setting(argv, logger_name)
+    if not CONF_DIR.is_dir():  # conf/ lives in the clone, beside the packages: a copy installed alone lacks it
+        message = f"fedclip's configs are not at {CONF_DIR}; install fedclip from its clone with pip install -e ."
+    else:
+        message = unknown_choice(argv, groups) or not_a_switch(argv, switches) or unknown_setting(argv, logger_name)
     if message:
         sys.stderr.write(f"[{logger_name}][ERROR] - {message}\n")
         sys.exit(2)

@@ -114,6 +114,18 @@ def test_cli_unknown_setting_is_one_line_and_exit_2(command, argv, message, tmp_
     assert not (tmp_path / "outputs").exists()
 
 
+def test_without_its_configs_the_entry_point_says_how_to_install(monkeypatch, tmp_path, capsys):
+    from federate import cli
+
+    monkeypatch.setattr(cli, "CONF_DIR", tmp_path / "conf")
+    monkeypatch.setattr(sys, "argv", ["federate"])
+    with pytest.raises(SystemExit) as e:
+        cli.exit_on_bad_override(("dataset",), (), "federate")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"[federate][ERROR] - fedclip's configs are not at {tmp_path / 'conf'}; "
+                                       "install fedclip from its clone with pip install -e .\n")
+
+
 def test_the_batched_launcher_composes_without_hydras_schema_warning():
     from hydra import compose, initialize_config_dir
 

@@ -3,7 +3,7 @@
 An error in the settings, the inputs or an output path is one line, without a traceback. A single run
 then exits with status 2. A job of a sweep (-m) logs its error (the last line of its log file), writes no
 summary.json and returns, so the later points still run; federate.callbacks.FederateErrors (hydra.callbacks)
-names the failed jobs at the end and exits with status 1.
+names the failed jobs at the end and exits with status 1. Ctrl-C is one line too, with status 130.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from federate.cli import CONF_DIR, error_line, exit_on_bad_override
+
 from . import config  # noqa: F401  (registers the typed schema `extract_schema` before Hydra composes)
 from .errors import ExtractError, describe_os_error
 from .pipeline import run
@@ -13,8 +15,11 @@ from .pipeline import run
 log = logging.getLogger("extract")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
-def main(cfg: DictConfig) -> None:
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="extract")
+def extract_job(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ExtractError as e:
@@ -25,8 +30,14 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    from federate.cli import exit_on_bad_override
+def main() -> None:
+    try:
+        exit_on_bad_override(("dataset", "model"), ("overwrite",), "extract")
+        extract_job()
+    except KeyboardInterrupt as e:  # the pipeline says what was kept; earlier, nothing was written
+        error_line("extract", f"interrupted (Ctrl-C){': ' + str(e) if str(e) else ''}")
+        sys.exit(INTERRUPTED)
 
-    exit_on_bad_override(("dataset", "model"), ("overwrite",), "extract")
+
+if __name__ == "__main__":
     main()

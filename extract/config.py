@@ -6,6 +6,7 @@ fail with Hydra's one-line validation error. (Booleans follow OmegaConf: true/fa
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
@@ -80,6 +81,22 @@ class ExtractConfig:
     on_bad_image: OnBadImage = OnBadImage.skip
     cache_dtype: CacheDtype = CacheDtype.float32
     prompt_templates: List[str] = field(default_factory=lambda: ["a picture of a {}"])
+
+
+def template_problem(template: str) -> str | None:
+    """What is wrong with a prompt template, if anything: it takes the class name through exactly one `{}`
+    (a named or numbered field, a second field or an unpaired brace would fail or drop the name)."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # an unpaired { or }
+        return f"prompt template {template!r} is malformed ({e}); write literal braces as {{{{ and }}}}"
+    if fields != [("", "", None)]:
+        written = ", ".join("{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                            for name, spec, conv in fields)
+        found = "no field" if not fields else f"{len(fields)} fields ({written})" if len(fields) > 1 else written
+        return (f"prompt template {template!r} has {found} where it needs exactly one {{}} for the class name, "
+                "e.g. 'a picture of a {}'")
+    return None
 
 
 def value(x):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import cache as cachefile
-from .config import value
+from .config import template_problem, value
 from .errors import ExtractError, os_errors
 from .images import to_rgb
 from .model import (check_tokenizer, image_embeddings, load_clip, model_dtype, num_parameters, resolve_device,
@@ -85,8 +85,10 @@ def check_settings(cfg) -> None:
     """What the typed schema (extract/config.py) cannot say: ranges and template syntax."""
     if int(cfg.batch_size) < 1 or int(cfg.num_workers) < 0:
         raise ExtractError("batch_size must be >= 1 and num_workers >= 0")
-    if not cfg.prompt_templates or any("{}" not in t for t in cfg.prompt_templates):
+    if not cfg.prompt_templates:
         raise ExtractError("prompt_templates must be a non-empty list of strings containing {}")
+    if problem := next(filter(None, map(template_problem, cfg.prompt_templates)), None):
+        raise ExtractError(problem)
 
 
 def settings_of(source, model_ref, cfg, device: torch.device) -> dict:
@@ -167,9 +169,8 @@ def run(cfg) -> Path:
         try:
             for k, domain in enumerate(source.domains):
                 encode_domain(store, k, domain, model, processor, cfg, embed_dim)
-        except KeyboardInterrupt:
-            log.error("interrupted: %s keeps what was done; re-run the same command to resume", store.dir)
-            raise
+        except KeyboardInterrupt:  # the entry point says it in one line
+            raise KeyboardInterrupt(f"{store.dir} keeps what was done; re-run the same command to resume") from None
         header["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         counts = store.assemble(header, text.numpy().reshape(len(templates), len(source.class_names), embed_dim),
                                 float(model.logit_scale.detach().exp()), source.domains, embed_dim,

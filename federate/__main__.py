@@ -3,24 +3,27 @@
 An error in the settings, the inputs or an output path is one line, without a traceback. A single run
 then exits with status 2. A job of a sweep (-m) logs its error (the last line of its log file), writes no
 summary.json and returns, so the later points still run; federate.callbacks.FederateErrors (hydra.callbacks)
-names the failed jobs at the end and exits with status 1.
+names the failed jobs at the end and exits with status 1. Ctrl-C is one line too, with status 130.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .cli import exit_on_bad_override
+from .callbacks import remove_unused_run_folder
+from .cli import CONF_DIR, error_line, exit_on_bad_override
 from .errors import ConfigError
 from .run import run
 
 log = logging.getLogger("federate")
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def os_error_message(e: OSError, output_dir: str) -> str:
@@ -42,8 +45,14 @@ def one_line(message: str) -> str:
     return " ".join(message.split()) if "\n" in message else message
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="federate")
-def main(cfg: DictConfig) -> float | None:
+def interrupted_message(output_dir: str | None) -> str:
+    """What Ctrl-C leaves behind, in one line."""
+    where = f": {output_dir} holds an unfinished run (no summary.json)" if output_dir else ""
+    return f"interrupted (Ctrl-C){where}"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="federate")
+def federate_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
     try:
@@ -52,13 +61,26 @@ def main(cfg: DictConfig) -> float | None:
         message = str(e)
     except OSError as e:
         message = os_error_message(e, output_dir)
+    except KeyboardInterrupt:
+        log.error("%s", interrupted_message(output_dir))
+        sys.exit(INTERRUPTED)
     log.error("%s", one_line(message))
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return None  # the sweep goes on; the job folder without summary.json marks the failure
+    remove_unused_run_folder(Path(output_dir))  # refused before writing anything: no empty run folder stays
     sys.exit(2)
 
 
+def main() -> None:
+    """The command line's entry point; a script that registers its own adapters calls it (README)."""
+    try:
+        exit_on_bad_override(("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer"),
+                             ("text_adapter",), "federate")
+        federate_job()
+    except KeyboardInterrupt:  # before or after a run: nothing of it is unfinished
+        error_line("federate", interrupted_message(None))
+        sys.exit(INTERRUPTED)
+
+
 if __name__ == "__main__":
-    exit_on_bad_override(("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer"),
-                         ("text_adapter",), "federate")
     main()

@@ -8,6 +8,10 @@
 - Before a run or a sweep, the output folder (hydra.run.dir, or hydra.sweep.dir with -m) must be a folder
   that can be written; otherwise one line names it and the process exits with status 2 (Hydra would
   otherwise fail with a traceback when it creates the folder or opens the job's log file).
+- A folder that holds a run (summary.json or history.jsonl, anywhere under a sweep's folder) is refused the
+  same way, before Hydra writes the job's .hydra/ files over the finished run's.
+- A single run refused before it wrote anything takes away the folder this process created for it
+  (`remove_unused_run_folder`), so that no empty run folder is left for the report to list.
 - After a sweep, the jobs of this sweep without a fresh summary.json (a failed job logs its one-line error
   and returns, so that the later points still run) are named in one line, and the process exits with
   status 1. `python -m federate.report <sweep dir>` lists them too, with the last line of each job's log.
@@ -27,6 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 SWEEP_FAILED = 1  # some jobs of a sweep failed (the others wrote their summaries)
 BAD_OUTPUT = 2  # as for any error in settings or inputs
+RUN_FILES = ("summary.json", "history.jsonl")  # a folder holding one of these holds a run
+HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "federate.log"}  # a job's own
+created_for_run: dict[Path, Path] = {}  # run folder -> the topmost folder on_run_start created for it
 
 
 def error(message: str, status: int) -> NoReturn:
@@ -35,15 +42,22 @@ def error(message: str, status: int) -> NoReturn:
     sys.exit(status)
 
 
-def check_output_folder(config: DictConfig, key: str) -> None:
-    """Exit with one line when the folder at `key` cannot be created or written."""
+def check_output_folder(config: DictConfig, key: str) -> Path | None:
+    """Exit with one line when the folder at `key` holds a run or cannot be created or written; else the
+    topmost folder this call created (None if the folder existed)."""
     try:
         folder = OmegaConf.select(config, key, throw_on_resolution_failure=True)
     except Exception:  # an interpolation Hydra reports itself
-        return
+        return None
     if not folder:
-        return
-    path = Path(str(folder))
+        return None
+    path = Path(str(folder)).absolute()
+    held = next((p for name in RUN_FILES for p in ([path / name] if key == "hydra.run.dir" else path.rglob(name))
+                 if p.is_file()), None)
+    if held:
+        error(f"{path} already holds a run ({held.relative_to(path)}); give this run its own folder "
+              f"({key}=...) or move the old one away", BAD_OUTPUT)
+    created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -52,6 +66,29 @@ def check_output_folder(config: DictConfig, key: str) -> None:
         file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         reason = f"{file} is a file, not a folder" if file else f"{e.strerror or e} ({e.filename or path})"
         error(f"cannot write the output folder {path}: {reason}; set {key}=<a folder you can write>", BAD_OUTPUT)
+    return created
+
+
+def remove_unused_run_folder(folder: Path) -> None:
+    """Remove a single run's folder, and the parents made with it, when on_run_start created it and it holds
+    only what Hydra wrote for the job (a refused run). Any other folder, or any other file, stays."""
+    folder = Path(folder).absolute()
+    top = created_for_run.pop(folder, None)
+    if top is None or not folder.is_dir():
+        return
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+    if not files <= HYDRA_FILES:
+        return
+    for name in files:
+        (folder / name).unlink()
+    for d in (folder / ".hydra", folder, *folder.parents):
+        if d.is_dir():
+            try:
+                d.rmdir()
+            except OSError:  # not empty: something else lives there
+                return
+        if d == top:
+            return
 
 
 def job_folders(sweep_dir: Path) -> dict[Path, int]:
@@ -79,7 +116,9 @@ class FederateErrors(Callback):
         self.before: dict[Path, int] = {}
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_output_folder(config, "hydra.run.dir")
+        created = check_output_folder(config, "hydra.run.dir")
+        if created is not None:
+            created_for_run[Path(str(config.hydra.run.dir)).absolute()] = created
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_output_folder(config, "hydra.sweep.dir")

@@ -1,14 +1,20 @@
 """What the command lines check before Hydra composes, in one line where Hydra would print a block: an
-unknown option of a config group (`method=nope`, `backbone=vgg`), and a switch set to anything but true or
+unknown option of a config group (`method=nope`, `backbone=vgg`), a switch set to anything but true or
 false (`overwrite=no` reads as false to Hydra; a switch that decides whether data is kept takes no
-guesses)."""
+guesses), and a setting that does not exist (`lrr=1e-3`, also as `+lrr=1e-3`, which Hydra would add to
+the config and nothing would read)."""
 from __future__ import annotations
 
+import difflib
+import logging
 import sys
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig
 
+# Both commands' configs, found from any folder: `hydra.main(config_path=str(CONF_DIR))` is absolute, so a
+# script that imports the entry point (README: "Add your own adapter") composes the same config.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -44,8 +50,89 @@ def not_a_switch(argv: list[str], switches: tuple[str, ...]) -> str | None:
     return None
 
 
+def setting_paths(cfg, prefix: str = "") -> list[str]:
+    """Every key of a composed config as a dotted path (nodes and leaves; missing values included)."""
+    paths = []
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else cfg.keys()
+    for key in keys:
+        path = f"{prefix}{key}"
+        paths.append(path)
+        child = cfg._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none() and not child._is_missing():
+            paths += setting_paths(child, path + ".")
+    return paths
+
+
+def group_options(override) -> list[str]:
+    """The options a group override picks: one, or each of a sweep's `a,b` list (other sweeps: none)."""
+    from hydra.core.override_parser.types import ValueType
+
+    if override.value_type == ValueType.ELEMENT:
+        return [str(override.value())]
+    if override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+        return [str(v) for v in override.sweep_string_iterator()]
+    return []
+
+
+def unknown_setting(argv: list[str], config_name: str) -> str | None:
+    """The first `key=value`, `+key=value`, `++key=value` or `~key` override whose key is in no config the
+    command line composes (the config group options it picks, each option of a swept group tried in turn),
+    with the closest known key. Hydra's own checks (syntax, types) come later; hydra.* is Hydra's."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, _ = get_args_parser().parse_known_args(argv)  # Hydra's own: flags (--cfg job, -m) apart from overrides
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # a syntax error: Hydra reports it
+        return None
+    groups, keys = {}, []
+    for o in overrides:
+        key = o.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or o.package is not None:
+            continue
+        if choices(key):
+            groups[key] = group_options(o) or [None]
+        else:
+            keys.append((o.input_line.split("=")[0], key))
+    if not keys:
+        return None
+    known: set[str] = set()
+    names, options = list(groups), [groups[g] for g in groups]
+    # one composition per option of each swept group, with the other groups at their first option
+    picks = {tuple(opts[0] for opts in options)}
+    for i, opts in enumerate(options):
+        picks |= {tuple(o if j == i else options[j][0] for j in range(len(options))) for o in opts}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for pick in picks:
+            chosen = [f"{g}={o}" for g, o in zip(names, pick) if o is not None]
+            try:
+                known |= set(setting_paths(compose(config_name=config_name, overrides=chosen)))
+            except Exception:  # a group option that cannot compose: Hydra says why
+                return None
+    for written, key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; python -m {config_name} --cfg job lists the settings"
+            return f"{written} is not a setting of {config_name}{hint}"
+    return None
+
+
+def error_line(logger_name: str, message: str) -> None:
+    """One error line: through logging once Hydra has set it up (the run's log file keeps it), else to stderr."""
+    if logging.getLogger().handlers:
+        logging.getLogger(logger_name).error("%s", message)
+    else:
+        sys.stderr.write(f"[{logger_name}][ERROR] - {message}\n")
+
+
 def exit_on_bad_override(groups: tuple[str, ...], switches: tuple[str, ...], logger_name: str) -> None:
-    message = unknown_choice(sys.argv[1:], groups) or not_a_switch(sys.argv[1:], switches)
+    argv = sys.argv[1:]
+    if not CONF_DIR.is_dir():  # conf/ lives in the clone, beside the packages: a copy installed alone lacks it
+        message = f"fedclip's configs are not at {CONF_DIR}; install fedclip from its clone with pip install -e ."
+    else:
+        message = unknown_choice(argv, groups) or not_a_switch(argv, switches) or unknown_setting(argv, logger_name)
     if message:
         sys.stderr.write(f"[{logger_name}][ERROR] - {message}\n")
         sys.exit(2)

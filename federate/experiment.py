@@ -40,7 +40,14 @@ def check_settings(cfg) -> Method:
         (cfg.local_epochs < 1, f"local_epochs must be >= 1, not {cfg.local_epochs}"),
         (cfg.batch_size < 2, f"batch_size must be >= 2 (the contrastive loss needs pairs), not {cfg.batch_size}"),
         (cfg.finetune_epochs < 0, f"finetune_epochs must be >= 0, not {cfg.finetune_epochs}"),
-        (float(cfg.method.get("mu", 0.0)) < 0, f"method.mu must be >= 0, not {cfg.method.get('mu')}"),
+        (not (math.isfinite(float(cfg.method.get("mu", 0.0))) and float(cfg.method.get("mu", 0.0)) >= 0),
+         f"method.mu must be >= 0 and finite, not {cfg.method.get('mu')}"),
+        (not 0 <= cfg.seed < 2**63, f"seed must be an integer from 0 to 2^63 - 1, not {cfg.seed}"),
+        (cfg.flower.min_clients < 1, f"flower.min_clients must be >= 1, not {cfg.flower.min_clients}"),
+        (not (math.isfinite(cfg.flower.round_timeout) and cfg.flower.round_timeout > 0),
+         f"flower.round_timeout must be > 0 seconds and finite, not {cfg.flower.round_timeout}"),
+        (not (math.isfinite(cfg.flower.startup_timeout) and cfg.flower.startup_timeout > 0),
+         f"flower.startup_timeout must be > 0 seconds and finite, not {cfg.flower.startup_timeout}"),
         (cfg.loss not in LOSSES, f"loss must be contrastive or ce, not {cfg.loss!r}"),
         (cfg.engine not in ("auto", *ENGINES), f"engine must be auto, {', '.join(ENGINES)}, not {cfg.engine!r}"),
         (cfg.get("precision", "fp32") not in ("fp32", "bf16"),
@@ -150,11 +157,19 @@ def mean(values) -> float:
 
 
 def check_finite(round_: int, losses: dict[str, float], state: dict[str, torch.Tensor], lr: float) -> None:
-    """A run whose losses or weights are no longer finite has diverged: stop, never report its numbers."""
+    """A run whose losses or weights are no longer finite, or whose weights exploded, has diverged: stop,
+    never report its numbers (exploded weights saturate the adapter: accuracy falls to chance)."""
+    exploded = 100.0  # root mean square of a weight tensor: trained weights stay near 1 or below; lr=1e3 gives ~500
     bad = [n for n, v in losses.items() if not math.isfinite(v)]
     if not bad and bool(torch.stack([torch.isfinite(v).all() for v in state.values()]).all()):
-        return
-    what = f"non-finite training loss for {', '.join(bad)}" if bad else "non-finite adapter weights"
+        rms = max((float(torch.linalg.vector_norm(v.float())) / v.numel() ** 0.5 for v in state.values()
+                   if v.is_floating_point() and v.numel()), default=0.0)
+        if rms <= exploded:
+            return
+        bad_weights = f"exploding weights: root mean square {rms:.3g} > {exploded:g}"
+    else:
+        bad_weights = "non-finite adapter weights"
+    what = f"non-finite training loss for {', '.join(bad)}" if bad else bad_weights
     raise ConfigError(f"round {round_}: training diverged ({what}); no summary was written. Lower lr (now {lr})")
 
 

@@ -9,6 +9,8 @@ same objects.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import ConfigError
@@ -40,6 +42,17 @@ def weighted_mean(stacked: State, weights: torch.Tensor) -> State:
     return {k: torch.tensordot(w, v, dims=1) for k, v in stacked.items()}
 
 
+def check_server_lr(lr: float) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"strategy.server_lr must be > 0 and finite, not {lr}")
+
+
+def check_decay(key: str, rate: float) -> None:
+    """A momentum or moment decay rate: in [0, 1), or the server's state grows without bound."""
+    if not 0 <= rate < 1:  # also NaN
+        raise ConfigError(f"{key} must be in [0, 1), not {rate}")
+
+
 @register("fedavg")
 class FedAvg:
     def __init__(self, aggregation: str = "uniform"):
@@ -63,6 +76,8 @@ class FedAvgM(FedAvg):
     def __init__(self, aggregation="uniform", server_lr: float = 1.0, momentum: float = 0.9):
         super().__init__(aggregation)
         self.settings = {"server_lr": float(server_lr), "momentum": float(momentum)}
+        check_server_lr(self.settings["server_lr"])
+        check_decay("strategy.momentum", self.settings["momentum"])
         self.velocity: State | None = None
 
     def aggregate_train(self, global_state, stacked, num_examples):
@@ -83,6 +98,11 @@ class FedAdam(FedAvg):
                  tau: float = 1e-3):
         super().__init__(aggregation)
         self.settings = {"server_lr": float(server_lr), "beta1": float(beta1), "beta2": float(beta2), "tau": float(tau)}
+        check_server_lr(self.settings["server_lr"])
+        check_decay("strategy.beta1", self.settings["beta1"])
+        check_decay("strategy.beta2", self.settings["beta2"])
+        if not (math.isfinite(self.settings["tau"]) and self.settings["tau"] > 0):
+            raise ConfigError(f"strategy.tau must be > 0 and finite (it keeps the update's denominator off zero), not {tau}")
         self.m: State | None = None
         self.v: State | None = None
 

@@ -296,7 +296,7 @@ def test_report_lists_the_backbone_runs_beside_the_cached_ones(fedavg_run, tmp_p
     (["backbone=alexnet", "backbone.image_size=32"], "backbone.image_size must be >= 63"),
     (["method=fedclip_full", "adapter=linear_head"], "use adapter=attai"),
     (["dataset.root=/nonexistent/pacs"], "method=fedavg_full trains on the images, which are unavailable"),
-    (["model.name=/nonexistent/clip"], "/nonexistent/clip"),
+    pytest.param(["model.name=/nonexistent/clip"], "/nonexistent/clip", marks=needs_pacs),  # images first
 ])
 def test_bad_settings_are_one_line_errors(overrides, message, tmp_path):
     cfg = config("federate", [f"dataset.root={PACS_MINI}", "method=fedavg_full", *overrides])

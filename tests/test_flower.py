@@ -190,6 +190,10 @@ def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, tmp_path):
                    timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
     same_results(json.loads((tmp_path / "sim" / "summary.json").read_text()), in_process(cache_file, tmp_path / "l"))
+    # quiet: Flower's debug lines and deprecation notice, alembic's and Ray's warnings go to the log file only
+    noise = ("alembic", "DEPRECATED", "[flwr][DEBUG]", "FutureWarning", "Manually terminating")
+    assert not [line for line in proc.stdout.splitlines() if any(n in line for n in noise)], proc.stdout[-3000:]
+    assert "[flwr][DEBUG]" in (tmp_path / "sim" / "federate.log").read_text()
 
 
 # ---------------------------------------------------------------- a real deployment on loopback

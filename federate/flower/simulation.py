@@ -8,6 +8,9 @@ process; this Python entry point stays in one process and returns the summary, s
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from pathlib import Path
 
 from omegaconf import open_dict
@@ -17,7 +20,56 @@ from ..errors import ConfigError
 from ..experiment import target_and_participants
 
 
+class FlowerChatter(logging.Filter):
+    """Console only: alembic's set-up lines, Flower's debug lines and deprecation notice, and Python warnings
+    (Ray's FutureWarning). The run's log file keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("alembic") or record.name == "py.warnings":
+            return False
+        return not (record.name.startswith("flwr") and (record.levelno < logging.WARNING or
+                                                         "DEPRECATED FEATURE" in record.getMessage()))
+
+
+@contextlib.contextmanager
+def quiet_console():
+    """Flower and Ray speak through the run's handlers only: Flower's own colored console handler is off (its
+    records reach the log file and, filtered, the console), warnings become log records, and the Ray actors'
+    Flower loggers print errors only."""
+    consoles = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    chatter = FlowerChatter()
+    for h in consoles:
+        h.addFilter(chatter)
+    set_env = "FLWR_LOG_LEVEL" not in os.environ
+    if set_env:
+        os.environ["FLWR_LOG_LEVEL"] = "ERROR"  # read by Flower in each Ray actor at import
+    logging.captureWarnings(True)
+    try:
+        from flwr.common.logger import console_handler as flwr_console
+    except ImportError:  # simulate() says what to install
+        flwr_console = None
+    level = flwr_console.level if flwr_console else None
+    try:
+        if flwr_console:
+            flwr_console.setLevel(logging.CRITICAL + 1)
+        yield
+    finally:
+        if flwr_console:
+            flwr_console.setLevel(level)
+        logging.captureWarnings(False)
+        if set_env:
+            del os.environ["FLWR_LOG_LEVEL"]
+        for h in consoles:
+            h.removeFilter(chatter)
+
+
 def run_simulation(cfg, cache_file: Path, output_dir: Path) -> dict:
+    with quiet_console():
+        return simulate(cfg, cache_file, output_dir)
+
+
+def simulate(cfg, cache_file: Path, output_dir: Path) -> dict:
     try:
         from flwr.serverapp import Grid, ServerApp
         from flwr.simulation import run_simulation as flower_simulation

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import adapters, methods
 from ..cache import load_cache
+from ..cli import unknown_setting
 from ..config import FederateConfig
 from ..errors import ConfigError
 from ..experiment import class_text, make_client
@@ -30,6 +31,8 @@ def settings_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
 
     try:
         overrides = shlex.split(str(run_config.get("overrides", "")))
+        if unknown := unknown_setting(overrides, "federate"):  # Hydra would add it, and nothing would read it
+            raise ConfigError(f"bad run config overrides ({unknown})")
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="federate", overrides=overrides)
     except (ValueError, HydraException, OmegaConfBaseException) as e:

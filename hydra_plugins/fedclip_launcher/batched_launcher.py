@@ -29,7 +29,9 @@ class BatchedLauncherConf:
     group_size: int = 0
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="batched", node=BatchedLauncherConf, provider="fedclip")
+# The schema under its own name, extended by conf/hydra/launcher/batched.yaml's defaults list (a schema
+# with the YAML's own name is matched implicitly, which Hydra deprecates with a warning per composition).
+ConfigStore.instance().store(group="hydra/launcher", name="batched_schema", node=BatchedLauncherConf, provider="fedclip")
 
 
 class BatchedLauncher(Launcher):

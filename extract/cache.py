@@ -60,13 +60,6 @@ def inputs_fingerprint(domains) -> str:
     return h.hexdigest()
 
 
-def dataset_sha256(ds: h5py.Dataset) -> str:
-    data = ds[()]
-    if isinstance(data, np.ndarray) and data.dtype.kind == "O":  # variable-length strings
-        return strings_sha256(data)
-    return buffer_sha256(np.ascontiguousarray(data))
-
-
 def is_complete(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:

@@ -56,7 +56,8 @@ def inputs_fingerprint(domains) -> str:
 
     h = hashlib.sha256()
     for d in domains:
-        h.update(json.dumps([d.name, d.ids, d.labels]).encode())
+        skipped = d.skipped  # folder entries that are not inputs: hashed only when there are some
+        h.update(json.dumps([d.name, d.ids, d.labels] + ([skipped] if skipped else [])).encode())
     return h.hexdigest()
 
 
@@ -300,8 +301,9 @@ class PartialStore:
                 emb = np.zeros((0, embed_dim), dtype) if emb is None else np.ascontiguousarray(emb, dtype)
                 labels = np.zeros(0, np.int64) if labels is None else labels.astype(np.int64)
                 ids = [] if ids is None else ids.tolist()
-                sids = [] if sids is None else sids.tolist()
-                reasons = [] if reasons is None else reasons.tolist()
+                listed = domain.skipped  # folder entries that are not inputs
+                sids = [s for s, _ in listed] + ([] if sids is None else sids.tolist())
+                reasons = [r for _, r in listed] + ([] if reasons is None else reasons.tolist())
                 g = f.create_group(f"domains/{domain.name}")
                 _put(g, "image_embeddings", emb)
                 _put(g, "labels", labels)

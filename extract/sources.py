@@ -2,14 +2,20 @@
 
 Each domain becomes a `DomainImages`: stable sorted ids, labels, and a picklable way to open image i
 (DataLoader workers open and decode the images). Domain names are canonical (`canonical_domain`: Office-Home's
-hub domain "Real World" and a folder copy's "Real_World" are both "Real_World"). Every non-hidden file
-under a class folder is an input: one that cannot be decoded is skipped and recorded in the cache, never
-silently dropped.
+hub domain "Real World" and a folder copy's "Real_World" are both "Real_World"). Every non-hidden regular
+file under a class folder is an input: one that cannot be decoded is skipped and recorded in the cache, never
+silently dropped. What a folder holds besides inputs is recorded as skipped too, with the reason: a file
+outside a class folder, a FIFO or device, a broken link, and a symbolic link to a folder, which is not
+followed unless `dataset.follow_symlinks=true` (a link such as `cartoon/dogloop -> ../photo` would copy one
+domain's images into another). A file name that is not valid UTF-8 keeps its file; its id writes each
+undecodable byte as `\\xNN` (`portable_name`), so the id is valid UTF-8 and still names the file.
 """
 from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +35,7 @@ class DomainImages:
     ids: list[str]
     labels: list[int]
     opener: "FolderOpener | HubOpener"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason): entries that are not inputs
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -49,10 +56,10 @@ class Source:
 @dataclass
 class FolderOpener:
     root: Path
-    ids: list[str]
+    paths: list[str]  # relative to root, as on disk (ids may escape bytes that are not UTF-8)
 
     def __call__(self, i: int) -> Image.Image:
-        return Image.open(self.root / self.ids[i])
+        return Image.open(self.root / self.paths[i])
 
 
 @dataclass
@@ -77,8 +84,81 @@ def prompt_names_for(class_names: list[str], override) -> list[str]:
     return [c.replace("_", " ").replace("-", " ").strip().lower() for c in class_names]
 
 
-def _subdirs(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+def portable_name(name: str) -> str:
+    """`name` as valid UTF-8: unchanged when it is, otherwise each undecodable byte becomes `\\xNN`."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:  # os functions give such bytes as surrogate escapes
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+FOLLOW_HINT = "not followed: dataset.follow_symlinks=true follows symbolic links to folders"
+
+
+def _is_folder(path: Path, follow: bool) -> bool:
+    return path.is_dir() and (follow or not path.is_symlink())
+
+
+def _subdirs(path: Path, follow: bool = False) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and _is_folder(p, follow))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _entry(path: Path, root: Path, skipped: list) -> str | None:
+    """What a non-folder entry is: "file" for an input; otherwise it is recorded in `skipped`."""
+    rel = path.relative_to(root).as_posix()
+    try:
+        mode = os.stat(path).st_mode  # through a link to a file
+    except OSError as e:
+        why = "a broken symbolic link" if path.is_symlink() else f"cannot be read ({e.strerror})"
+        skipped.append((portable_name(rel), why))
+        return None
+    if stat.S_ISREG(mode):
+        return "file"
+    skipped.append((portable_name(rel), f"{_kind(mode)}, not an image file"))
+    return None
+
+
+def _class_files(base: Path, root: Path, follow: bool, skipped: list, visited: set) -> list[str]:
+    """Every non-hidden regular file under a class folder (recursively), as paths relative to root.
+    `visited`: the real paths of the folders read so far in this domain (a followed link to one is a loop)."""
+    files = []
+
+    def unreadable(e: OSError):
+        skipped.append((portable_name(Path(e.filename).relative_to(root).as_posix()),
+                        f"a folder that cannot be read ({e.strerror})"))
+
+    for folder, dirs, names in os.walk(base, onerror=unreadable, followlinks=follow):
+        folder = Path(folder)
+        visited.add(os.path.realpath(folder))
+        keep = []
+        for d in sorted(dirs):
+            p = folder / d
+            if d.startswith("."):
+                continue
+            if p.is_symlink():
+                if not follow:
+                    skipped.append((portable_name(p.relative_to(root).as_posix()),
+                                    f"a symbolic link to a folder, {FOLLOW_HINT}"))
+                    continue
+                if os.path.realpath(p) in visited:
+                    skipped.append((portable_name(p.relative_to(root).as_posix()),
+                                    "a symbolic link to a folder read already (a loop)"))
+                    continue
+            keep.append(d)
+        dirs[:] = keep
+        for name in names:
+            if not name.startswith(".") and _entry(folder / name, root, skipped) == "file":
+                files.append((folder / name).relative_to(root))
+    return [p.as_posix() for p in sorted(files)]  # the order of sorted Paths, as before
 
 
 def _pick(kind: str, wanted, available: list[str], where: str) -> list[str]:
@@ -93,11 +173,11 @@ def _pick(kind: str, wanted, available: list[str], where: str) -> list[str]:
     return list(wanted)
 
 
-def _canonical_folders(root: Path) -> dict[str, str]:
+def _canonical_folders(root: Path, follow: bool) -> dict[str, str]:
     """Canonical domain name -> folder name under root."""
     out: dict[str, str] = {}
-    for folder in _subdirs(root):
-        name = canonical_domain(folder)
+    for folder in _subdirs(root, follow):
+        name = portable_name(canonical_domain(folder))
         if name in out:
             raise ExtractError(f"folders {out[name]!r} and {folder!r} under {root} are the same domain "
                                f"{name!r} (spaces and underscores are one); rename one of them")
@@ -110,9 +190,19 @@ def folder_source(dataset_cfg) -> Source:
     if not root.is_dir():
         raise ExtractError(f"dataset.root {root} does not exist or is not a folder "
                            "(expected <root>/<domain>/<class>/<image>)")
-    folder_of = _canonical_folders(root)
+    follow = bool(dataset_cfg.get("follow_symlinks"))
+    folder_of = _canonical_folders(root, follow)
+    for p in sorted(root.iterdir()):  # no domain to record these in: say so in the log
+        if p.name.startswith(".") or _is_folder(p, follow):
+            continue
+        if p.is_dir():
+            log.warning("not a domain: %s is a symbolic link to a folder, %s", portable_name(str(p)), FOLLOW_HINT)
+        else:
+            log.warning("not an input: %s lies outside any domain folder (images go in root/domain/class/)",
+                        portable_name(str(p)))
     domains = _pick("domain", dataset_cfg.domains, sorted(folder_of), str(root))
-    found_classes = sorted({c for d in domains for c in _subdirs(root / folder_of[d])})
+    class_folders = {d: _subdirs(root / folder_of[d], follow) for d in domains}
+    found_classes = sorted({portable_name(c) for d in domains for c in class_folders[d]})
     classes = list(dataset_cfg.classes) if dataset_cfg.classes else found_classes
     unknown = sorted(set(found_classes) - set(classes))
     if unknown:
@@ -121,15 +211,29 @@ def folder_source(dataset_cfg) -> Source:
     label_of = {c: i for i, c in enumerate(classes)}
     out = []
     for d in domains:
-        ids, labels = [], []
-        for c in _subdirs(root / folder_of[d]):
-            base = root / folder_of[d] / c
-            files = sorted(p for p in base.rglob("*")
-                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts))
-            for p in files:
-                ids.append(p.relative_to(root).as_posix())
-                labels.append(label_of[c])
-        out.append(DomainImages(d, ids, labels, FolderOpener(root, ids)))
+        paths, labels, skipped = [], [], []
+        domain_dir = root / folder_of[d]
+        visited = {os.path.realpath(domain_dir)}
+        for p in sorted(domain_dir.iterdir()):  # what lies beside the class folders
+            if p.name.startswith(".") or _is_folder(p, follow):
+                continue
+            rel = portable_name(p.relative_to(root).as_posix())
+            if p.is_dir():
+                skipped.append((rel, f"a symbolic link to a folder, {FOLLOW_HINT}"))
+            elif _entry(p, root, skipped) == "file":
+                skipped.append((rel, "not inside a class folder (images go in root/domain/class/)"))
+        for c in class_folders[d]:
+            files = _class_files(domain_dir / c, root, follow, skipped, visited)
+            paths += files
+            labels += [label_of[portable_name(c)]] * len(files)
+        ids = [portable_name(p) for p in paths]
+        if len(set(ids)) != len(ids):
+            dup = next(i for k, i in enumerate(ids) if i in ids[:k])
+            raise ExtractError(f"two files of domain {d} have the id {dup!r} (a name that is not UTF-8, written with "
+                               "\\xNN escapes, equals another file's name); rename one of them")
+        for sid, reason in skipped:
+            log.warning("not an input of domain %s, recorded as skipped: %s (%s)", d, sid, reason)
+        out.append(DomainImages(d, ids, labels, FolderOpener(root, paths), sorted(skipped)))
     if not any(len(d) for d in out):
         raise ExtractError(f"no images under {root} (expected <root>/<domain>/<class>/<image> with "
                            f"suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -126,8 +126,8 @@ def describe(path: str) -> tuple[list[str], bool]:
             checked += sum(x is not None for x in reads)
             lines.append(f"  {name:<16} {'?' if n is None else n:>7} images  "
                          f"{'?' if sids is None else len(sids)} skipped")
-            for sid, reason in zip(sids if reasons is not None else [], reasons or []):
-                lines.append(f"      skipped {_text(sid)}: {_text(reason)}")
+            if sids is not None and reasons is not None:
+                lines += [f"      skipped {_text(sid)}: {_text(reason)}" for sid, reason in zip(sids, reasons)]
             if len(problems) == before:
                 try:
                     check_domain(name, feats.astype(np.float32), labels, [_text(i) for i in ids], num_classes, path)

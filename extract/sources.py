@@ -1,4 +1,4 @@
-"""Where images come from: a local `<root>/<domain>/<class>/<image>` folder or a hub dataset.
+"""Where images come from: a local `root/domain/class/image` folder or a hub dataset.
 
 Each domain becomes a `DomainImages`: stable sorted ids, labels, and a picklable way to open image i
 (DataLoader workers open and decode the images). Domain names are canonical (`canonical_domain`: Office-Home's
@@ -15,9 +15,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import socket
 import stat
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from PIL import Image
 
@@ -189,7 +193,7 @@ def folder_source(dataset_cfg) -> Source:
     root = Path(dataset_cfg.root).expanduser()
     if not root.is_dir():
         raise ExtractError(f"dataset.root {root} does not exist or is not a folder "
-                           "(expected <root>/<domain>/<class>/<image>)")
+                           "(expected one folder per domain, each holding one folder per class: root/domain/class/image)")
     follow = bool(dataset_cfg.get("follow_symlinks"))
     folder_of = _canonical_folders(root, follow)
     for p in sorted(root.iterdir()):  # no domain to record these in: say so in the log
@@ -235,22 +239,72 @@ def folder_source(dataset_cfg) -> Source:
             log.warning("not an input of domain %s, recorded as skipped: %s (%s)", d, sid, reason)
         out.append(DomainImages(d, ids, labels, FolderOpener(root, paths), sorted(skipped)))
     if not any(len(d) for d in out):
-        raise ExtractError(f"no images under {root} (expected <root>/<domain>/<class>/<image> with "
+        raise ExtractError(f"no images under {root} (expected root/domain/class/image with "
                            f"suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
     name = dataset_cfg.name or root.resolve().name
     return Source(name, classes, prompt_names_for(classes, dataset_cfg.prompt_names), out,
                   {"source": "folder", "root": str(root.resolve())})
 
 
-def hub_source(dataset_cfg) -> Source:
-    import datasets
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection within `timeout` seconds (name lookup included). Without
+    this check the datasets library retries an unreachable hub for half a minute before failing."""
+    from huggingface_hub import constants
 
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True  # a proxy decides what is reachable: let the libraries use it
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    answer: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a name lookup has no timeout of its own
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answer and answer[0])
+
+
+@contextmanager
+def hub_offline():
+    """The datasets library in offline mode (it then reads its local cache only), as HF_HUB_OFFLINE=1 does."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     try:
-        table = datasets.load_dataset(dataset_cfg.hub_id, split=dataset_cfg.hub_split)
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def hub_source(dataset_cfg, command: str | None = None) -> Source:
+    import datasets
+    from huggingface_hub import constants
+
+    local = f"run: {command}" if command else "set dataset.root to it"
+    offline = constants.HF_HUB_OFFLINE
+    why = "HF_HUB_OFFLINE=1 is set" if offline else None
+    if not offline and not hub_reachable():
+        offline, why = True, f"the hub ({urlparse(constants.ENDPOINT).hostname}) cannot be reached"
+    try:
+        with hub_offline() if offline else nullcontext():
+            table = datasets.load_dataset(dataset_cfg.hub_id, split=dataset_cfg.hub_split)
     except Exception as e:  # network, auth, missing repo: the datasets library raises many kinds
+        if why:
+            raise ExtractError(f"cannot load hub dataset {dataset_cfg.hub_id!r}: {why} and the local HF cache has "
+                               f"no copy of it; to read a local copy laid out as root/domain/class/image instead, "
+                               f"{local}") from None
         raise ExtractError(f"cannot load hub dataset {dataset_cfg.hub_id!r} ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); without hub access, point "
-                           f"dataset.root at a local <root>/<domain>/<class>/<image> copy") from None
+                           f"{str(e).splitlines()[0] if str(e) else ''}); to read a local copy laid out as "
+                           f"root/domain/class/image instead, {local}") from None
     missing = {"image", "domain", "label"} - set(table.column_names)
     if missing:
         raise ExtractError(f"hub dataset {dataset_cfg.hub_id} lacks columns {sorted(missing)} "
@@ -274,7 +328,9 @@ def hub_source(dataset_cfg) -> Source:
                    "hub_fingerprint": getattr(table, "_fingerprint", "")})
 
 
-def load_source(dataset_cfg) -> Source:
+def load_source(dataset_cfg, command: str | None = None) -> Source:
+    """The dataset's images. `command`: the user's own extract command with `dataset.root` set
+    (extract.commands), which messages suggest when the images cannot be had otherwise."""
     if dataset_cfg.get("generate"):
         from .demo import ensure_demo_images
 
@@ -284,8 +340,10 @@ def load_source(dataset_cfg) -> Source:
     if dataset_cfg.root:
         return folder_source(dataset_cfg)
     if dataset_cfg.hub_id:
-        return hub_source(dataset_cfg)
-    name = dataset_cfg.name or "<name>"
-    raise ExtractError(f"dataset {name} has no hub copy: it is read from a local folder in the DomainBed "
-                       f"layout <root>/<domain>/<class>/<image>; run: python -m extract dataset={name} "
-                       f"dataset.root=/path/to/{name}")
+        return hub_source(dataset_cfg, command)
+    run = f"run: {command}" if command else "set dataset.root to that folder"
+    if not dataset_cfg.name:
+        raise ExtractError(f"dataset=folder reads a local folder in the DomainBed layout root/domain/class/image, "
+                           f"and dataset.root is not set; {run}")
+    raise ExtractError(f"dataset {dataset_cfg.name} has no hub copy: it is read from a local folder in the DomainBed "
+                       f"layout root/domain/class/image; {run}")

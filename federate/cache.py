@@ -73,23 +73,20 @@ def load_cache(path: str | Path, model_name: str | None = None, domains: tuple[s
             if Path(f"{path}.partial").exists() else ""
         build = f"build it with: {extract_command}" if extract_command else \
             "build it with python -m extract (the same dataset, model and cache_dir)"
-        raise ConfigError(f"no embedding cache at {path}{hint}; {build}, or pass cache_file= the path of a cache")
+        raise ConfigError(f"no embedding cache at {path}{hint}; {build}, or point cache_file at an existing cache")
     try:
         st = os.stat(path)
         only = tuple(canonical_domain(d) for d in domains) if domains is not None else None
         cache = _load(str(path.resolve()), st.st_mtime_ns, st.st_size, only)
-    except (ConfigError, OSError) as e:
-        text = describe_os_error(e, path) if isinstance(e, OSError) else str(e)
-        if extract_command:
-            text = text.replace(REBUILD, f"{extract_command} overwrite=true")
-        raise ConfigError(text) from None
-    if model_name is not None:
-        check_model(cache, str(model_name), path)
+        if model_name is not None:
+            check_model(cache, str(model_name), path)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except ConfigError as e:
+        if not extract_command:
+            raise
+        raise ConfigError(str(e).replace(REBUILD, f"{extract_command} overwrite=true")) from None
     return cache
-
-
-def describe_os_error(e: OSError, path) -> str:
-    return f"cannot read {path}: {e.strerror or e}"
 
 
 def check_model(cache: EmbeddingCache, model_name: str, path) -> None:
@@ -97,21 +94,20 @@ def check_model(cache: EmbeddingCache, model_name: str, path) -> None:
     if is_local_model(model_name):
         if not cache.model_fingerprint:
             raise ConfigError(f"{path} records no model fingerprint (an older fedclip wrote it), so it cannot be "
-                              f"checked against the weights in {model_name}; rebuild it (python -m extract ... "
-                              f"overwrite=true) or pass model.name={cache.model_name}")
+                              f"checked against the weights in {model_name}; rebuild it with {REBUILD}, or pass "
+                              f"model.name={cache.model_name}")
         try:
             mine = model_fingerprint(model_name)
         except OSError as e:
             raise ConfigError(f"cannot fingerprint the model folder {model_name}: {e}") from None
         if mine != cache.model_fingerprint:
             raise ConfigError(f"{path} was built with model {cache.model_name!r} ({short(cache.model_fingerprint)}), "
-                              f"but the weights in {model_name} differ ({short(mine)}); pass model.name=<a local copy "
-                              f"of the cache's weights> or model.name={cache.model_name}, or extract a cache with "
-                              "these weights")
+                              f"but the weights in {model_name} differ ({short(mine)}); pass model.name={cache.model_name} "
+                              "(or a local folder with the cache's weights), or extract a cache with these weights")
     elif model_name.strip().strip("/") != cache.model_name:
         raise ConfigError(f"{path} was built with model {cache.model_name!r}, not model.name={model_name!r}; pass "
-                          f"model.name={cache.model_name} (or model.name=<local folder with the same weights>), or "
-                          "extract a cache with that model")
+                          f"model.name={cache.model_name} (or a local folder with the same weights), or extract a cache "
+                          "with that model")
 
 
 def _stale(path: str, what: str) -> ConfigError:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import cache as cachefile
+from .cache_checks import CacheFormatError, check_name
 from .commands import extract_command
 from .config import value
 from .errors import ExtractError, os_errors
@@ -134,6 +135,11 @@ def run(cfg) -> Path:
     with os_errors(f"prepare dataset {cfg.dataset.name or cfg.dataset.root}"):
         local = extract_command(cfg, dataset__root=f"/path/to/{cfg.dataset.name or 'dataset'}")
         source = load_source(cfg.dataset, local)
+    try:  # the name becomes a folder of the default cache path, and federate refuses a cache without a plain one
+        check_name("dataset name", source.name)
+    except CacheFormatError as e:
+        plain = Path(str(source.name)).name.strip(".") or "dataset"
+        raise ExtractError(f"the dataset {e}; pass a plain name, e.g. dataset.name={plain}") from None
     model_ref = resolve_model(cfg.model, cfg.cache_dir)
     path = Path(cfg.cache_file) if cfg.cache_file else cachefile.default_cache_path(
         cfg.cache_dir, source.name, model_ref.name)

@@ -192,8 +192,8 @@ def _canonical_folders(root: Path, follow: bool) -> dict[str, str]:
 def folder_source(dataset_cfg) -> Source:
     root = Path(dataset_cfg.root).expanduser()
     if not root.is_dir():
-        raise ExtractError(f"dataset.root {root} does not exist or is not a folder "
-                           "(expected one folder per domain, each holding one folder per class: root/domain/class/image)")
+        raise ExtractError(f"dataset.root {root} does not exist or is not a folder (expected one folder per "
+                           "domain, each holding one folder per class: root/domain/class/image)")
     follow = bool(dataset_cfg.get("follow_symlinks"))
     folder_of = _canonical_folders(root, follow)
     for p in sorted(root.iterdir()):  # no domain to record these in: say so in the log
@@ -241,7 +241,7 @@ def folder_source(dataset_cfg) -> Source:
     if not any(len(d) for d in out):
         raise ExtractError(f"no images under {root} (expected root/domain/class/image with "
                            f"suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
-    name = dataset_cfg.name or root.resolve().name
+    name = dataset_cfg.name or portable_name(root.resolve().name)
     return Source(name, classes, prompt_names_for(classes, dataset_cfg.prompt_names), out,
                   {"source": "folder", "root": str(root.resolve())})
 

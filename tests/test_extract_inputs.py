@@ -78,3 +78,13 @@ def test_a_file_name_that_is_not_utf8_is_embedded_under_a_lossless_id(root, tiny
                                rtol=1e-5, atol=1e-6)  # the same picture: the file itself was read
     assert ids[row].encode("ascii").decode("unicode_escape").encode("latin-1") == b"photo/circle/" + NOT_UTF8
     assert extract(root, tiny_model, tmp_path) == tmp_path / "c.h5"  # a re-run finds it complete
+
+
+def test_a_dataset_name_that_leads_outside_the_cache_folder_is_refused(root, tiny_model, tmp_path):
+    from extract.errors import ExtractError
+
+    cfg = config("extract", ["dataset=folder", f"dataset.root={root}", "dataset.name=../../x",
+                             f"model.name={tiny_model}", f"cache_dir={tmp_path / 'a' / 'b'}"])
+    with pytest.raises(ExtractError, match=r"dataset name '../../x', which is not a plain name.*dataset.name=x"):
+        pipeline.run(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]  # nothing written, inside or outside

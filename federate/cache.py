@@ -184,9 +184,9 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
             raise ConfigError(f"{e}; extract the cache again with images in every domain, or without this one "
                               f"(dataset.domains=[{others}])") from None
     return EmbeddingCache(
-        path=path, model_name=header.model_name, dataset_name=header.dataset_name,
+        path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
         embed_dim=embed_dim, class_names=class_names, text=text, logit_scale=logit_scale,
-        model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains, all_domains=names,
+        model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains, all_domains=tuple(names),
         model_fingerprint=str(a.get("model_fingerprint", "")), verify_seconds=time.perf_counter() - t0)
 
 

@@ -210,11 +210,14 @@ def check_domain(name: str, feats: np.ndarray, labels: np.ndarray, ids, num_clas
     if n == 0:
         raise EmptyDomainError(f"domain {name} of {where} has no images (none of its files could be decoded, or "
                                f"its folder was empty: python -m extract.info {where} lists the skipped files)")
-    if not np.isfinite(feats).all():
-        raise CacheFormatError(f"domain {name} of {where} has non-finite embeddings")
-    zero = ~feats.any(axis=1)
-    if zero.any():
-        raise CacheFormatError(f"domain {name} of {where} has an all-zero embedding (id {ids[int(np.argmax(zero))]!r})")
+    squares = np.einsum("ij,ij->i", feats, feats)  # one pass: NaN and inf propagate, a zero row gives 0
+    if not (np.isfinite(squares).all() and squares.all()):  # then word it exactly (a huge or tiny row may pass)
+        if not np.isfinite(feats).all():
+            raise CacheFormatError(f"domain {name} of {where} has non-finite embeddings")
+        zero = ~feats.any(axis=1)
+        if zero.any():
+            raise CacheFormatError(f"domain {name} of {where} has an all-zero embedding "
+                                   f"(id {ids[int(np.argmax(zero))]!r})")
     if labels.min() < 0 or labels.max() >= num_classes:
         bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
         raise CacheFormatError(f"domain {name} of {where} has label {bad}, outside 0..{num_classes - 1} (its classes)")

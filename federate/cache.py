@@ -171,7 +171,7 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
         raise ConfigError(f"domain {unknown[0]!r} is not in {path}; its domains: {', '.join(names)}")
     check_declared(f["text/embeddings"], "float", (None, len(class_names), embed_dim))
     check_declared(f["text/logit_scale"], "float", ())
-    text = _verified(f["text/embeddings"], path).astype(np.float32)
+    text = _verified(f["text/embeddings"], path).astype(np.float32, copy=False)
     logit_scale = check_text(text, _verified(f["text/logit_scale"], path))
     domains = {}
     for name in names:
@@ -199,8 +199,8 @@ def _read_domain(f: h5py.File, path: str, name: str, num_classes: int, embed_dim
     n = g["ids"].shape[0]
     check_declared(g["labels"], "int", (n,))
     check_declared(g["image_embeddings"], "float", (n, embed_dim))
-    feats = _verified(g["image_embeddings"], path).astype(np.float32)
-    labels = _verified(g["labels"], path).astype(np.int64)
+    feats = _verified(g["image_embeddings"], path).astype(np.float32, copy=False)  # read fresh: no copy needed
+    labels = _verified(g["labels"], path).astype(np.int64, copy=False)
     ids = tuple(_verified(g["ids"], path, strings=True))
     check_domain(name, feats, labels, ids, num_classes, path)
     return DomainData(feats, labels, ids)

@@ -22,15 +22,12 @@ def _shared(key: str) -> bool:
 
 def _hydra_overrides():
     """(task overrides, chosen dataset group) of the current Hydra run, or None outside one."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig
 
-        if not HydraConfig.initialized():
-            return None
-        hc = HydraConfig.get()
-        return list(hc.overrides.task), hc.runtime.choices.get("dataset")
-    except Exception:  # no Hydra run, or an older Hydra without these fields
+    if not HydraConfig.initialized():
         return None
+    hc = HydraConfig.get()
+    return list(hc.overrides.task), hc.runtime.choices.get("dataset")
 
 
 def _from_config(cfg) -> list[str]:

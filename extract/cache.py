@@ -55,9 +55,8 @@ def inputs_fingerprint(domains) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for d in domains:
-        skipped = d.skipped  # folder entries that are not inputs: hashed only when there are some
-        h.update(json.dumps([d.name, d.ids, d.labels] + ([skipped] if skipped else [])).encode())
+    for d in domains:  # not the folder entries that are not inputs: they change no embedding
+        h.update(json.dumps([d.name, d.ids, d.labels]).encode())
     return h.hexdigest()
 
 

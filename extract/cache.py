@@ -55,16 +55,9 @@ def inputs_fingerprint(domains) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for d in domains:
+    for d in domains:  # not the folder entries that are not inputs: they change no embedding
         h.update(json.dumps([d.name, d.ids, d.labels]).encode())
     return h.hexdigest()
-
-
-def dataset_sha256(ds: h5py.Dataset) -> str:
-    data = ds[()]
-    if isinstance(data, np.ndarray) and data.dtype.kind == "O":  # variable-length strings
-        return strings_sha256(data)
-    return buffer_sha256(np.ascontiguousarray(data))
 
 
 def is_complete(path: Path) -> bool:
@@ -77,6 +70,8 @@ def is_complete(path: Path) -> bool:
 
 def read_settings(path: Path) -> dict | None:
     """The root attributes of a fedclip cache (plus `complete`); None when `path` is not one."""
+    if not path.is_file():  # a FIFO at the cache path would block h5py forever
+        return None
     try:
         with h5py.File(path, "r") as f:
             if "schema_version" not in f.attrs:
@@ -120,23 +115,52 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-@contextmanager
-def exclusive_lock(path: Path):
-    with os_errors(f"create the cache folder {path.parent}"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
-    with os_errors(f"write the lock file {lock}"):
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
+LOCK_MARK = b"fedclip extract lock\n"  # the content of a lock file fedclip created (the only kind it removes)
+
+
+def _take_lock(lock: Path, path: Path) -> int:
+    """A descriptor of `lock` holding its exclusive flock. The lock file is removed when a run ends, so a
+    lock taken on a file that was meanwhile removed (or replaced) is dropped and taken again."""
+    for _ in range(10):
+        with os_errors(f"write the lock file {lock}"):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+                os.write(fd, LOCK_MARK)
+            except FileExistsError:
+                fd = os.open(lock, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             raise ExtractError(f"another extract process is writing {path} (it holds {lock}); "
                                "wait for it to finish, then re-run") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise ExtractError(f"cannot take the lock file {lock}: other processes keep replacing it; re-run")
+
+
+@contextmanager
+def exclusive_lock(path: Path):
+    """Hold `<cache>.lock` while extracting; afterwards remove it if fedclip created it."""
+    with os_errors(f"create the cache folder {path.parent}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    fd = _take_lock(lock, path)
+    try:
         yield
     finally:
+        try:
+            if os.pread(fd, len(LOCK_MARK), 0) == LOCK_MARK:  # ours (this run's or a crashed run's), never a foreign file
+                lock.unlink()
+        except OSError:
+            pass  # a lock file left behind is harmless: the next run takes it
         os.close(fd)  # closing the descriptor releases the lock
 
 
@@ -307,8 +331,9 @@ class PartialStore:
                 emb = np.zeros((0, embed_dim), dtype) if emb is None else np.ascontiguousarray(emb, dtype)
                 labels = np.zeros(0, np.int64) if labels is None else labels.astype(np.int64)
                 ids = [] if ids is None else ids.tolist()
-                sids = [] if sids is None else sids.tolist()
-                reasons = [] if reasons is None else reasons.tolist()
+                listed = domain.skipped  # folder entries that are not inputs
+                sids = [s for s, _ in listed] + ([] if sids is None else sids.tolist())
+                reasons = [r for _, r in listed] + ([] if reasons is None else reasons.tolist())
                 g = f.create_group(f"domains/{domain.name}")
                 _put(g, "image_embeddings", emb)
                 _put(g, "labels", labels)

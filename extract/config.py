@@ -48,6 +48,9 @@ class DatasetConfig:
     classes: Optional[List[str]] = None
     prompt_names: Optional[List[str]] = None
     generate: Optional[GenerateConfig] = None
+    # A folder dataset: read symbolic links to folders inside root (by default they are recorded as skipped,
+    # since a link such as cartoon/dogloop -> ../photo copies one domain's images into another).
+    follow_symlinks: bool = False
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,21 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ExtractError(f"device must be auto, cpu or cuda, not {name!r}")
     return torch.device(name)
+
+
+@contextmanager
+def no_transformers_progress_bars():
+    """transformers' own bars ("Writing model shards", "Loading weights") say nothing about the extraction;
+    extract's per-domain bars stay."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def byte_level_tokenizer():
@@ -53,7 +69,8 @@ def build_tiny_clip(directory: Path, seed: int, embed_dim: int, hidden_size: int
     torch.manual_seed(seed)
     model = CLIPModel(config)
     tmp = directory.with_name(directory.name + ".partial")
-    model.save_pretrained(tmp)
+    with no_transformers_progress_bars():
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor_class()(size={"shortest_edge": image_size},
                        crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
@@ -176,8 +193,9 @@ def load_clip(model, device, legacy_device=None):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report's table: we turn its findings into one line below
     try:
-        clip, info = CLIPModel.from_pretrained(directory, use_safetensors=True, dtype=dtype,
-                                               output_loading_info=True)
+        with no_transformers_progress_bars():
+            clip, info = CLIPModel.from_pretrained(directory, use_safetensors=True, dtype=dtype,
+                                                   output_loading_info=True)
     except Exception as e:  # safetensors raises SafetensorError (an Exception) for a damaged file
         raise ExtractError(f"cannot load the weights of CLIP model {model.name!r} from {directory} "
                            f"({type(e).__name__}: {_first_line(e)}); the weights file is damaged or not a CLIP "

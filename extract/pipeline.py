@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import cache as cachefile
+from .cache_checks import CacheFormatError, check_name
+from .commands import extract_command
 from .config import template_problem, value
 from .errors import ExtractError, os_errors
 from .images import to_rgb
@@ -122,8 +124,9 @@ def check_existing(path: Path, settings: dict, overwrite: bool) -> bool:
     if not existing.get("complete"):
         raise ExtractError(f"{path} is an incomplete fedclip cache; pass overwrite=true to rebuild it")
     if diffs:
+        other = path.with_name(f"{path.stem}-2{path.suffix}")
         raise ExtractError(f"{path} is a complete cache built with other settings ({'; '.join(diffs)}); pass "
-                           "overwrite=true to rebuild it, or cache_file=<another path> to keep both")
+                           f"overwrite=true to rebuild it, or another cache_file to keep both (cache_file={other})")
     return True
 
 
@@ -132,7 +135,13 @@ def run(cfg) -> Path:
     start = time.time()
     check_settings(cfg)
     with os_errors(f"prepare dataset {cfg.dataset.name or cfg.dataset.root}"):
-        source = load_source(cfg.dataset)
+        local = extract_command(cfg, dataset__root=f"/path/to/{cfg.dataset.name or 'dataset'}")
+        source = load_source(cfg.dataset, local)
+    try:  # the name becomes a folder of the default cache path, and federate refuses a cache without a plain one
+        check_name("dataset name", source.name)
+    except CacheFormatError as e:
+        plain = Path(str(source.name)).name.strip(".") or "dataset"
+        raise ExtractError(f"the dataset {e}; pass a plain name, e.g. dataset.name={plain}") from None
     model_ref = resolve_model(cfg.model, cfg.cache_dir)
     path = Path(cfg.cache_file) if cfg.cache_file else cachefile.default_cache_path(
         cfg.cache_dir, source.name, model_ref.name)
@@ -175,6 +184,10 @@ def run(cfg) -> Path:
         counts = store.assemble(header, text.numpy().reshape(len(templates), len(source.class_names), embed_dim),
                                 float(model.logit_scale.detach().exp()), source.domains, embed_dim,
                                 value(cfg.cache_dtype))
+    for name, (n, s) in counts.items():
+        if n == 0:
+            log.warning("domain %s has no images (%d skipped: python -m extract.info %s lists why); federate refuses "
+                        "to load it", name, s, path)
     total = sum(n for n, _ in counts.values())
     skipped = sum(s for _, s in counts.values())
     log.info("wrote %s: %d images (%s), %d skipped, %d classes, dim %d, %.1f s", path, total,

@@ -1,14 +1,16 @@
 """Reading an embedding cache through its HDF5 schema (version 1; docs/cache.md): no transformers needed.
 
-Everything that is read is verified first: the identity attributes (one sha256 over them), the text
-embeddings, the logit scale, and each loaded domain's embeddings, labels and ids (their sha256
-attributes); labels must lie in range and ids be unique. A mismatch is a one-line ConfigError. The model
+The file is checked as hostile input before anything is read (extract/cache_checks.py: a regular file
+holding only its own data, typed attributes, plain names, declared shapes and sizes). Everything that is
+read is then verified: the identity attributes (one sha256 over them), the text embeddings, the logit
+scale, and each loaded domain's embeddings, labels and ids (their sha256 attributes); vectors must be
+finite and non-zero, labels in range, ids unique, a loaded domain non-empty. A problem is a one-line
+ConfigError. The model
 is checked by content: a local model folder is fingerprinted (extract/identity.py, standard library only)
 and compared with the cache's `model_fingerprint`, so the same weights at another path are accepted.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,12 +20,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from extract.cache_checks import (SCHEMA_VERSION, CacheFormatError, EmptyDomainError, check_declared, check_domain,
+                                  check_text, open_cache, read_header)
 from extract.identity import (buffer_sha256, cache_file_stem, canonical_domain, identity_sha256,  # noqa: F401
                               is_local_model, model_fingerprint, short, strings_sha256)
 
 from .errors import ConfigError
 
-SCHEMA_VERSION = 1
+# What messages suggest to rebuild a cache; load_cache puts the user's own extract command in its place.
+REBUILD = "the python -m extract command that built it, plus overwrite=true"
 
 
 @dataclass(frozen=True)
@@ -57,22 +62,32 @@ def default_cache_path(cache_dir: str, dataset_name: str, model_name_or_path: st
     return Path(cache_dir) / dataset_name / (cache_file_stem(model_name_or_path) + ".h5")
 
 
-def load_cache(path: str | Path, model_name: str | None = None, domains: tuple[str, ...] | None = None) -> EmbeddingCache:
+def load_cache(path: str | Path, model_name: str | None = None, domains: tuple[str, ...] | None = None,
+               extract_command: str | None = None) -> EmbeddingCache:
     """Load, verify and validate a complete cache; jobs of one sweep process share the loaded arrays.
     With `domains`, only those domains' embeddings are read and verified (a Flower client reads only its
     own). `model_name` is a hub id (it must be the cache's `model_name`) or a local model folder (its
-    fingerprint must be the cache's `model_fingerprint`)."""
+    fingerprint must be the cache's `model_fingerprint`). `extract_command` (the user's own `python -m
+    extract ...`, see extract.commands) is what messages suggest to build or rebuild the cache."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         hint = f" (an interrupted extraction left {path}.partial: re-run extract to finish it)" \
             if Path(f"{path}.partial").exists() else ""
-        raise ConfigError(f"no embedding cache at {path}{hint}; build it with: python -m extract "
-                          f"dataset=<name> [model=...], or pass cache_file=<path>")
-    st = os.stat(path)
-    only = tuple(canonical_domain(d) for d in domains) if domains is not None else None
-    cache = _load(str(path.resolve()), st.st_mtime_ns, st.st_size, only)
-    if model_name is not None:
-        check_model(cache, str(model_name), path)
+        build = f"build it with: {extract_command}" if extract_command else \
+            "build it with python -m extract (the same dataset, model and cache_dir)"
+        raise ConfigError(f"no embedding cache at {path}{hint}; {build}, or point cache_file at an existing cache")
+    try:
+        st = os.stat(path)
+        only = tuple(canonical_domain(d) for d in domains) if domains is not None else None
+        cache = _load(str(path.resolve()), st.st_mtime_ns, st.st_size, only)
+        if model_name is not None:
+            check_model(cache, str(model_name), path)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except ConfigError as e:
+        if not extract_command:
+            raise
+        raise ConfigError(str(e).replace(REBUILD, f"{extract_command} overwrite=true")) from None
     return cache
 
 
@@ -81,31 +96,30 @@ def check_model(cache: EmbeddingCache, model_name: str, path) -> None:
     if is_local_model(model_name):
         if not cache.model_fingerprint:
             raise ConfigError(f"{path} records no model fingerprint (an older fedclip wrote it), so it cannot be "
-                              f"checked against the weights in {model_name}; rebuild it (python -m extract ... "
-                              f"overwrite=true) or pass model.name={cache.model_name}")
+                              f"checked against the weights in {model_name}; rebuild it with {REBUILD}, or pass "
+                              f"model.name={cache.model_name}")
         try:
             mine = model_fingerprint(model_name)
         except OSError as e:
             raise ConfigError(f"cannot fingerprint the model folder {model_name}: {e}") from None
         if mine != cache.model_fingerprint:
             raise ConfigError(f"{path} was built with model {cache.model_name!r} ({short(cache.model_fingerprint)}), "
-                              f"but the weights in {model_name} differ ({short(mine)}); pass model.name=<a local copy "
-                              f"of the cache's weights> or model.name={cache.model_name}, or extract a cache with "
-                              "these weights")
+                              f"but the weights in {model_name} differ ({short(mine)}); pass model.name={cache.model_name} "
+                              "(or a local folder with the cache's weights), or extract a cache with these weights")
     elif model_name.strip().strip("/") != cache.model_name:
         raise ConfigError(f"{path} was built with model {cache.model_name!r}, not model.name={model_name!r}; pass "
-                          f"model.name={cache.model_name} (or model.name=<local folder with the same weights>), or "
-                          "extract a cache with that model")
+                          f"model.name={cache.model_name} (or a local folder with the same weights), or extract a cache "
+                          "with that model")
 
 
 def _stale(path: str, what: str) -> ConfigError:
     return ConfigError(f"{path} has no checksum for {what} (an older fedclip wrote it) and cannot be verified; "
-                       "rebuild it: python -m extract ... overwrite=true")
+                       f"rebuild it: {REBUILD}")
 
 
 def _mismatch(path: str, what: str) -> ConfigError:
     return ConfigError(f"checksum mismatch in {what} of {path}: the file was changed or damaged after it was "
-                       "written; get a fresh copy or rebuild it (python -m extract ... overwrite=true)")
+                       f"written; get a fresh copy or rebuild it: {REBUILD}")
 
 
 def _verified(ds: h5py.Dataset, path: str, strings: bool = False):
@@ -128,23 +142,23 @@ def _verified(ds: h5py.Dataset, path: str, strings: bool = False):
 def _load(path: str, mtime_ns: int, size: int, only: tuple[str, ...] | None) -> EmbeddingCache:
     t0 = time.perf_counter()
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ConfigError(f"cannot read {path} as HDF5 ({e}); rebuild it with python -m extract") from None
-    try:
-        with f:
+        with open_cache(path) as f:
             return _read(f, path, only, t0)
+    except CacheFormatError as e:
+        text = str(e) if str(e).startswith("domain ") else f"{path} {e}"
+        raise ConfigError(f"{text}; it is not a usable fedclip cache: rebuild it with {REBUILD}") from None
     except (KeyError, ValueError, TypeError, OSError) as e:  # a structure the schema does not allow
-        raise ConfigError(f"{path} does not follow the cache schema ({type(e).__name__}: {e}); rebuild it: "
-                          "python -m extract ... overwrite=true") from None
+        raise ConfigError(f"{path} does not follow the cache schema ({type(e).__name__}: {e}); rebuild it with "
+                          f"{REBUILD}") from None
 
 
 def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
     a = f.attrs
-    if a.get("schema_version") != SCHEMA_VERSION:
-        raise ConfigError(f"{path} has cache schema version {a.get('schema_version')}, this fedclip reads "
-                          f"version {SCHEMA_VERSION}; rebuild it with python -m extract ... overwrite=true")
-    if not bool(a.get("complete", False)):
+    header = read_header(a)
+    if header.schema_version != SCHEMA_VERSION:
+        raise ConfigError(f"{path} has cache schema version {header.schema_version}, this fedclip reads version "
+                          f"{SCHEMA_VERSION}; rebuild it with {REBUILD}")
+    if not header.complete:
         raise ConfigError(f"{path} is not complete (its extraction did not finish); re-run the extract "
                           "command that builds it")
     if "identity_sha256" not in a:
@@ -152,26 +166,25 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
     if identity_sha256(a) != str(a["identity_sha256"]):
         raise _mismatch(path, "the identity attributes (model, dataset, domains, classes, prompts)")
     if "text" not in f or "embeddings" not in f["text"] or "logit_scale" not in f["text"]:
-        raise ConfigError(f"{path} has no /text/embeddings or /text/logit_scale; rebuild it: python -m extract ... "
-                          "overwrite=true")
-    names = json.loads(a["domains"])
-    class_names = tuple(json.loads(a["class_names"]))
-    embed_dim = int(a["embed_dim"])
+        raise ConfigError(f"{path} has no /text/embeddings or /text/logit_scale; rebuild it with {REBUILD}")
+    names, class_names, embed_dim = header.domains, header.class_names, header.embed_dim
     unknown = [d for d in only or () if d not in names]
     if unknown:
         raise ConfigError(f"domain {unknown[0]!r} is not in {path}; its domains: {', '.join(names)}")
-    text = _verified(f["text/embeddings"], path).astype(np.float32)
-    if text.ndim != 3 or text.shape[1:] != (len(class_names), embed_dim):
-        raise ConfigError(f"the text embeddings of {path} have shape {text.shape}, not [T, {len(class_names)}, "
-                          f"{embed_dim}]; rebuild the cache")
-    if not np.isfinite(text).all():
-        raise ConfigError(f"the text embeddings of {path} are non-finite; rebuild the cache")
-    logit_scale = float(np.asarray(_verified(f["text/logit_scale"], path)).reshape(-1)[0])
+    check_declared(f["text/embeddings"], "float", (None, len(class_names), embed_dim))
+    check_declared(f["text/logit_scale"], "float", ())
+    text = _verified(f["text/embeddings"], path).astype(np.float32, copy=False)
+    logit_scale = check_text(text, _verified(f["text/logit_scale"], path))
     domains = {}
     for name in names:
         if only is not None and name not in only:
             continue
-        domains[name] = _read_domain(f, path, name, len(class_names), embed_dim)
+        try:
+            domains[name] = _read_domain(f, path, name, len(class_names), embed_dim)
+        except EmptyDomainError as e:  # rebuilding the same cache would not help
+            others = ",".join(d for d in names if d != name)
+            raise ConfigError(f"{e}; extract the cache again with images in every domain, or without this one "
+                              f"(dataset.domains=[{others}])") from None
     return EmbeddingCache(
         path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
         embed_dim=embed_dim, class_names=class_names, text=text, logit_scale=logit_scale,
@@ -193,30 +206,15 @@ def _checksums(f: h5py.File, names: list[str]) -> dict[str, str]:
 
 def _read_domain(f: h5py.File, path: str, name: str, num_classes: int, embed_dim: int) -> DomainData:
     if f"domains/{name}" not in f:
-        raise ConfigError(f"domain {name} is listed in {path} but has no /domains/{name} group; rebuild the cache")
+        raise ConfigError(f"domain {name} is listed in {path} but has no /domains/{name} group; rebuild it with "
+                          f"{REBUILD}")
     g = f[f"domains/{name}"]
-    feats = _verified(g["image_embeddings"], path)
-    labels = _verified(g["labels"], path)
-    ids = tuple(_verified(g["ids"], path, strings=True)) if g["ids"].shape != () else ()
-    n = len(ids)
-    if feats.ndim != 2 or feats.shape != (n, embed_dim) or labels.shape != (n,):
-        raise ConfigError(f"domain {name} of {path} has {feats.shape} embeddings, {labels.shape} labels and {n} ids "
-                          f"(expected [{n}, {embed_dim}], [{n}], {n}); rebuild the cache")
-    feats = feats.astype(np.float32)
-    if not np.isfinite(feats).all():
-        raise ConfigError(f"domain {name} of {path} has non-finite embeddings; rebuild the cache "
-                          "(python -m extract ... overwrite=true)")
-    labels = labels.astype(np.int64)
-    if n and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
-        raise ConfigError(f"domain {name} of {path} has label {bad}, outside 0..{num_classes - 1} (its classes); "
-                          "rebuild the cache")
-    if len(set(ids)) != n:
-        seen, dup = set(), None
-        for i in ids:
-            if i in seen:
-                dup = i
-                break
-            seen.add(i)
-        raise ConfigError(f"domain {name} of {path} has duplicated id {dup!r}; rebuild the cache")
+    check_declared(g["ids"], "str", (None,))
+    n = g["ids"].shape[0]
+    check_declared(g["labels"], "int", (n,))
+    check_declared(g["image_embeddings"], "float", (n, embed_dim))
+    feats = _verified(g["image_embeddings"], path).astype(np.float32, copy=False)  # read fresh: no copy needed
+    labels = _verified(g["labels"], path).astype(np.int64, copy=False)
+    ids = tuple(_verified(g["ids"], path, strings=True))
+    check_domain(name, feats, labels, ids, num_classes, path)
     return DomainData(feats, labels, ids)

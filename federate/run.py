@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from extract.commands import extract_command
+
 from . import adapters, prepared, strategy
 from .cache import load_cache
 from .engine import ClientSets, TrainSettings, autocast, client_generator, make_trainer
@@ -81,7 +83,7 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     server = strategy.build(cfg.strategy, cfg.aggregation)
 
     # 1. the cache
-    cache = load_cache(cache_path(cfg), cfg.model.name)
+    cache = load_cache(cache_path(cfg), cfg.model.name, extract_command=extract_command(cfg))
     adapter.prepare(cache, cfg.model)
     target, participants = target_and_participants(list(cache.domains), cfg.target_domain, cache.path)
 

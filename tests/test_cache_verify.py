@@ -133,7 +133,8 @@ def test_the_model_is_checked_by_content(tiny_model, tmp_path):
     (colleague / "model.safetensors").write_bytes(bytes(data))
     refused(path, "but the weights in", "differ", "model.name=tiny-clip", model_name=str(colleague))
     refused(path, "was built with model 'tiny-clip', not model.name='openai/clip-vit-base-patch32'",
-            "model.name=<local folder with the same weights>", model_name="openai/clip-vit-base-patch32")
+            "pass model.name=tiny-clip (or a local folder with the same weights)",
+            model_name="openai/clip-vit-base-patch32")
     old = write_cache(tmp_path / "old.h5", domains, text, model_name="tiny-clip")  # no fingerprint recorded
     refused(old, "records no model fingerprint", model_name=str(tiny_model))
 

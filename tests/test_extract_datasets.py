@@ -21,7 +21,8 @@ def test_vlcs_without_a_root_says_it_comes_from_a_local_folder(tmp_path):
         pipeline.run(cfg)
     text = str(e.value)
     assert "\n" not in text and "dataset vlcs has no hub copy" in text
-    assert "python -m extract dataset=vlcs dataset.root=/path/to/vlcs" in text
+    assert text.endswith(f"run: python -m extract dataset=vlcs model.name=openai/clip-vit-base-patch32 "
+                         f"cache_dir={tmp_path} dataset.root=/path/to/vlcs")  # the settings given, with the root
 
 
 def shapes(root, domains, classes=("Alarm_Clock", "Bike"), per_class=2):

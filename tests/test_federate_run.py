@@ -151,7 +151,7 @@ def test_nonsensical_settings_are_refused(cache_file, tmp_path, overrides, messa
 def test_cli_missing_cache_says_how_to_build_it(tmp_path):
     proc = run_cli("federate", "dataset=pacs", f"cache_dir={tmp_path}", f"hydra.run.dir={tmp_path}/o", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout
-    assert "no embedding cache at" in proc.stdout and "python -m extract dataset=<name>" in proc.stdout
+    assert "no embedding cache at" in proc.stdout and f"python -m extract dataset=pacs cache_dir={tmp_path}" in proc.stdout
 
 
 def test_cli_sweep_runs_one_job_per_point(cache_file, tmp_path):

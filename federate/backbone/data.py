@@ -129,8 +129,8 @@ def probe(domains, processor, num_workers: int) -> list:
         opener = dom.opener
         if hasattr(opener, "rows"):  # hub: the table rows of the kept images
             opener = type(opener)(opener.table, [opener.rows[i] for i in keep])
-        else:  # folder: opens by id
-            opener = type(opener)(opener.root, ids)
+        else:  # folder: opens by path (an id escapes the bytes of a name that is not UTF-8)
+            opener = type(opener)(opener.root, [opener.paths[i] for i in keep])
         out.append(DomainImages(dom.name, ids, [dom.labels[i] for i in keep], opener))
     return out
 

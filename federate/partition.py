@@ -157,8 +157,12 @@ def partition_rows(labels: np.ndarray, settings: PartitionSettings, seed: int, d
     n, k = len(labels), settings.clients_per_domain
     check_domain_size(domain, n, settings)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # partitioning is local: send nothing anywhere
-    import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    try:
+        import datasets
+        from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    except ImportError as e:
+        raise ConfigError(f"partition={settings.name} needs Flower Datasets ({e}): pip install "
+                          f"'flwr-datasets>=0.6.1,<0.7'") from None
 
     table = datasets.Dataset.from_dict({"row": np.arange(n), "label": np.asarray(labels)})
     rng_seed = partition_seed(seed, domain)

@@ -186,8 +186,13 @@ def partition_rows(labels: np.ndarray, settings: PartitionSettings, seed: int, d
         except ValueError as e:
             raise ConfigError(f"partition={settings.name} cannot split domain {domain} ({n} rows) into {k} clients: "
                               f"{_first_sentence(e)}; {_fix(settings)}") from None
-    for w in caught:  # Flower's retries and unused classes: worth a line, not a failure
-        log.info("partition of %s: %s", domain, _first_sentence(w.message))
+    redrawn = sum("min_partition_size" in str(w.message) for w in caught)
+    if redrawn:
+        log.info("partition of %s: %d Dirichlet draw(s) left a client with fewer than partition.min_rows=%d rows "
+                 "and were redrawn", domain, redrawn, settings.min_rows)
+    for w in caught:  # anything else Flower warns about (classes no client drew): worth a line, not a failure
+        if "min_partition_size" not in str(w.message):
+            log.info("partition of %s: %s", domain, _first_sentence(w.message))
     return rows
 
 
@@ -241,3 +246,9 @@ def restrict_classes(cache, classes) -> EmbeddingCache:
         keep = np.flatnonzero(new_label[d.labels] >= 0)
         domains[name] = DomainData(d.features[keep], new_label[d.labels[keep]], tuple(d.ids[i] for i in keep))
     return replace(cache, class_names=tuple(classes), text=cache.text[:, old], domains=domains)
+
+
+if __name__ == "__main__":
+    from .partition_plot import cli
+
+    cli()

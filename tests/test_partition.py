@@ -243,3 +243,29 @@ def test_the_flower_backend_refuses_partitions_and_class_subsets(planted_cache, 
                                 (["dataset.classes=[class0,class1]"], "dataset.classes cannot name a subset")):
         with pytest.raises(ConfigError, match=fragment):
             run_federate(planted_cache, tmp_path / overrides[0], "backend=flower", *overrides)
+
+
+# python -m federate.partition -------------------------------------------------------------------------------
+
+def test_the_partition_command_writes_the_label_distribution(planted_cache, tmp_path):
+    import csv
+
+    out = tmp_path / "plot"
+    proc = run_cli("federate.partition", str(planted_cache), "partition=shards", "partition.classes_per_client=2",
+                   "seed=3", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    rows = list(csv.DictReader(open(out / "label_distribution.csv")))
+    cache = load_cache(planted_cache)
+    expected = {c.name: c for c in make_clients(cache, list(cache.domains), config(
+        "federate", [f"cache_file={planted_cache}", "partition=shards", "partition.classes_per_client=2", "seed=3"]))}
+    assert [r["client"] for r in rows] == list(expected) and len(rows) == 4 * 5
+    for r in rows:
+        counts = [int(r[f"class{k}"]) for k in range(5)]
+        assert sum(c > 0 for c in counts) == 2 and sum(counts) == int(r["rows"]) == len(client_rows(expected[r["client"]]))
+    assert (out / "label_distribution.png").read_bytes()[:4] == b"\x89PNG"
+    assert "alpha/0" in proc.stdout and "largest class" in proc.stdout
+    # its files are never overwritten; a bad option is one line
+    again = run_cli("federate.partition", str(planted_cache), "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 2 and "label_distribution.csv exists" in again.stdout and "Traceback" not in again.stdout
+    bad = run_cli("federate.partition", str(planted_cache), "partition=halves", cwd=tmp_path)
+    assert bad.returncode == 2 and "partition=halves is not an option of partition" in bad.stdout

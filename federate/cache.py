@@ -160,7 +160,7 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
     unknown = [d for d in only or () if d not in names]
     if unknown:
         raise ConfigError(f"domain {unknown[0]!r} is not in {path}; its domains: {', '.join(names)}")
-    text = _verified(f["text/embeddings"], path).astype(np.float32)
+    text = _verified(f["text/embeddings"], path).astype(np.float32, copy=False)
     if text.ndim != 3 or text.shape[1:] != (len(class_names), embed_dim):
         raise ConfigError(f"the text embeddings of {path} have shape {text.shape}, not [T, {len(class_names)}, "
                           f"{embed_dim}]; rebuild the cache")
@@ -202,11 +202,11 @@ def _read_domain(f: h5py.File, path: str, name: str, num_classes: int, embed_dim
     if feats.ndim != 2 or feats.shape != (n, embed_dim) or labels.shape != (n,):
         raise ConfigError(f"domain {name} of {path} has {feats.shape} embeddings, {labels.shape} labels and {n} ids "
                           f"(expected [{n}, {embed_dim}], [{n}], {n}); rebuild the cache")
-    feats = feats.astype(np.float32)
+    feats = feats.astype(np.float32, copy=False)  # a float32 cache is used as read: no second copy
     if not np.isfinite(feats).all():
         raise ConfigError(f"domain {name} of {path} has non-finite embeddings; rebuild the cache "
                           "(python -m extract ... overwrite=true)")
-    labels = labels.astype(np.int64)
+    labels = labels.astype(np.int64, copy=False)
     if n and (labels.min() < 0 or labels.max() >= num_classes):
         bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
         raise ConfigError(f"domain {name} of {path} has label {bad}, outside 0..{num_classes - 1} (its classes); "

@@ -168,12 +168,14 @@ class LockstepTrainer:
             self._bufs = [{k: torch.zeros_like(v) for k, v in state.items()} for _ in range(count)]
         return self._bufs
 
+    CHUNK = 256  # steps whose batches are gathered at once: a large client's round is not copied whole
+
     def prepare(self, state, xs: torch.Tensor, ys: torch.Tensor) -> None:
-        """Per-round set-up before the steps (xs, ys: the round's batches [S, K, B, d] and labels [S, K, B])."""
+        """Set-up before a chunk of steps (xs, ys: their batches [<= CHUNK, K, B, d] and labels [<= CHUNK, K, B])."""
 
     def gradients(self, params: dict, x, y, ok, step: int) -> tuple[torch.Tensor, dict]:
         """Loss [k] and gradients of the first k clients' `params` on batch x [k, B, d], labels y [k, B]
-        (ok [k, B]: valid rows, or None when no row is padding)."""
+        (ok [k, B]: valid rows, or None when no row is padding); `step` indexes the chunk given to `prepare`."""
         raise NotImplementedError
 
     @torch.inference_mode()  # no autograd bookkeeping outside the gradient functions: ~10% faster
@@ -188,10 +190,8 @@ class LockstepTrainer:
         padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
         idx = (idx + c.offsets.cpu()[None, :, None]).to(device)
         valid = valid.to(device)
-        xs, ys = c.x[idx], c.y[idx]  # the round's batches, gathered once: [S, K, B, d] and [S, K, B]
-        self.prepare(state, xs, ys)
         keys = list(state)
-        m, v2 = self._moments(state)  # a fresh Adam every round: moments start at zero
+        m, v2 = self._moments(state)  # a fresh Adam every round (first_adam_step writes the moments)
         step_count = {q: torch.zeros((), dtype=torch.float32, device=device) for q in keys}  # as fused Adam keeps them
         prefix = {k: ({q: state[q][:k] for q in keys}, [m[q][:k] for q in keys], [v2[q][:k] for q in keys])
                   for k in set(active)}
@@ -199,8 +199,12 @@ class LockstepTrainer:
         stacked_anchor = is_stacked(anchor, state)
         fused = device.type in ("cpu", "cuda")
         for step, k in enumerate(active):
+            if step % self.CHUNK == 0:  # the next steps' batches, gathered at once: [CHUNK, K, B, d] and [CHUNK, K, B]
+                xs, ys = c.x[idx[step:step + self.CHUNK]], c.y[idx[step:step + self.CHUNK]]
+                self.prepare(state, xs, ys)
+            j = step % self.CHUNK
             params, m1, m2 = prefix[k]
-            loss, grads = self.gradients(params, xs[step, :k], ys[step, :k], valid[step, :k] if padded[step] else None, step)
+            loss, grads = self.gradients(params, xs[j, :k], ys[j, :k], valid[step, :k] if padded[step] else None, j)
             if s.mu:
                 for q in keys:  # FedProx: gradient of (mu / 2) ||w - w_global||^2
                     grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
@@ -249,9 +253,9 @@ class BatchedTrainer(LockstepTrainer):
 
     def prepare(self, state, xs, ys):
         self.low = low_dtype(self.settings.precision)
-        self.xs_low = xs.to(self.low) if self.low is not None else None  # cast once per round
+        self.xs_low = xs.to(self.low) if self.low is not None else None  # cast once per chunk
         self.text_tower = "text" in self.adapter.towers
-        # each row's own class prompt, gathered once per round when the prompts are fixed
+        # each row's own class prompt, gathered once per chunk when the prompts are fixed
         self.rows_text = self.text_norm[ys] if self.settings.loss == "contrastive" and not self.text_tower else None
 
     def gradients(self, params, x, y, ok, step):

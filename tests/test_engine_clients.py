@@ -69,3 +69,24 @@ def test_a_round_of_many_clients_matches_the_lock_step_engine():
     torch.testing.assert_close(out[0][0], out[1][0])
     for k in start:
         torch.testing.assert_close(out[0][1][k], out[1][1][k])
+
+
+def test_batches_gathered_in_chunks_give_the_same_round(monkeypatch):
+    from federate.engine import LockstepTrainer
+
+    torch.manual_seed(3)
+    d, C, sizes = 16, 3, [200, 90, 40]  # 7, 3 and 2 steps
+    clients = ClientSets([torch.randn(n, d) for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    text, start = torch.randn(C, d), init(d)
+    results = []
+    for chunk in (256, 2):  # a whole round at once, or two steps at a time
+        monkeypatch.setattr(LockstepTrainer, "CHUNK", chunk)
+        for engine, precision in ((BatchedTrainer, "fp32"), (SequentialTrainer, "bf16")):
+            state = strategy.stack(start, len(sizes))
+            loss = engine(attai.AttAI(), clients, text, 20.0, TrainSettings(lr=1e-3, precision=precision)).train(
+                state, 1, [client_generator(0, f"c{k}", 1) for k in range(len(sizes))])
+            results.append((loss, state))
+    for (loss_a, a), (loss_b, b) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(loss_a, loss_b)
+        for k in start:
+            torch.testing.assert_close(a[k], b[k])

@@ -90,3 +90,13 @@ def test_batches_gathered_in_chunks_give_the_same_round(monkeypatch):
         torch.testing.assert_close(loss_a, loss_b)
         for k in start:
             torch.testing.assert_close(a[k], b[k])
+
+
+def test_accuracy_in_blocks_of_rows_is_the_accuracy(monkeypatch):
+    from federate import evaluate
+
+    torch.manual_seed(4)
+    x, y, text, params = torch.randn(1000, 16), torch.randint(0, 3, (1000,)), torch.randn(3, 16), init(16)
+    whole = evaluate.accuracies(attai.AttAI(), [params], [(x, y)], text, 20.0)
+    monkeypatch.setattr(evaluate, "EVAL_ROWS", 64)
+    assert evaluate.accuracies(attai.AttAI(), [params], [(x, y)], text, 20.0) == whole

@@ -129,9 +129,11 @@ def domainnet(tmp: Path, rounds: int) -> None:
 
     threads = str(torch.get_num_threads())  # the same threads as the in-process round
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    code = ("import resource, runpy, sys; sys.argv = ['federate', *sys.argv[1:]]\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report this process's peak
+    code = ("import runpy, sys; sys.argv = ['federate', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('federate', run_name='__main__')\n"
-            "finally:\n    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+            "finally:\n    print('maxrss_kb', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], "
+            "file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code, f"cache_file={cache}", "model.name=fedclip/planted", "rounds=1",
                            f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True)
     rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("maxrss_kb")]

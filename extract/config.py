@@ -43,6 +43,9 @@ class DatasetConfig:
     name: Optional[str] = None
     hub_id: Optional[str] = None
     hub_split: Optional[str] = None
+    image_column: str = "image"  # a hub dataset's columns; domain_column null: one domain named after the dataset
+    label_column: str = "label"
+    domain_column: Optional[str] = "domain"
     root: Optional[str] = None
     domains: Optional[List[str]] = None
     classes: Optional[List[str]] = None

@@ -305,27 +305,33 @@ def hub_source(dataset_cfg, command: str | None = None) -> Source:
         raise ExtractError(f"cannot load hub dataset {dataset_cfg.hub_id!r} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); to read a local copy laid out as "
                            f"root/domain/class/image instead, {local}") from None
-    missing = {"image", "domain", "label"} - set(table.column_names)
+    image_col, label_col = dataset_cfg.get("image_column", "image"), dataset_cfg.get("label_column", "label")
+    domain_col = dataset_cfg.get("domain_column", "domain")  # None: a single-domain dataset (CIFAR-10)
+    missing = {image_col, label_col, *([domain_col] if domain_col else [])} - set(table.column_names)
     if missing:
         raise ExtractError(f"hub dataset {dataset_cfg.hub_id} lacks columns {sorted(missing)} "
-                           f"(has {table.column_names})")
-    label_feature = table.features["label"]
+                           f"(has {table.column_names}); set dataset.image_column, dataset.label_column or "
+                           f"dataset.domain_column (null: one domain)")
+    label_feature = table.features[label_col]
     classes = list(getattr(label_feature, "names", None) or dataset_cfg.classes or [])
     if dataset_cfg.classes and list(dataset_cfg.classes) != classes:
         raise ExtractError(f"hub dataset {dataset_cfg.hub_id} has classes {classes}, the config lists "
                            f"{list(dataset_cfg.classes)}")
-    domain_col = [canonical_domain(v) for v in table["domain"]]
-    label_col = list(table["label"])
-    domains = _pick("domain", dataset_cfg.domains, sorted(set(domain_col)), dataset_cfg.hub_id)
+    single = canonical_domain(dataset_cfg.name or dataset_cfg.hub_id.split("/")[-1])
+    domain_of = [canonical_domain(v) for v in table[domain_col]] if domain_col else [single] * len(table)
+    label_of = list(table[label_col])
+    domains = _pick("domain", dataset_cfg.domains, sorted(set(domain_of)), dataset_cfg.hub_id)
+    fingerprint = getattr(table, "_fingerprint", "")
+    table = table.select_columns([image_col]).rename_columns({image_col: "image"} if image_col != "image" else {})
     table = table.cast_column("image", datasets.Image(decode=False))
     out = []
     for d in domains:
-        rows = [i for i, v in enumerate(domain_col) if v == d]
+        rows = [i for i, v in enumerate(domain_of) if v == d]
         ids = [f"{dataset_cfg.hub_split}/{i}" for i in rows]
-        out.append(DomainImages(d, ids, [int(label_col[i]) for i in rows], HubOpener(table, rows)))
+        out.append(DomainImages(d, ids, [int(label_of[i]) for i in rows], HubOpener(table, rows)))
     return Source(dataset_cfg.name, classes, prompt_names_for(classes, dataset_cfg.prompt_names), out,
                   {"source": "hub", "hub_id": dataset_cfg.hub_id, "hub_split": dataset_cfg.hub_split,
-                   "hub_fingerprint": getattr(table, "_fingerprint", "")})
+                   "hub_fingerprint": fingerprint})
 
 
 def load_source(dataset_cfg, command: str | None = None) -> Source:

@@ -74,8 +74,8 @@ def federate_job(cfg: DictConfig) -> float | None:
 def main() -> None:
     """The command line's entry point; a script that registers its own adapters calls it (README)."""
     try:
-        exit_on_bad_override(("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer"),
-                             ("text_adapter",), "federate")
+        groups = ("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer", "partition")
+        exit_on_bad_override(groups, ("text_adapter",), "federate")
         federate_job()
     except KeyboardInterrupt:  # before or after a run: nothing of it is unfinished
         error_line("federate", interrupted_message(None))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.optim.adam import adam
@@ -92,22 +93,56 @@ def make_schedule(sizes: list[int], batch_size: int, epochs: int, generators: li
     return idx, valid, active, steps
 
 
+def first_adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
+                    v: list[torch.Tensor], s: TrainSettings, keep_moments: bool) -> None:
+    """torch's Adam (L2 weight decay, as torch.optim.Adam) at step 1 from zero moments, in closed form:
+    m = (1 - b1) g and v = (1 - b2) g^2, so the bias-corrected update is lr * g / (|g| + eps). The moments
+    are written only when later steps read them; a client of one batch (many small clients) then costs
+    its gradients and one pass over its weights instead of zeroing, reading and writing four tensors."""
+    b1, b2 = s.betas
+    for p, g, m1, m2 in zip(params, grads, m, v):
+        if s.weight_decay:
+            g.add_(p, alpha=s.weight_decay)
+        if keep_moments:
+            torch.mul(g, 1 - b1, out=m1)
+            torch.mul(g, g, out=m2).mul_(1 - b2)
+            denom = g.abs().add_(s.eps)
+        else:  # the unused first moment is the scratch space: no allocation
+            denom = torch.abs(g, out=m1).add_(s.eps)
+        p.addcdiv_(g, denom, value=-s.lr)
+
+
 def is_stacked(anchor, state) -> bool:
     """Whether a FedProx anchor holds one adapter per client ([K, ...], like the stacked state)."""
     return anchor is not None and any(anchor[q].dim() == state[q].dim() for q in state)
 
 
 class ClientSets:
-    """Participants' training rows, concatenated on the device (largest client first)."""
+    """Participants' training rows on the device (largest client first). The lock-step engines read them
+    concatenated (`x`, `y`, `offsets`: built on first use), the sequential engine one client at a time
+    (`client(i)`: views, no copy), so a run keeps one copy of its training rows."""
 
     def __init__(self, features: list[torch.Tensor], labels: list[torch.Tensor]):
-        self.sizes = [len(f) for f in features]
+        self.features, self.labels = list(features), list(labels)
+        self.sizes = [len(f) for f in self.features]
         if self.sizes != sorted(self.sizes, reverse=True):
             raise ValueError("clients must be ordered by training-set size, largest first")
-        self.x = torch.cat(features)
-        self.y = torch.cat(labels)
-        offsets = torch.tensor([0] + self.sizes[:-1]).cumsum(0)
-        self.offsets = offsets.to(self.x.device)
+        self.device = self.features[0].device
+
+    @cached_property
+    def x(self) -> torch.Tensor:
+        return self.features[0] if len(self.features) == 1 else torch.cat(self.features)
+
+    @cached_property
+    def y(self) -> torch.Tensor:
+        return self.labels[0] if len(self.labels) == 1 else torch.cat(self.labels)
+
+    @cached_property
+    def offsets(self) -> torch.Tensor:
+        return torch.tensor([0] + self.sizes[:-1]).cumsum(0).to(self.device)
+
+    def client(self, i: int) -> "ClientSets":
+        return ClientSets([self.features[i]], [self.labels[i]])
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -124,23 +159,23 @@ class LockstepTrainer:
         self.text_norm = torch.nn.functional.normalize(text, dim=-1)
 
     def _buffers(self, state, count: int):
-        """`count` buffers shaped like the state, allocated once and zeroed per round (allocating 2 MB
-        tensors every round costs page faults that show up in the profile)."""
+        """`count` buffers shaped like the state, allocated once (allocating 2 MB tensors every round costs
+        page faults that show up in the profile) and never zeroed: the first Adam step writes the moments
+        (`first_adam_step`), the gradient kernels write the gradients."""
         shapes = {k: v.shape for k, v in state.items()}
         if getattr(self, "_shapes", None) != shapes:
             self._shapes = shapes
             self._bufs = [{k: torch.zeros_like(v) for k, v in state.items()} for _ in range(count)]
-        for buf in self._bufs:
-            for t in buf.values():
-                t.zero_()
         return self._bufs
 
+    CHUNK = 256  # steps whose batches are gathered at once: a large client's round is not copied whole
+
     def prepare(self, state, xs: torch.Tensor, ys: torch.Tensor) -> None:
-        """Per-round set-up before the steps (xs, ys: the round's batches [S, K, B, d] and labels [S, K, B])."""
+        """Set-up before a chunk of steps (xs, ys: their batches [<= CHUNK, K, B, d] and labels [<= CHUNK, K, B])."""
 
     def gradients(self, params: dict, x, y, ok, step: int) -> tuple[torch.Tensor, dict]:
         """Loss [k] and gradients of the first k clients' `params` on batch x [k, B, d], labels y [k, B]
-        (ok [k, B]: valid rows, or None when no row is padding)."""
+        (ok [k, B]: valid rows, or None when no row is padding); `step` indexes the chunk given to `prepare`."""
         raise NotImplementedError
 
     @torch.inference_mode()  # no autograd bookkeeping outside the gradient functions: ~10% faster
@@ -150,15 +185,13 @@ class LockstepTrainer:
         `generators` has one per client; `anchor` is the global adapter FedProx pulls towards (one state,
         or stacked [K, ...] like `state`: one per client, as a grouped sweep trains several points)."""
         s, c = self.settings, self.clients
-        device = c.x.device
+        device = c.device
         idx, valid, active, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
         padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
         idx = (idx + c.offsets.cpu()[None, :, None]).to(device)
         valid = valid.to(device)
-        xs, ys = c.x[idx], c.y[idx]  # the round's batches, gathered once: [S, K, B, d] and [S, K, B]
-        self.prepare(state, xs, ys)
         keys = list(state)
-        m, v2 = self._moments(state)  # a fresh Adam every round: moments start at zero
+        m, v2 = self._moments(state)  # a fresh Adam every round (first_adam_step writes the moments)
         step_count = {q: torch.zeros((), dtype=torch.float32, device=device) for q in keys}  # as fused Adam keeps them
         prefix = {k: ({q: state[q][:k] for q in keys}, [m[q][:k] for q in keys], [v2[q][:k] for q in keys])
                   for k in set(active)}
@@ -166,14 +199,23 @@ class LockstepTrainer:
         stacked_anchor = is_stacked(anchor, state)
         fused = device.type in ("cpu", "cuda")
         for step, k in enumerate(active):
+            if step % self.CHUNK == 0:  # the next steps' batches, gathered at once: [CHUNK, K, B, d] and [CHUNK, K, B]
+                xs, ys = c.x[idx[step:step + self.CHUNK]], c.y[idx[step:step + self.CHUNK]]
+                self.prepare(state, xs, ys)
+            j = step % self.CHUNK
             params, m1, m2 = prefix[k]
-            loss, grads = self.gradients(params, xs[step, :k], ys[step, :k], valid[step, :k] if padded[step] else None, step)
+            loss, grads = self.gradients(params, xs[j, :k], ys[j, :k], valid[step, :k] if padded[step] else None, j)
             if s.mu:
                 for q in keys:  # FedProx: gradient of (mu / 2) ||w - w_global||^2
                     grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
-            adam(list(params.values()), [grads[q] for q in keys], m1, m2, [], [step_count[q] for q in keys],
-                 fused=fused, amsgrad=False, beta1=s.betas[0], beta2=s.betas[1], lr=s.lr,
-                 weight_decay=s.weight_decay, eps=s.eps, maximize=False)
+            if step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
+                first_adam_step(list(params.values()), [grads[q] for q in keys], m1, m2, s, keep_moments=len(active) > 1)
+                for q in keys:
+                    step_count[q].fill_(1)
+            else:
+                adam(list(params.values()), [grads[q] for q in keys], m1, m2, [], [step_count[q] for q in keys],
+                     fused=fused, amsgrad=False, beta1=s.betas[0], beta2=s.betas[1], lr=s.lr,
+                     weight_decay=s.weight_decay, eps=s.eps, maximize=False)
             loss_sum[:k] += loss
         return loss_sum / torch.tensor(steps, device=device).clamp_min(1)
 
@@ -212,9 +254,9 @@ class BatchedTrainer(LockstepTrainer):
 
     def prepare(self, state, xs, ys):
         self.low = low_dtype(self.settings.precision)
-        self.xs_low = xs.to(self.low) if self.low is not None else None  # cast once per round
+        self.xs_low = xs.to(self.low) if self.low is not None else None  # cast once per chunk
         self.text_tower = "text" in self.adapter.towers
-        # each row's own class prompt, gathered once per round when the prompts are fixed
+        # each row's own class prompt, gathered once per chunk when the prompts are fixed
         self.rows_text = self.text_norm[ys] if self.settings.loss == "contrastive" and not self.text_tower else None
 
     def gradients(self, params, x, y, ok, step):
@@ -283,18 +325,22 @@ class PlainTrainer(LockstepTrainer):
 class SequentialTrainer:
     """A lock-step engine applied to one client at a time. On a CPU this is the fastest for AttAI: a
     client's weights, gradients and Adam moments (8 MB at d = 512) stay in cache, while three clients in
-    lock step spill to memory (bench/federate_speed.py measures both). Same batch schedule, same results."""
+    lock step spill to memory (bench/federate_speed.py measures both). Same batch schedule, same results.
+    One inner trainer serves every client in turn (its buffers and set-up are shared), so a client costs
+    what its rows cost: 300 clients of 17 rows are not 300 sets of buffers (bench/partition_speed.py)."""
 
     def __init__(self, adapter, clients: ClientSets, text, scale, settings, inner=BatchedTrainer):
-        bounds = [(int(o), n) for o, n in zip(clients.offsets.tolist(), clients.sizes)]
-        self.trainers = [inner(adapter, ClientSets([clients.x[o:o + n]], [clients.y[o:o + n]]), text, scale, settings)
-                         for o, n in bounds]
+        self.sets = [clients.client(i) for i in range(len(clients))]
+        self.trainer = inner(adapter, self.sets[0], text, scale, settings)
 
     def train(self, state, epochs, generators, anchor=None):
         stacked_anchor = is_stacked(anchor, state)
-        return torch.cat([t.train({q: v[i:i + 1] for q, v in state.items()}, epochs, [generators[i]],
-                                  {q: v[i] for q, v in anchor.items()} if stacked_anchor else anchor)
-                          for i, t in enumerate(self.trainers)])
+        losses = []
+        for i, client in enumerate(self.sets):
+            self.trainer.clients = client
+            losses.append(self.trainer.train({q: v[i:i + 1] for q, v in state.items()}, epochs, [generators[i]],
+                                             {q: v[i] for q, v in anchor.items()} if stacked_anchor else anchor))
+        return torch.cat(losses)
 
 
 def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch.Tensor, scale: float,
@@ -304,7 +350,7 @@ def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch
     if engine == "auto" and adapter.trainer is not None:  # an adapter with its own trainer (adapter=coop)
         return adapter.trainer(adapter, clients, text, scale, settings)
     if engine == "auto":
-        engine = ("batched" if clients.x.is_cuda else "sequential") if adapter.fast_path else "generic"
+        engine = ("batched" if clients.device.type == "cuda" else "sequential") if adapter.fast_path else "generic"
     if engine not in ENGINES:
         raise ConfigError(f"engine must be auto, {', '.join(ENGINES)}, not {engine!r}")
     if engine in FAST_PATH and not adapter.fast_path:

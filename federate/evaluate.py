@@ -5,6 +5,8 @@ import torch
 
 from .adapters import Adapter
 
+EVAL_ROWS = 8192  # rows evaluated at once
+
 
 def pick(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     """Client i's adapter from a stacked [K, ...] state."""
@@ -17,7 +19,9 @@ def correct(adapter: Adapter, params: dict[str, torch.Tensor], x: torch.Tensor, 
     """Number of correct predictions (a device tensor) of one adapter's parameters on (x, y)."""
     if len(x) == 0:
         return torch.zeros((), device=x.device)
-    return (adapter.logits(params, x, text, scale).argmax(1) == y).sum()
+    # in blocks of rows: a 50k-row domain's activations (a few [N, d] tensors) never exist at once
+    return sum((adapter.logits(params, x[i:i + EVAL_ROWS], text, scale).argmax(1) == y[i:i + EVAL_ROWS]).sum()
+               for i in range(0, len(x), EVAL_ROWS))
 
 
 def accuracies(adapter: Adapter, states: list, sets: list[tuple[torch.Tensor, torch.Tensor]], text: torch.Tensor,

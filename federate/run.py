@@ -26,7 +26,7 @@ from .evaluate import accuracies, pick
 from .experiment import (RunLog, cache_path, check_finite, check_settings, class_text,
                          cost_figures, domain_tensors, evaluate_round, finish, make_client, mean, resolve_device,
                          save_adapters, summarize, target_and_participants, train_settings)
-from .partition import make_clients, splits_json
+from .partition import check_runner, make_clients, restrict_classes, splits_json
 
 log = logging.getLogger("federate")
 
@@ -42,6 +42,7 @@ def run(cfg, output_dir: str | Path) -> dict:
         return result()
     output_dir.mkdir(parents=True, exist_ok=True)
     method = check_settings(cfg)
+    check_runner(cfg, method)  # partitions and class subsets: the in-process runner only
     if cfg.backend == "flower":
         from .flower.simulation import run_simulation
 
@@ -83,7 +84,8 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     server = strategy.build(cfg.strategy, cfg.aggregation)
 
     # 1. the cache
-    cache = load_cache(cache_path(cfg), cfg.model.name, extract_command=extract_command(cfg))
+    cache = restrict_classes(load_cache(cache_path(cfg), cfg.model.name, extract_command=extract_command(cfg)),
+                             cfg.dataset.get("classes"))
     adapter.prepare(cache, cfg.model)
     target, participants = target_and_participants(list(cache.domains), cfg.target_domain, cache.path)
 

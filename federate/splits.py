@@ -1,10 +1,10 @@
-"""Per-domain 60/20/20 train/validation/test splits, as in the reference code.
+"""60/20/20 train/validation/test splits of a client's rows, as the reference code splits a domain.
 
-The permutation comes from the run's seed hashed with the domain name (DomainBed's habit), so a split is
-reproducible per (seed, domain) whatever other domains take part. Splits are saved as sample ids
-(splits.json) and can be read back with split_file= to reuse a published split. A split that would give
-meaningless numbers (overlapping or repeated ids, fewer than 2 training rows, an empty val or test split)
-is refused with a ConfigError.
+The permutation comes from the run's seed hashed with the client's name (a domain's name when the domain is
+one client: DomainBed's habit), so a split is reproducible per (seed, client) whatever other clients take
+part. Splits are saved as sample ids (splits.json, {client: {part: [id, ...]}}) and can be read back with
+split_file= to reuse a published split. A split that would give meaningless numbers (overlapping or
+repeated ids, fewer than 2 training rows, an empty val or test split) is refused with a ConfigError.
 """
 from __future__ import annotations
 
@@ -58,66 +58,113 @@ def check_split_sizes(domain: str, sizes: dict[str, int], *, split_file: str | P
                       f"{join_and(problems)} ({counts}): {' and '.join(reasons)}; {fix}")
 
 
-def read_split_file(path: str | Path, ids_of: dict[str, tuple[str, ...]], domains) -> dict[str, dict[str, np.ndarray]]:
-    """Indices for the ids listed in a splits.json ({domain: {"train": [id, ...], "val": [...], "test": [...]}}).
+def client_domain(name: str, domains) -> str | None:
+    """The domain of a client named in a splits.json: the name itself for a domain's only client
+    (partition=domain), else the part before the last "/<k>" ("photo/3" -> "photo"); None if neither."""
+    if name in domains:
+        return name
+    head, sep, k = name.rpartition("/")
+    return head if sep and k.isdigit() and head in domains else None
 
-    Every participating domain must be listed with its three parts, each a list of distinct ids of that
-    domain in the cache, no id in two parts, at least 2 train ids and non-empty val and test."""
+
+def read_client_splits(path: str | Path, ids_of: dict[str, tuple[str, ...]], participants,
+                       all_domains=None) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
+    """client -> (its domain, indices per part into the domain's rows) for the clients of the participating
+    domains listed in a splits.json ({client: {"train": [id, ...], "val": [...], "test": [...]}}).
+
+    A client is named after its domain (one client per domain) or "<domain>/<k>". Every participating
+    domain must have at least one client; each client lists its three parts, each a list of distinct ids
+    of its domain in the cache, no id in two parts or two clients of a domain, at least 2 train ids and
+    non-empty val and test. Clients of a domain that does not take part (the target) are skipped; a name
+    that is no client of a domain of the cache (`all_domains`, default the participants) is refused."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read split_file {path}: {e}") from None
-    shape = 'a JSON object {domain: {"train": [ids], "val": [ids], "test": [ids]}}'
+    shape = 'a JSON object {client: {"train": [ids], "val": [ids], "test": [ids]}}'
     if not isinstance(data, dict):
         raise ConfigError(f"split_file {path} must be {shape}, not a JSON {type_name(data)}")
-    data = {canonical_domain(d): parts for d, parts in data.items()}  # "Real World" is "Real_World"
-    out = {}
-    for d in domains:
-        if d not in data:
+    known = [canonical_domain(d) for d in (all_domains or participants)]
+    domain_of = {}
+    for name in data:
+        head, sep, k = name.rpartition("/")  # "Real World/2" is "Real_World/2"
+        canonical = f"{canonical_domain(head)}/{k}" if sep and k.isdigit() else canonical_domain(name)
+        domain = client_domain(canonical, known)
+        if domain is None:
+            raise ConfigError(f"split_file {path}: {name!r} is not a client of a domain of the cache: a client is "
+                              f"named after its domain ({', '.join(known)}) or <domain>/<k>")
+        domain_of[canonical] = domain
+    data = {c: parts for c, parts in zip(domain_of, data.values())}
+    out, owner = {}, {}
+    for d in participants:
+        clients = [c for c in data if domain_of[c] == d]
+        if not clients:
             raise ConfigError(f"split_file {path} has no split for domain {d} (it has {', '.join(data) or 'none'})")
-        parts = data[d]
-        if not isinstance(parts, dict):
-            raise ConfigError(f"split_file {path}: domain {d} must map to {{\"train\": [ids], \"val\": [ids], "
-                              f"\"test\": [ids]}}, not a JSON {type_name(parts)}")
-        extra = [p for p in parts if p not in PARTS]
-        if extra:
-            raise ConfigError(f"split_file {path}: domain {d} has the unknown part(s) {', '.join(map(repr, extra))}; "
-                              f"the parts are {', '.join(PARTS)}")
-        missing = [p for p in PARTS if p not in parts]
-        if missing:
-            sizes = ", ".join(f"{p} {len(parts[p]) if isinstance(parts.get(p), list) else 0}" for p in PARTS)
-            raise ConfigError(f"split_file {path}: domain {d} has no {' and no '.join(missing)} part ({sizes}); "
-                              f"list train, val and test ids for every participating domain, as the splits.json "
-                              f"of an earlier run does (a missing val or test split would read as 0.00% accuracy)")
         index = {s: i for i, s in enumerate(ids_of[d])}
-        seen: dict[str, str] = {}
-        out[d] = {}
-        for p in PARTS:
-            ids = parts[p]
-            if not isinstance(ids, list):
-                raise ConfigError(f"split_file {path}: domain {d}, part {p} must be a list of id strings, "
-                                  f"not a JSON {type_name(ids)}")
-            bad = [s for s in ids if not isinstance(s, str)]
-            if bad:
-                raise ConfigError(f"split_file {path}: domain {d}, part {p} must list id strings, but has "
-                                  f"{json.dumps(bad[0])} (a JSON {type_name(bad[0])})")
-            counts = Counter(ids)
-            repeated = [s for s, c in counts.items() if c > 1]
-            if repeated:
-                raise ConfigError(f"split_file {path}: domain {d}, part {p} repeats {len(repeated)} id(s), "
-                                  f"e.g. {repeated[0]!r} ({counts[repeated[0]]} times); list each id once")
-            both = [s for s in ids if s in seen]
-            if both:
-                raise ConfigError(f"split_file {path}: domain {d}, parts {seen[both[0]]} and {p} share "
-                                  f"{len(both)} id(s), e.g. {both[0]!r}; an id belongs to one part only")
-            unknown = [s for s in ids if s not in index]
-            if unknown:
-                raise ConfigError(f"split_file {path}: domain {d}, part {p}: {len(unknown)} ids are not ids of "
-                                  f"domain {d} in the cache, e.g. {unknown[0]!r}")
-            seen.update((s, p) for s in ids)
-            out[d][p] = np.array([index[s] for s in ids], dtype=np.int64)
-        check_split_sizes(d, {p: len(out[d][p]) for p in PARTS}, split_file=path)
+        owner.clear()  # id -> (client, part) within the domain
+        for c in clients:
+            out[c] = (d, _read_parts(path, c, d, data[c], index, owner))
     return out
+
+
+def _read_parts(path, client: str, domain: str, parts, index: dict[str, int], owner: dict) -> dict[str, np.ndarray]:
+    """One client's indices per part; `owner` holds the ids already taken in the domain (id -> (client, part))."""
+    who = f"domain {client}" if client == domain else f"client {client}"
+    if not isinstance(parts, dict):
+        raise ConfigError(f"split_file {path}: {who} must map to {{\"train\": [ids], \"val\": [ids], "
+                          f"\"test\": [ids]}}, not a JSON {type_name(parts)}")
+    extra = [p for p in parts if p not in PARTS]
+    if extra:
+        raise ConfigError(f"split_file {path}: {who} has the unknown part(s) {', '.join(map(repr, extra))}; "
+                          f"the parts are {', '.join(PARTS)}")
+    missing = [p for p in PARTS if p not in parts]
+    if missing:
+        sizes = ", ".join(f"{p} {len(parts[p]) if isinstance(parts.get(p), list) else 0}" for p in PARTS)
+        raise ConfigError(f"split_file {path}: {who} has no {' and no '.join(missing)} part ({sizes}); "
+                          f"list train, val and test ids for every participating client, as the splits.json "
+                          f"of an earlier run does (a missing val or test split would read as 0.00% accuracy)")
+    out = {}
+    for p in PARTS:
+        ids = parts[p]
+        if not isinstance(ids, list):
+            raise ConfigError(f"split_file {path}: {who}, part {p} must be a list of id strings, "
+                              f"not a JSON {type_name(ids)}")
+        bad = [s for s in ids if not isinstance(s, str)]
+        if bad:
+            raise ConfigError(f"split_file {path}: {who}, part {p} must list id strings, but has "
+                              f"{json.dumps(bad[0])} (a JSON {type_name(bad[0])})")
+        counts = Counter(ids)
+        repeated = [s for s, c in counts.items() if c > 1]
+        if repeated:
+            raise ConfigError(f"split_file {path}: {who}, part {p} repeats {len(repeated)} id(s), "
+                              f"e.g. {repeated[0]!r} ({counts[repeated[0]]} times); list each id once")
+        both = [s for s in ids if s in owner]
+        if both:
+            other, part = owner[both[0]]
+            where = (f"parts {part} and {p} share" if other == client else
+                     f"clients {other} ({part}) and {client} ({p}) of domain {domain} share")
+            raise ConfigError(f"split_file {path}: {who}, {where} {len(both)} id(s), e.g. {both[0]!r}; an id "
+                              f"belongs to one part of one client only")
+        unknown = [s for s in ids if s not in index]
+        if unknown:
+            raise ConfigError(f"split_file {path}: {who}, part {p}: {len(unknown)} ids are not ids of "
+                              f"domain {domain} in the cache, e.g. {unknown[0]!r}")
+        owner.update((s, (client, p)) for s in ids)
+        out[p] = np.array([index[s] for s in ids], dtype=np.int64)
+    check_split_sizes(client, {p: len(out[p]) for p in PARTS}, split_file=path)
+    return out
+
+
+def read_split_file(path: str | Path, ids_of: dict[str, tuple[str, ...]], domains) -> dict[str, dict[str, np.ndarray]]:
+    """Indices per part of each participating domain's only client (the runners that keep one client per
+    domain: the Flower apps and the image backbone); a domain split into several clients is refused."""
+    clients = read_client_splits(path, ids_of, domains)
+    split = sorted(c for c in clients if c not in domains)
+    if split:
+        raise ConfigError(f"split_file {path} splits domain {clients[split[0]][0]} into clients ({', '.join(split[:3])}"
+                          f"{', ...' if len(split) > 3 else ''}); this runner keeps one client per domain: use "
+                          f"backend=local, or a splits.json of a partition=domain run")
+    return {d: clients[d][1] for d in domains}
 
 
 def type_name(value) -> str:

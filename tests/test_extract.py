@@ -165,7 +165,8 @@ def test_bad_images_are_skipped_and_recorded_or_fail_with_one_line(tmp_path, ima
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["dataset=nope"], "dataset=nope is not an option of dataset; choose one of demo, folder, office_home, pacs, vlcs"),
+    (["dataset=nope"], "dataset=nope is not an option of dataset; choose one of cifar10, cifar100, demo, domainnet, "
+                       "folder, office_home, pacs, vlcs"),
     (["dataset=folder", "dataset.root=/no/such/folder"], "does not exist"),
     (["dataset=folder", "dataset.root={empty}"], "no images under"),
     (["dataset=folder", "dataset.root={images}", "dataset.domains=[photo,nope]"], "domain nope not found"),

@@ -80,3 +80,37 @@ def test_the_hub_copy_of_office_home_gets_the_same_domain_name(monkeypatch, tmp_
     assert real_world.ids == ["train/1", "train/2"] and real_world.labels == [1, 0]
     assert real_world.open(0).convert("RGB").getpixel((0, 0)) == (0, 255, 0)
     assert source.prompt_names == ["alarm clock", "bike"]
+
+
+def test_a_hub_dataset_without_a_domain_column_is_one_domain(monkeypatch):
+    import datasets
+    from PIL import Image
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["apple", "aquarium_fish"]),
+                                  "coarse_label": datasets.ClassLabel(names=["fruit", "fish"])})
+    table = datasets.Dataset.from_dict({"img": [png((255, 0, 0)), png((0, 255, 0)), png((0, 0, 255))],
+                                        "fine_label": [1, 0, 1], "coarse_label": [1, 0, 1]}, features=features)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: table)
+    source = load_source(config("extract", ["dataset=cifar100"]).dataset)
+    assert [d.name for d in source.domains] == ["cifar100"] and source.class_names == ["apple", "aquarium_fish"]
+    (only,) = source.domains
+    assert only.ids == ["train/0", "train/1", "train/2"] and only.labels == [1, 0, 1]
+    assert only.open(1).convert("RGB").getpixel((0, 0)) == (0, 255, 0)
+    assert source.prompt_names == ["apple", "aquarium fish"]
+    coarse = load_source(config("extract", ["dataset=cifar100", "dataset.label_column=coarse_label"]).dataset)
+    assert coarse.class_names == ["fruit", "fish"]
+    with pytest.raises(ExtractError, match=r"lacks columns \['image'\] .*set dataset.image_column"):
+        load_source(config("extract", ["dataset=cifar100", "dataset.image_column=image"]).dataset)
+    with pytest.raises(ExtractError, match=r"lacks columns \['domain'\]"):
+        load_source(config("extract", ["dataset=cifar100", "dataset.domain_column=domain"]).dataset)
+
+
+def test_domainnet_comes_from_a_folder(tmp_path):
+    cfg = config("extract", ["dataset=domainnet", f"cache_dir={tmp_path}"])
+    with pytest.raises(ExtractError, match="dataset domainnet has no hub copy: it is read from a local folder"):
+        load_source(cfg.dataset)

@@ -192,7 +192,7 @@ def test_office_home_real_world_is_one_domain_whatever_its_spelling(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("federate", "backbone=vgg"), "backbone=vgg is not an option of backbone; choose one of alexnet, clip"),
     (("federate", "-m", "adapter=attai,mlp"), "adapter=mlp is not an option of adapter; choose one of attai, "),
-    (("extract", "dataset=nope"), "dataset=nope is not an option of dataset; choose one of demo, folder, "),
+    (("extract", "dataset=nope"), "dataset=nope is not an option of dataset; choose one of cifar10, cifar100, demo, domainnet, folder, "),
     (("extract", "overwrite=no"), "overwrite must be true or false, not 'no'"),  # OmegaConf would read false
     (("federate", "-m", "text_adapter=false,yes"), "text_adapter must be true or false, not 'yes'"),
 ])

@@ -1,0 +1,172 @@
+"""Do many clients cost what their rows cost, and how close is a DomainNet-sized round to the machine's
+floor? Ratios are measured in the same process, interleaved, best of --repeats.
+
+    python bench/partition_speed.py [--repeats 3] [--threads N] [--domainnet] [--domainnet-rounds 1]
+
+1. PACS-sized cache (target art_painting, 4,765 training rows): seconds per round of local training
+   (the engine alone: federate/engine.py, engine=auto on a CPU) and of a whole round (training,
+   aggregation, evaluation: federate/run.py's loop) with partition=domain (3 clients) and
+   partition=iid partition.clients_per_domain=100 (300 clients of about 15 training rows); the goal is a
+   ratio of at most 1.5.
+2. --domainnet: a DomainNet-sized cache (586,575 rows x 512, 345 classes, 6 domains, target clipart):
+   seconds per round against the floor, the round's multiply-adds at the matmul throughput measured
+   here, and the peak resident memory of a whole `python -m federate` process against the cache's size.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, domainnet_sized_cache, pacs_sized_cache
+
+PARTITIONS = {"domain (3 clients)": [], "iid x100 (300 clients)": ["partition=iid", "partition.clients_per_domain=100"]}
+
+
+def matmul_gflops(rows: int, d: int = 512, repeats: int = 50) -> float:
+    """Measured fp32 throughput of a [1, rows, d] @ [1, d, d] multiply (rows=32: the engine's batch),
+    best of `repeats`."""
+    import torch
+
+    a, w = torch.randn(1, rows, d), torch.randn(1, d, d)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.bmm(a, w)
+        best = min(best, time.perf_counter() - t)
+    return 2 * rows * d * d / best / 1e9
+
+
+def floors(point) -> tuple[str, float, float]:
+    """The round's floor (a line, and seconds) at two measured throughputs: a multiply of the engine's
+    batch shape and a large one."""
+    flops = round_flops(point)
+    small, large = matmul_gflops(32), matmul_gflops(4096)
+    return (f"{flops / 1e9:.0f} GFLOP: floor {flops / small / 1e9:.2f} s at the {small:.0f} GFLOP/s of a [32, 512] x "
+            f"[512, 512] multiply, {flops / large / 1e9:.2f} s at the {large:.0f} GFLOP/s of a [4096, 512] one"), \
+        flops / small / 1e9, flops / large / 1e9
+
+
+def round_flops(point) -> float:
+    """Multiply-adds x 2 of one round: AttAI's forward (2 d x d products) and backward (3) on every
+    training row, its forward and the class logits (d x C) on every evaluated row (validation, and test
+    and target, which a round that improves evaluates: the first round always does)."""
+    d, C = point.cache.embed_dim, len(point.cache.class_names)
+    train = sum(len(c.train[1]) for c in point.clients) * int(point.cfg.local_epochs)
+    evaluated = sum(len(c.val[1]) + len(c.test[1]) for c in point.clients) + len(point.target_set[1])
+    return train * 5 * 2 * d * d + evaluated * (2 * 2 * d * d + 2 * d * C)
+
+
+def compose(cache: Path, overrides: list[str]):
+    import federate  # noqa: F401  (registers the config schema)
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("federate", [f"cache_file={cache}", "model.name=fedclip/planted", *overrides])
+
+
+def timed_rounds(cfg, out: Path, rounds: int):
+    """(seconds per whole round, seconds per round of local training alone, the point) of a fresh run."""
+    from federate import methods, strategy
+    from federate.engine import ClientSets, make_trainer
+    from federate.run import federate, generators, setup
+
+    out.mkdir(parents=True)
+    point = setup(cfg, methods.get(cfg.method.name), out, progress=False)
+    t = time.perf_counter()
+    federate(point)
+    whole = (time.perf_counter() - t) / rounds
+    trainer = make_trainer(cfg.engine, point.adapter, ClientSets(*zip(*point.train_sets)), point.text,
+                           point.cache.logit_scale, point.settings)
+    stacked = strategy.stack(point.global_state, len(point.train_sets))
+    t = time.perf_counter()
+    for r in range(rounds):
+        trainer.train(stacked, int(cfg.local_epochs), generators(point, r + 1))
+    train = (time.perf_counter() - t) / rounds
+    point.runlog.close()
+    return whole, train, point
+
+
+def many_clients(tmp: Path, repeats: int, rounds: int) -> None:
+    cache = pacs_sized_cache(tmp / "pacs_sized.h5")
+    best: dict[str, tuple[float, float]] = {}
+    sizes, points = {}, {}
+    for repeat in range(repeats):
+        for name, overrides in PARTITIONS.items():
+            cfg = compose(cache, ["target_domain=art_painting", f"rounds={rounds}", *overrides])
+            whole, train, point = timed_rounds(cfg, tmp / f"pacs_{len(overrides)}_{repeat}", rounds)
+            old = best.get(name, (whole, train))
+            best[name] = (min(whole, old[0]), min(train, old[1]))
+            sizes[name] = (len(point.clients), sum(len(c.train[1]) for c in point.clients))
+            points[name] = point
+    base = best["domain (3 clients)"]
+    text, small, large = floors(points["domain (3 clients)"])
+    print(f"1. PACS-sized, target art_painting, {rounds} rounds per run, best of {repeats} (seconds per round):")
+    for name, (whole, train) in best.items():
+        print(f"   {name:24s} {sizes[name][1]:5d} training rows   local training {train:.3f} s "
+              f"({train / base[1]:.2f}x)   whole round {whole:.3f} s ({whole / base[0]:.2f}x)")
+    print(f"   domain round: {text}: {base[0] / small:.2f}x and {base[0] / large:.2f}x the floors")
+    ratio = best["iid x100 (300 clients)"][0] / base[0]
+    print(f"   300 clients vs 3, whole round: {ratio:.2f}x ({'met' if ratio <= 1.5 else 'NOT met'}: the goal is 1.5x)")
+
+
+def domainnet(tmp: Path, rounds: int) -> None:
+    cache = domainnet_sized_cache(tmp / "domainnet_sized.h5")
+    from federate.cache import load_cache
+
+    load_cache(cache)
+    cfg = compose(cache, [f"rounds={rounds}"])
+    whole, train, point = timed_rounds(cfg, tmp / "dn", rounds)
+    text, small, large = floors(point)
+    size = Path(cache).stat().st_size
+    out = tmp / "dn_process"
+    import torch
+
+    threads = str(torch.get_num_threads())  # the same threads as the in-process round
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report this process's peak
+    code = ("import runpy, sys; sys.argv = ['federate', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('federate', run_name='__main__')\n"
+            "finally:\n    print('maxrss_kb', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], "
+            "file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, f"cache_file={cache}", "model.name=fedclip/planted", "rounds=1",
+                           f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("maxrss_kb")]
+    print(f"2. DomainNet-sized (586,575 x 512, 345 classes), target clipart, {rounds} round(s):")
+    print(f"   whole round {whole:.1f} s (local training alone {train:.1f} s); {text}: {whole / small:.2f}x and "
+          f"{whole / large:.2f}x the floors")
+    if rss:
+        print(f"   peak resident memory of python -m federate rounds=1: {rss[0] / 1024:.0f} MB for a "
+              f"{size / 1e6:.0f} MB cache ({rss[0] * 1024 / size:.2f}x)")
+    else:
+        print(f"   the whole-process run failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per PACS-sized run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--domainnet", action="store_true", help="also the DomainNet-sized round (minutes)")
+    parser.add_argument("--domainnet-rounds", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    tmp = Path(tempfile.mkdtemp(prefix="fedclip-partition-bench-"))
+    print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
+    many_clients(tmp, args.repeats, args.rounds)
+    if args.domainnet:
+        domainnet(tmp, args.domainnet_rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Many small clients cost what their rows cost (federate/engine.py): one set of buffers for all clients,
+no copies of their rows, and Adam's first step without moments."""
+from __future__ import annotations
+
+import torch
+from torch.optim.adam import adam
+
+from federate import strategy
+from federate.adapters import attai
+from federate.engine import (BatchedTrainer, ClientSets, PlainTrainer, SequentialTrainer, TrainSettings,
+                             client_generator, first_adam_step)
+
+
+def init(d: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return {f"image.{k}": v for k, v in attai.attai(d).state_dict().items()}
+
+
+def test_one_inner_trainer_and_one_set_of_buffers_serve_every_client():
+    torch.manual_seed(0)
+    d, C, sizes = 16, 4, [40] + [9] * 30  # one client of two batches, thirty of one batch of 9 rows
+    features = [torch.randn(n, d) + 1 for n in sizes]
+    clients = ClientSets(features, [torch.randint(0, C, (n,)) for n in sizes])
+    assert clients.client(3).x.data_ptr() == features[3].data_ptr()  # a client's rows are a view, not a copy
+    text, start, settings = torch.randn(C, d), init(d), TrainSettings(lr=1e-3, batch_size=32)
+    trainer = SequentialTrainer(attai.AttAI(), clients, text, 20.0, settings)
+    gens = [client_generator(0, f"c{k}", 1) for k in range(len(sizes))]
+    fast = strategy.stack(start, len(sizes))
+    loss_fast = trainer.train(fast, 1, gens)
+    bufs = trainer.trainer._bufs
+    assert len(bufs) == 3 and all(t.shape[0] == 1 for b in bufs for t in b.values())
+    slow = strategy.stack(start, len(sizes))
+    loss_slow = PlainTrainer(attai.AttAI(), clients, text, 20.0, settings).train(
+        slow, 1, [client_generator(0, f"c{k}", 1) for k in range(len(sizes))])
+    for k in start:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(loss_fast, loss_slow, rtol=1e-4, atol=1e-5)
+
+
+def test_the_first_adam_step_in_closed_form_is_torchs_adam():
+    torch.manual_seed(0)
+    s = TrainSettings(lr=1e-3, weight_decay=0.2)
+    params = [torch.randn(3, 8, 8), torch.randn(3, 8)]
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    ref_p, ref_m, ref_v = [p.clone() for p in params], [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    adam(ref_p, [g.clone() for g in grads], ref_m, ref_v, [], [torch.zeros(()) for _ in params], fused=True,
+         amsgrad=False, beta1=s.betas[0], beta2=s.betas[1], lr=s.lr, weight_decay=s.weight_decay, eps=s.eps,
+         maximize=False)
+    for keep in (True, False):
+        p, m, v = [t.clone() for t in params], [torch.full_like(t, 7.0) for t in params], [torch.full_like(t, 7.0) for t in params]
+        first_adam_step(p, [g.clone() for g in grads], m, v, s, keep_moments=keep)
+        for a, b in zip(p, ref_p):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        if keep:  # the moments a second step reads
+            for a, b in zip(m + v, ref_m + ref_v):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12)
+
+
+def test_a_round_of_many_clients_matches_the_lock_step_engine():
+    torch.manual_seed(2)
+    d, C, sizes = 16, 3, [70, 33, 20, 9, 5]
+    clients = ClientSets([torch.randn(n, d) for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    text, start, settings = torch.randn(C, d), init(d), TrainSettings(lr=1e-2, mu=0.1)
+    out = []
+    for engine in (SequentialTrainer, BatchedTrainer):
+        state = strategy.stack(start, len(sizes))
+        out.append((engine(attai.AttAI(), clients, text, 20.0, settings).train(
+            state, 2, [client_generator(0, f"c{k}", 3) for k in range(len(sizes))], start), state))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    for k in start:
+        torch.testing.assert_close(out[0][1][k], out[1][1][k])
+
+
+def test_batches_gathered_in_chunks_give_the_same_round(monkeypatch):
+    from federate.engine import LockstepTrainer
+
+    torch.manual_seed(3)
+    d, C, sizes = 16, 3, [200, 90, 40]  # 7, 3 and 2 steps
+    clients = ClientSets([torch.randn(n, d) for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    text, start = torch.randn(C, d), init(d)
+    results = []
+    for chunk in (256, 2):  # a whole round at once, or two steps at a time
+        monkeypatch.setattr(LockstepTrainer, "CHUNK", chunk)
+        for engine, precision in ((BatchedTrainer, "fp32"), (SequentialTrainer, "bf16")):
+            state = strategy.stack(start, len(sizes))
+            loss = engine(attai.AttAI(), clients, text, 20.0, TrainSettings(lr=1e-3, precision=precision)).train(
+                state, 1, [client_generator(0, f"c{k}", 1) for k in range(len(sizes))])
+            results.append((loss, state))
+    for (loss_a, a), (loss_b, b) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(loss_a, loss_b)
+        for k in start:
+            torch.testing.assert_close(a[k], b[k])
+
+
+def test_accuracy_in_blocks_of_rows_is_the_accuracy(monkeypatch):
+    from federate import evaluate
+
+    torch.manual_seed(4)
+    x, y, text, params = torch.randn(1000, 16), torch.randint(0, 3, (1000,)), torch.randn(3, 16), init(16)
+    whole = evaluate.accuracies(attai.AttAI(), [params], [(x, y)], text, 20.0)
+    monkeypatch.setattr(evaluate, "EVAL_ROWS", 64)
+    assert evaluate.accuracies(attai.AttAI(), [params], [(x, y)], text, 20.0) == whole

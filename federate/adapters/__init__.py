@@ -38,6 +38,9 @@ class Adapter:
             raise ConfigError(f"adapter {self.name} has no text-tower variant; text_adapter=true needs adapter=attai")
         self.settings = settings
 
+    def prepare(self, cache, model_cfg) -> None:
+        """Called once with the loaded cache and cfg.model before init (a prompt learner loads its text encoder here)."""
+
     def init(self, dim: int, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 

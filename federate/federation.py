@@ -140,6 +140,8 @@ class Federation:
         self.config = config_dict(cfg)
         resumed = self._resume()
         self.runlog = RunLog(self.output_dir, max(self.rounds, 1), progress, resume_round=resumed)
+        if resumed is None and self.rounds:  # round 0: a run stopped during its first round restarts cleanly
+            self._save_checkpoint()
 
     # --- the rounds
 

@@ -3,18 +3,18 @@
 Files in the run's folder, each written to a temporary name and renamed (a kill never leaves a half
 file): `checkpoint-<0|1>.safetensors` (tensors: the global adapter, the strategy's moments, personal
 adapters, the selected round's adapters; rounds alternate between the two names) and `checkpoint.json`
-(the round, the selected round's record, the config, and the name and sha256 of its tensors file). The
+(the round, the selected round's record, the config, and the name of its tensors file). The
 JSON moves last and its tensors file is never the one being written, so a kill at any moment leaves the
 last completed round resumable. All are removed once the run has written its summary.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError
@@ -30,10 +30,9 @@ def save(output_dir: Path, round_: int, tensors: dict[str, torch.Tensor], meta: 
     name = _tensors_name(round_)
     tmp = output_dir / f".{name}.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     os.replace(tmp, output_dir / name)
     tmp_json = output_dir / f".{JSON}.tmp"
-    tmp_json.write_text(json.dumps({**meta, "round": round_, "tensors": name, "tensors_sha256": digest}))
+    tmp_json.write_text(json.dumps({**meta, "round": round_, "tensors": name}))
     os.replace(tmp_json, output_dir / JSON)
 
 
@@ -44,14 +43,10 @@ def load(output_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
         return None
     try:
         meta = json.loads(path.read_text())
-        data = (output_dir / meta["tensors"]).read_bytes()
-    except (OSError, ValueError, KeyError) as e:
+        return meta, load_file(str(output_dir / meta["tensors"]))
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ConfigError(f"{path} is not a checkpoint this tool can resume from ({e}); move the folder away "
                           "and start the run again") from None
-    if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
-        raise ConfigError(f"{output_dir / meta['tensors']} does not match {path} (the run was killed while "
-                          "writing it); move the folder away and start the run again")
-    return meta, load_file(str(output_dir / meta["tensors"]))
 
 
 def remove(output_dir: Path) -> None:

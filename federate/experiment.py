@@ -216,12 +216,31 @@ def progress_bar(rounds: int, initial: int = 0, desc: str = "rounds"):
     return tqdm(total=rounds, initial=initial, unit="round", desc=desc, dynamic_ncols=True, leave=True)
 
 
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
+
+
 class HideRoundsOnTerminal:
-    """Logging filter for the console handler (conf/federate.yaml): the progress bar replaces the
-    per-round lines on an interactive terminal; the log file keeps them."""
+    """Logging filter for the console handler (conf/federate.yaml); the log file keeps every line. On an
+    interactive terminal the progress bar replaces the per-round lines. Without one, a sweep's job shows
+    every tenth round (and the last), and the rounds of grouped points (federate/sweep.py, replayed after
+    the group trained, which logged its own progress) not at all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == round_log.name and sys.stderr.isatty())
+        if record.name != round_log.name:
+            return True
+        if sys.stderr.isatty() or getattr(record, "grouped", False):
+            return False
+        if not in_multirun() or len(record.args or ()) < 2:
+            return True
+        r, rounds = record.args[:2]
+        return r == rounds or r % max(1, rounds // 10) == 0
 
 
 def summarize(cfg, method: Method, dataset: str, model: str, federation, cost: dict, target_size: int | None,

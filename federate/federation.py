@@ -237,13 +237,19 @@ class Federation:
         out.update({f"personal/{k}": v for k, v in (self.personal or {}).items()})
         for name, state in self.server.moments().items():
             out.update({f"strategy/{name}/{k}": v for k, v in state.items()})
-        for i, s in enumerate(self.best["states"]):
-            out.update({f"best/{i}/{k}": v for k, v in s.items()})
+        if not self._best_is_global():
+            for i, s in enumerate(self.best["states"]):
+                out.update({f"best/{i}/{k}": v for k, v in s.items()})
         return out
+
+    def _best_is_global(self) -> bool:
+        """The selected round is the last one and its adapter the global one: saved once (a backbone's
+        state weighs hundreds of MB)."""
+        return self.personal is None and self.best["row"] is not None and self.best["row"]["round"] == self.done
 
     def _save_checkpoint(self) -> None:
         meta = {"config": self.config, "best_row": self.best["row"], "best_score": self.best["score"],
-                "dropped": self.dropped}
+                "best_is_global": self._best_is_global(), "dropped": self.dropped}
         checkpoint.save(self.output_dir, self.done, self._tensors(), meta)
 
     def _resume(self) -> int | None:
@@ -267,8 +273,9 @@ class Federation:
         self.server.load_moments({name: part(f"strategy/{name}/") for name in self.server.MOMENTS
                                   if any(k.startswith(f"strategy/{name}/") for k in tensors)})
         count = len({k.split("/")[1] for k in tensors if k.startswith("best/")})
-        self.best = {"row": meta["best_row"], "score": meta["best_score"],
-                     "states": [part(f"best/{i}/") for i in range(count)]}
+        states = ([{k: v.clone() for k, v in self.global_state.items()}] if meta["best_is_global"] else
+                  [part(f"best/{i}/") for i in range(count)])
+        self.best = {"row": meta["best_row"], "score": meta["best_score"], "states": states}
         self.dropped = dict(meta.get("dropped", {}))
         self.done = int(meta["round"])
         log.info("resuming %s after round %d of %d", self.output_dir, self.done, self.rounds)

@@ -11,7 +11,9 @@ numbers and writes the same files as it would alone: same splits (seed, domain),
 
 The launcher then runs every job through Hydra's `run_job` as usual (job folder, .hydra/, log file,
 callbacks); `federate.run.run` finds the point's prepared result (federate/prepared.py), replays its log lines
-into the job's log and returns its summary, or raises its error. Points that cannot be grouped (other
+into the job's log (stamped with the replay's time, so the file stays in order; the console skips their
+per-round lines) and returns its summary, or raises its error. While a group trains, the console shows one
+progress bar over its rounds on a terminal, and otherwise a line every tenth round. Points that cannot be grouped (other
 backends, zero-shot, the image backbones, or a settings error) run as usual.
 """
 from __future__ import annotations
@@ -31,10 +33,12 @@ from omegaconf import OmegaConf
 from . import checkpoint, experiment, methods, prepared
 from .engine import ClientSets, make_trainer
 from .errors import ConfigError
+from .experiment import progress_bar
 from .federation import Update
 from .run import CachedBackend, conclude, generators, setup
 
 log = logging.getLogger("federate")
+progress_log = logging.getLogger("federate_sweep")  # not under "federate": shown while a group's lines are held
 FREE_KEYS = ("lr", "seed", "target_domain", "split_file")  # and method.mu: what may differ inside a group
 
 
@@ -100,7 +104,13 @@ def _captured_logs():
 
 def _replay(records: list, result, output_dir: str) -> Callable[[], dict]:
     def replay():
+        if records:
+            log.info("trained in a group of sweep points from %s to %s; its lines follow, with the time of this job",
+                     time.strftime("%H:%M:%S", time.localtime(records[0].created)),
+                     time.strftime("%H:%M:%S", time.localtime(records[-1].created)))
         for record in records:
+            now = time.time()  # the job's log stays in time order
+            record.created, record.msecs, record.grouped = now, (now - int(now)) * 1000, True
             logging.getLogger(record.name).handle(record)
         if isinstance(result, BaseException):
             raise result
@@ -170,7 +180,9 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
             rows[k].append(row)
         subgroups.append((settings, slots, trainer, {k: torch.tensor(v) for k, v in rows.items()}))
     backends = {key: CachedBackend(points[key][0]) for key in live}
-    for r in range(1, int(cfg.rounds) + 1):
+    rounds, started = int(cfg.rounds), time.time()
+    bar = progress_bar(rounds, desc=f"{len(live)} points")
+    for r in range(1, rounds + 1):
         for settings, slots, trainer, rows in subgroups:
             feds = {k: points[k][0].federation for k in rows}
             units = {k: list(range(len(f.units))) for k, f in feds.items()}
@@ -192,3 +204,9 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
                         fed.end_round(r, units[key], update, backends[key])
                     except (ConfigError, OSError) as e:  # this point fails; the others go on
                         results[key] = e
+        if bar is not None:
+            bar.update(1)
+        elif r == rounds or r % max(1, rounds // 10) == 0:  # without a terminal: a line every tenth round
+            progress_log.info("group of %d points: round %d/%d (%.0f s)", len(live), r, rounds, time.time() - started)
+    if bar is not None:
+        bar.close()

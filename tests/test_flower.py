@@ -299,20 +299,40 @@ def lie(what):
     return tamper
 
 
+@pytest.fixture(scope="module")
+def silent_beta(cache_file, tmp_path_factory):
+    """Summaries of runs in which beta stops answering in round 2, from its train or evaluate exchange on."""
+    runs = {}
+
+    def summary(kind):
+        if kind not in runs:
+            def silent(d, r, k, rep):
+                stop = r > 2 or (r == 2 and (kind == MessageType.TRAIN or k == MessageType.EVALUATE))
+                return None if d == "beta" and stop else rep
+
+            out = tmp_path_factory.mktemp("silent")
+            runs[kind] = serve(FakeGrid(silent), flower_cfg(cache_file, out), out)
+        return runs[kind]
+    return summary
+
+
 @pytest.mark.parametrize("what", ["val_acc=1e9", "val_acc=nan", "val_acc=0.3333", "no test_acc", "num-examples=10**6",
-                                  "num-examples=2.5",
-                                  "train_loss=nan", "int64 weights", "float64 weights"])
-def test_a_lying_client_is_dropped_and_cannot_change_the_summary(cache_file, tmp_path, what):
+                                  "num-examples=2.5", "train_loss=nan", "int64 weights", "float64 weights"])
+def test_a_lying_client_is_dropped_and_cannot_change_the_summary(cache_file, tmp_path, silent_beta, what):
     """The liar's run equals a run in which beta simply stops answering in the same exchange."""
-    liar = serve(FakeGrid(lie(what)), flower_cfg(cache_file, tmp_path / "l"), tmp_path / "l")
-    kind = MessageType.EVALUATE if "acc" in what else MessageType.TRAIN
-
-    def silent(d, r, k, rep):  # beta answers nothing from the lie's exchange on
-        stop = r > 2 or (r == 2 and (kind == MessageType.TRAIN or k == MessageType.EVALUATE))
-        return None if d == "beta" and stop else rep
-
-    quiet = serve(FakeGrid(silent), flower_cfg(cache_file, tmp_path / "q"), tmp_path / "q")
+    liar = serve(FakeGrid(lie(what)), flower_cfg(cache_file, tmp_path), tmp_path)
+    quiet = silent_beta(MessageType.EVALUATE if "acc" in what else MessageType.TRAIN)
     assert list(liar["dropped_clients"]) == ["beta"] and "round 2" in liar["dropped_clients"]["beta"]
     for key in ("best_round", "generalization", "personalization", "val_mean", "overall", "clients"):
         assert liar[key] == quiet[key], key
     assert all(0 <= a <= 1 for a in liar["personalization"].values())
+
+
+def test_sampled_rounds_over_flower_equal_sampled_rounds_in_process(cache_file, tmp_path):
+    flower = serve(FakeGrid(), flower_cfg(cache_file, tmp_path / "f", "clients_per_round=2"), tmp_path / "f")
+    cfg = config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
+                              "rounds=3", "lr=1e-3", "clients_per_round=2"])
+    same_results(flower, run(cfg, tmp_path / "l"))
+    rows = [[json.loads(x)["sampled"] for x in (d / "history.jsonl").read_text().splitlines()] for d in
+            (tmp_path / "f", tmp_path / "l")]
+    assert rows[0] == rows[1] and all(len(r) == 2 for r in rows[0])

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_federate
+from conftest import PACS_MINI, ROOT, config, run_federate
 from planted import planted, write_cache
 from safetensors.torch import load_file
 
@@ -107,3 +107,31 @@ def test_a_sigkilled_run_resumes_with_the_same_command_and_ctrl_c_says_how(small
     run_federate(small_cache, whole, *SLOW_ROUNDS[1:], rounds=8)
     same_outputs(outputs(whole), outputs(out))
     assert not list(out.glob("checkpoint*"))
+
+
+@pytest.mark.skipif(not PACS_MINI.is_dir(), reason=f"{PACS_MINI} is absent")
+def test_an_interrupted_backbone_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    from federate.backbone.runner import ImageBackend
+    from federate.run import run
+
+    cfg = config("federate", [f"dataset.root={PACS_MINI}", "dataset.domains=[art_painting,cartoon,photo]",
+                              "method=fedavg_full", "backbone=alexnet", "backbone.image_size=32",
+                              "backbone.num_workers=0", "rounds=3", "lr=1e-4", "strategy=fedavgm"])
+    whole = run(cfg, tmp_path / "whole")
+    train = ImageBackend.train
+
+    def interrupted(self, federation, round_, sampled):
+        if round_ == 3:
+            raise KeyboardInterrupt
+        return train(self, federation, round_, sampled)
+
+    monkeypatch.setattr(ImageBackend, "train", interrupted)
+    with pytest.raises(Interrupted, match="after round 2 of 3"):
+        run(cfg, tmp_path / "cut")
+    monkeypatch.setattr(ImageBackend, "train", train)
+    resumed = run(cfg, tmp_path / "cut")
+    for key in ("best_round", "generalization", "personalization", "val_mean"):
+        assert resumed[key] == whole[key]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / "history.jsonl").read_text() == (tmp_path / "cut" / "history.jsonl").read_text()

@@ -189,6 +189,7 @@ class Federation:
             else:  # one pooled unit: its adapter is the model
                 self.global_state = pick(update.stacked, 0)
         self._evaluate(row, backend)
+        row.update(getattr(backend, "row_timings", dict)())  # the image backbones: the round's seconds
         self.done = r
         self.runlog.end_round(row, max(self.rounds, 1), self.best["row"])
         if self.rounds:

@@ -168,9 +168,12 @@ class ImageBackend:
         out = {p: {d: self._accuracy(self.keys[d][p]) for d in self.keys} for p in ("val", "test") if p in parts}
         if "target" in parts:
             out["target"] = [self._accuracy(self.target_keys)]
-        if "val" in parts and self._t0 is not None:  # a round's first evaluation ends the round's timing
-            self.seconds.append(time.perf_counter() - self._t0)
         return out
+
+    def row_timings(self) -> dict:
+        """The round's seconds (training, aggregation and evaluation) and its training seconds."""
+        self.seconds.append(time.perf_counter() - self._t0)
+        return {"seconds": self.seconds[-1], "train_seconds": self.train_seconds[-1]}
 
 
 def save_model(path: Path, best: dict, method, backbone: str, dataset: str, model: str, target: str, cfg) -> None:

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -127,6 +127,17 @@ def train_settings(cfg, method: Method) -> TrainSettings:
     mu = float(cfg.method.get("mu", 0.0)) if method.proximal else 0.0
     return TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss, mu=mu,
                          precision=cfg.get("precision", "fp32"))
+
+
+def capped_batch(settings: TrainSettings, rows: int) -> TrainSettings:
+    """A batch no larger than the largest training set: a client with fewer rows than batch_size trains on
+    one batch of all its rows per epoch, as a data loader would give it (the engines pad every batch to
+    batch_size, which a huge batch_size would turn into gigabytes of padding)."""
+    if settings.batch_size <= rows:
+        return settings
+    log.info("batch_size=%d is more than the largest training set (%d rows): each client trains on one batch "
+             "of all its rows per epoch", settings.batch_size, rows)
+    return replace(settings, batch_size=rows)
 
 
 def cost_figures(method: Method, adapter_params: int, clients: int, clip_params: int, rounds: int,

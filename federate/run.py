@@ -21,9 +21,8 @@ import torch
 from . import adapters, prepared, strategy
 from .cache import load_cache
 from .engine import ClientSets, TrainSettings, client_generator, make_trainer
-from .errors import ConfigError
 from .evaluate import accuracies, pick
-from .experiment import (cache_path, check_settings, class_text, cost_figures, domain_tensors, finish, identity_of,
+from .experiment import (cache_path, capped_batch, check_settings, class_text, cost_figures, domain_tensors, finish, identity_of,
                          make_client, mean, resolve_device, save_adapters, summarize, target_and_participants,
                          train_settings)
 from .federation import ClientInfo, Federation, Update
@@ -93,7 +92,6 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
 
     # 3. data on the device, largest training split first (the lock-step engines' order)
     clients = sorted((make_client(cache, s, device) for s in splits), key=lambda c: -len(c.train[1]))
-    check_batch_size(cfg, method, clients)
     names = [c.name for c in clients]
     target_set = domain_tensors(cache, target, device) if target is not None else None
     text = class_text(cache, device)
@@ -111,25 +109,12 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     point = Point(cfg, method, output_dir, adapter, server, cache, target, clients, target_set, text, cost,
                   federation, identity_of(cache, output_dir / "splits.json"))
     if method.trains != "none":
-        point.settings = train_settings(cfg, method)
         if method.trains == "pooled":  # one adapter on the pooled training rows of all participants
             point.train_sets = [(torch.cat([c.train[0] for c in clients]), torch.cat([c.train[1] for c in clients]))]
         else:
             point.train_sets = [c.train for c in clients]
+        point.settings = capped_batch(train_settings(cfg, method), max(len(y) for _, y in point.train_sets))
     return point
-
-
-def check_batch_size(cfg, method, clients) -> None:
-    """A batch larger than a client's training rows would be mostly padding (the engines pad every batch
-    to batch_size): refuse it rather than silently train on one short batch."""
-    if method.trains == "none":
-        return
-    smallest = min(clients, key=lambda c: len(c.train[1]))
-    rows = sum(len(c.train[1]) for c in clients) if method.trains == "pooled" else len(smallest.train[1])
-    if int(cfg.batch_size) > rows:
-        who = "the pooled training split" if method.trains == "pooled" else f"client {smallest.name}"
-        raise ConfigError(f"batch_size={cfg.batch_size} is larger than {who} ({rows} training rows); "
-                          f"use batch_size={rows} or less")
 
 
 class CachedBackend:
@@ -206,8 +191,8 @@ def generators(point: Point, round_: int, names: list[str]) -> list:
 
 def finetune(cfg, adapter, clients, selected, text, scale) -> dict[str, float]:
     """Each participant fine-tunes the selected adapter on its own training split; test accuracy after."""
-    settings = TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss,
-                             precision=cfg.get("precision", "fp32"))
+    settings = capped_batch(TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss,
+                                          precision=cfg.get("precision", "fp32")), max(len(c.train[1]) for c in clients))
     trainer = make_trainer(cfg.engine, adapter, ClientSets([c.train[0] for c in clients], [c.train[1] for c in clients]),
                            text, scale, settings)
     stacked = strategy.stack(selected, len(clients))

@@ -117,7 +117,9 @@ def test_evaluation_is_fp32_when_training_is_bf16(planted_cache, tmp_path, monke
     assert calls and not any(calls)
 
 
-def test_a_batch_larger_than_a_clients_training_rows_is_one_line(planted_cache, tmp_path):
-    with pytest.raises(ConfigError, match=r"batch_size=1000 is larger than client gamma \(90 training rows\); "
-                                          r"use batch_size=90 or less"):
-        run_federate(planted_cache, tmp_path, "batch_size=1000", rounds=1)
+def test_a_batch_larger_than_every_client_is_one_batch_of_all_its_rows(planted_cache, tmp_path):
+    """The engines pad batches to batch_size: uncapped, 10**9 would allocate tens of GB."""
+    huge = run_federate(planted_cache, tmp_path / "huge", "batch_size=1000000000", rounds=2)
+    largest = run_federate(planted_cache, tmp_path / "largest", "batch_size=156", rounds=2)  # alpha's training rows
+    assert [r["train_loss"] for r in history(tmp_path / "huge")] == [r["train_loss"] for r in history(tmp_path / "largest")]
+    assert huge["overall"] == largest["overall"] and huge["batch_size"] == 1000000000

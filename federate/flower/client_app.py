@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from .. import strategy
 from ..engine import ClientSets, client_generator, make_trainer
 from ..evaluate import accuracies
-from ..experiment import train_settings
+from ..experiment import capped_batch, train_settings
 from .task import client_adapter, client_data, client_method, unship
 
 app = ClientApp()
@@ -50,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
     method, adapter = client_method(cfg), client_adapter(cfg, cache)
     glob = received_state(msg, client.train[0].device)
     state = strategy.stack(glob, 1)
-    settings = train_settings(cfg, method)
+    settings = capped_batch(train_settings(cfg, method), len(client.train[1]))
     trainer = make_trainer(cfg.engine, adapter, ClientSets([client.train[0]], [client.train[1]]), text, scale, settings)
     loss = trainer.train(state, cfg.local_epochs, [client_generator(cfg.seed, client.name, int(msg.content["config"]["round"]))],
                          anchor=glob if settings.mu else None)

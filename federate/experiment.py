@@ -4,12 +4,14 @@ figures, model selection, and the outputs (summary.json, history.jsonl, adapter.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -85,9 +87,14 @@ def cache_path(cfg) -> Path:
     return default_cache_path(cfg.cache_dir, name, cfg.model.name)
 
 
-def target_and_participants(domains, target: str | None, path) -> tuple[str, list[str]]:
+NO_TARGET = "none"  # target_domain=none: every domain takes part, no held-out domain (e.g. CIFAR split into clients)
+
+
+def target_and_participants(domains, target: str | None, path) -> tuple[str | None, list[str]]:
     """Leave-one-domain-out: the target (default: the first domain) never trains. Domain names are
-    canonical ("Real World" and "Real_World" are one domain)."""
+    canonical ("Real World" and "Real_World" are one domain). `target_domain=none`: no target."""
+    if target == NO_TARGET:
+        return None, list(domains)
     target = canonical_domain(target) if target else domains[0]
     if target not in domains:
         raise ConfigError(f"target_domain {target!r} is not in {path}; its domains: {', '.join(domains)}")
@@ -103,6 +110,7 @@ class Client:
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
+    domain: str = ""
 
     def sizes(self) -> dict[str, int]:
         return {p: len(getattr(self, p)[1]) for p in ("train", "val", "test")}
@@ -112,7 +120,7 @@ def make_client(cache: EmbeddingCache, split, device) -> Client:
     """One client's splits (a federate.partition.ClientSplit) on the device."""
     x, y = domain_tensors(cache, split.domain, device)
     parts = [torch.from_numpy(split.rows[p]).to(device) for p in ("train", "val", "test")]
-    client = Client(split.name, *((x[i], y[i]) for i in parts))
+    client = Client(split.name, *((x[i], y[i]) for i in parts), domain=split.domain)
     check_split_sizes(split.name, client.sizes())  # an empty split would read as 0.00% accuracy
     return client
 
@@ -131,6 +139,17 @@ def train_settings(cfg, method: Method) -> TrainSettings:
     mu = float(cfg.method.get("mu", 0.0)) if method.proximal else 0.0
     return TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss, mu=mu,
                          precision=cfg.get("precision", "fp32"))
+
+
+def capped_batch(settings: TrainSettings, rows: int) -> TrainSettings:
+    """A batch no larger than the largest training set: a client with fewer rows than batch_size trains on
+    one batch of all its rows per epoch, as a data loader would give it (the engines pad every batch to
+    batch_size, which a huge batch_size would turn into gigabytes of padding)."""
+    if settings.batch_size <= rows:
+        return settings
+    log.info("batch_size=%d is more than the largest training set (%d rows): each client trains on one batch "
+             "of all its rows per epoch", settings.batch_size, rows)
+    return replace(settings, batch_size=rows)
 
 
 def cost_figures(method: Method, adapter_params: int, clients: int, clip_params: int, rounds: int,
@@ -174,37 +193,43 @@ def check_finite(round_: int, losses: dict[str, float], state: dict[str, torch.T
 
 
 class RunLog:
-    """Model selection by mean validation accuracy, and history.jsonl written as the run goes (a run
-    stopped early keeps every finished round). A run directory holds one run: another run's outputs
-    there are never overwritten."""
+    """history.jsonl written as the run goes (a run stopped early keeps every finished round), and the
+    progress bar. A run directory holds one run: another run's outputs there are never overwritten; a run
+    resumed from its checkpoint (`resume_round`) keeps the rows of the rounds it completed."""
 
-    def __init__(self, output_dir: Path, rounds: int, progress: bool = True):
+    def __init__(self, output_dir: Path, rounds: int, progress: bool = True, resume_round: int | None = None):
         for name in ("summary.json", "history.jsonl"):
-            if (output_dir / name).exists():
+            if (output_dir / name).exists() and (name == "summary.json" or resume_round is None):
                 raise ConfigError(f"{output_dir} already holds a run ({name}); give this run its own folder "
                                   "(hydra.run.dir=...) or move the old one away")
-        self.file = open(output_dir / "history.jsonl", "x")
-        self.best = {"round": 0, "val": -math.inf, "val_acc": {}, "test_acc": {}, "target": math.nan, "states": []}
-        self.bar = progress_bar(rounds) if progress else None
+        path = output_dir / "history.jsonl"
+        if resume_round is not None:  # rows after the checkpoint's round (or a half-written one) go
+            kept = []
+            for line in (path.read_text().splitlines() if path.exists() else []):
+                try:
+                    if json.loads(line)["round"] <= resume_round:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass
+            tmp = output_dir / ".history.jsonl.tmp"
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a" if resume_round is not None else "x")
+        self.bar = progress_bar(rounds, resume_round or 0) if progress else None
 
-    def improves(self, val_acc: dict[str, float]) -> bool:
-        return mean(val_acc.values()) > self.best["val"]
-
-    def record_best(self, round_: int, val_acc: dict, test_acc: dict, target: float, states: list) -> None:
-        self.best = {"round": round_, "val": mean(val_acc.values()), "val_acc": dict(val_acc),
-                     "test_acc": dict(test_acc), "target": target,
-                     "states": [{k: v.detach().clone() for k, v in s.items()} for s in states]}
-
-    def end_round(self, row: dict, rounds: int) -> None:
-        """Append the round to history.jsonl, log it and move the progress bar."""
+    def end_round(self, row: dict, rounds: int, best: dict | None) -> None:
+        """Append the round to history.jsonl, log it and move the progress bar (`best`: the selected
+        round's row so far)."""
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        target = best.get("target_acc") if best else None
+        best_target = "none" if target is None else f"{target:.4f}"
         round_log.info("round %d/%d  val %s  mean %.4f%s", row["round"], rounds,
                        " ".join(f"{n} {a:.4f}" for n, a in row["val_acc"].items()), row["val_mean"],
-                       f"  * best: target {self.best['target']:.4f}" if row.get("improved") else "")
+                       f"  * best: target {best_target}" if row.get("improved") else "")
         if self.bar is not None:
-            self.bar.set_postfix_str(f"val {row['val_mean']:.4f}  best target {self.best['target']:.4f} "
-                                     f"(round {self.best['round']})", refresh=False)
+            self.bar.set_postfix_str(f"val {row['val_mean']:.4f}  best target {best_target} "
+                                     f"(round {best['round'] if best else 0})", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -213,29 +238,50 @@ class RunLog:
             self.bar.close()
 
 
-def progress_bar(rounds: int):
+def progress_bar(rounds: int, initial: int = 0, desc: str = "rounds"):
     """A bar over the rounds on an interactive terminal (the per-round lines then go to the log file only)."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=rounds, unit="round", desc="rounds", dynamic_ncols=True, leave=True)
+    return tqdm(total=rounds, initial=initial, unit="round", desc=desc, dynamic_ncols=True, leave=True)
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
 
 
 class HideRoundsOnTerminal:
-    """Logging filter for the console handler (conf/federate.yaml): the progress bar replaces the
-    per-round lines on an interactive terminal; the log file keeps them."""
+    """Logging filter for the console handler (conf/federate.yaml); the log file keeps every line. On an
+    interactive terminal the progress bar replaces the per-round lines. Without one, a sweep's job shows
+    every tenth round (and the last), and the rounds of grouped points (federate/sweep.py, replayed after
+    the group trained, which logged its own progress) not at all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == round_log.name and sys.stderr.isatty())
+        if record.name != round_log.name:
+            return True
+        if sys.stderr.isatty() or getattr(record, "grouped", False):
+            return False
+        if not in_multirun() or len(record.args or ()) < 2:
+            return True
+        r, rounds = record.args[:2]
+        return r == rounds or r % max(1, rounds // 10) == 0
 
 
-def summarize(cfg, method: Method, dataset: str, model: str, target: str, best: dict, cost: dict,
-              split_sizes: dict, target_size: int, adapter: Adapter | None, strategy) -> dict:
-    """summary.json's fields."""
-    names = list(split_sizes)
+def summarize(cfg, method: Method, dataset: str, model: str, federation, cost: dict, target_size: int | None,
+              adapter: Adapter | None, strategy, identity: dict | None = None) -> dict:
+    """summary.json's fields: the settings, the selected round's accuracies (federation.summary_fields),
+    the cost, and what the run computed on (`identity`: the cache's and the splits' sha256)."""
+    clients = federation.clients
     return {
-        "method": method.name, "dataset": dataset, "model": model, "target_domain": target, "participants": names,
+        "method": method.name, "dataset": dataset, "model": model, "target_domain": federation.target,
+        "participants": list(dict.fromkeys(c.domain for c in clients)),
         "seed": int(cfg.seed), "lr": float(cfg.lr), "rounds": int(cfg.rounds),
         "local_epochs": int(cfg.local_epochs), "batch_size": int(cfg.batch_size),
         "aggregation": cfg.aggregation, "loss": cfg.loss, "text_adapter": bool(cfg.text_adapter),
@@ -243,12 +289,22 @@ def summarize(cfg, method: Method, dataset: str, model: str, target: str, best: 
         "precision": cfg.get("precision", "fp32"),
         "adapter": adapter.describe() if adapter is not None and method.trains != "none" else None,
         "strategy": strategy.describe() if strategy is not None and method.aggregates else None,
-        "best_round": best["round"], "val_mean": best["val"], "val_acc": best["val_acc"],
-        "generalization": best["target"], "personalization": best["test_acc"],
-        "personalization_mean": mean(best["test_acc"].values()),
-        "overall": mean([best["target"], *best["test_acc"].values()]),
-        **cost, "split_sizes": split_sizes, "target_size": target_size,
+        **federation.summary_fields(),
+        **cost, "split_sizes": {c.name: c.sizes for c in clients}, "target_size": target_size,
+        "partition": OmegaConf.to_container(cfg.partition, resolve=True) if OmegaConf.is_config(cfg.partition)
+        else dict(cfg.partition),
+        **(identity or {}),
     }
+
+
+def identity_of(cache, splits_file: Path) -> dict:
+    """What a cached run computed on: the cache's identity and checksums, and the splits it wrote."""
+    return {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
+            "splits_sha256": hashlib.sha256(splits_file.read_bytes()).hexdigest()}
+
+
+def percent(value: float | None) -> str:
+    return "none" if value is None else f"{100 * value:.2f}%"
 
 
 def finish(output_dir: Path, summary: dict, cfg, start: float) -> dict:
@@ -256,8 +312,8 @@ def finish(output_dir: Path, summary: dict, cfg, start: float) -> dict:
     summary["wall_seconds"] = time.time() - start
     summary["config"] = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("best round %d: generalization (%s) %.2f%%, personalization %s (mean %.2f%%), overall %.2f%%",
-             summary["best_round"], summary["target_domain"], 100 * summary["generalization"],
+    log.info("best round %d (%s): generalization (%s) %s, personalization %s (mean %.2f%%), overall %.2f%%",
+             summary["best_round"], summary["selection"], summary["target_domain"], percent(summary["generalization"]),
              ", ".join(f"{k} {100 * v:.2f}%" for k, v in summary["personalization"].items()),
              100 * summary["personalization_mean"], 100 * summary["overall"])
     if summary["trainable_params"]:
@@ -273,28 +329,13 @@ def finish(output_dir: Path, summary: dict, cfg, start: float) -> dict:
 def save_adapters(path: Path, method: Method, names: list[str], best: dict, dataset: str, model: str,
                   embed_dim: int, target: str, cfg) -> None:
     """The adapter(s) of the selected round (`image.0.weight`, ... for AttAI); a method with personal
-    adapters saves one per client (`<domain>/image.0.weight`, ...)."""
+    adapters saves one per client (`<client>/image.0.weight`, ...)."""
     states = best["states"]
     if method.personal:
         tensors = {f"{n}/{k}": v.contiguous().cpu() for n, s in zip(names, states) for k, v in s.items()}
     else:
         tensors = {k: v.contiguous().cpu() for k, v in states[0].items()}
     config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    metadata = {"method": method.name, "model": model, "dataset": dataset, "target_domain": target,
-                "round": str(best["round"]), "embed_dim": str(embed_dim), "config": json.dumps(config)}
+    metadata = {"method": method.name, "model": model, "dataset": dataset, "target_domain": target or NO_TARGET,
+                "round": str(best["row"]["round"]), "embed_dim": str(embed_dim), "config": json.dumps(config)}
     save_file(tensors, str(path), metadata=metadata)
-
-
-def evaluate_round(runlog: RunLog, adapter: Adapter, scale: float, round_: int, rounds: int, client_states: list,
-                   target_states: list, clients: list[Client], target_set, text, row: dict) -> None:
-    """Validate every participant; on a new best mean, record test and target accuracies and keep the
-    adapters that were evaluated on the target."""
-    val_acc = dict(zip([c.name for c in clients],
-                       accuracies(adapter, client_states, [c.val for c in clients], text, scale)))
-    row.update(round=round_, val_acc=val_acc, val_mean=mean(val_acc.values()))
-    if runlog.improves(val_acc):
-        test = dict(zip(val_acc, accuracies(adapter, client_states, [c.test for c in clients], text, scale)))
-        target = mean(accuracies(adapter, target_states, [target_set] * len(target_states), text, scale))
-        runlog.record_best(round_, val_acc, test, target, target_states)
-        row.update(test_acc=test, target_acc=target, improved=True)
-    runlog.end_round(row, rounds)

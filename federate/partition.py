@@ -207,15 +207,15 @@ def _fix(settings: PartitionSettings) -> str:
 
 
 def check_runner(cfg, method) -> None:
-    """The Flower apps and the image backbone run one client per domain on every class: refuse, in one
-    line, a partition or a class subset they would ignore."""
+    """Refuse, in one line, what a runner would ignore: the image backbone runs one client per domain on
+    every class, and the Flower apps every class (their clients may be any partition)."""
     runner = "backend=flower" if cfg.backend == "flower" else f"method={method.name}" if method.images else None
     if runner is None:
         return
     name = (cfg.get("partition") or {}).get("name", "domain")
-    if name != "domain":
+    if method.images and name != "domain":
         raise ConfigError(f"{runner} runs one client per domain, not partition={name}; use partition=domain, or "
-                          f"backend=local with a method on the cached embeddings")
+                          f"a method on the cached embeddings")
     if cfg.dataset.get("classes") is not None:
         raise ConfigError(f"{runner} trains on every class of the dataset, so dataset.classes cannot name a subset; "
                           f"use backend=local with a method on the cached embeddings")

@@ -1,10 +1,11 @@
 """`run(cfg, output_dir)`: the entry point of one experiment (conf/federate.yaml); it picks the backend.
 
 In process, a run is a numbered recipe:
-1. load the cache and check the settings;  2. split every participating domain 60/20/20;
-3. put the clients' data on the device;  4. run the rounds (local training, the server strategy,
-validation, model selection);  5. optionally fine-tune locally;  6. write summary.json, history.jsonl,
-splits.json and adapter.safetensors.
+1. load the cache and check the settings;  2. make the clients (federate/partition.py: one per
+participating domain by default, each split 60/20/20);  3. put the clients' data on the device;
+4. run the rounds (federate/federation.py: sampling, local training, the server strategy, evaluation,
+records, model selection, checkpoint);  5. optionally fine-tune locally;  6. write summary.json,
+history.jsonl, splits.json and adapter.safetensors.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from extract.commands import extract_command
 
 from . import adapters, prepared, strategy
 from .cache import load_cache
-from .engine import ClientSets, TrainSettings, autocast, client_generator, make_trainer
+from .engine import ClientSets, TrainSettings, client_generator, make_trainer
 from .evaluate import accuracies, pick
-from .experiment import (RunLog, cache_path, check_finite, check_settings, class_text,
-                         cost_figures, domain_tensors, evaluate_round, finish, make_client, mean, resolve_device,
-                         save_adapters, summarize, target_and_participants, train_settings)
+from .experiment import (cache_path, capped_batch, check_settings, class_text, cost_figures, domain_tensors, finish, identity_of,
+                         make_client, mean, resolve_device, save_adapters, summarize, target_and_participants,
+                         train_settings)
+from .federation import ClientInfo, Federation, Update
 from .partition import check_runner, make_clients, restrict_classes, splits_json
 
 log = logging.getLogger("federate")
@@ -63,21 +65,21 @@ class Point:
     adapter: Any
     server: Any
     cache: Any
-    target: str
+    target: str | None
     clients: list
-    target_set: tuple
+    target_set: tuple | None
     text: torch.Tensor
-    global_state: dict
     cost: dict
-    runlog: RunLog
+    federation: Federation
+    identity: dict
     settings: TrainSettings | None = None
     train_sets: list = field(default_factory=list)
-    train_names: list = field(default_factory=list)
 
 
 def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
-    """Steps 1-3: the cache, the splits (splits.json), the clients' data on the device, the initial
-    adapter and the run log (with a progress bar on a terminal, unless `progress` is false)."""
+    """Steps 1-3: the cache, the clients and their splits (splits.json), their data on the device, the
+    initial adapter and the rounds' records (resumed from the folder's checkpoint if it has one; with a
+    progress bar on a terminal, unless `progress` is false)."""
     device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)  # softmax over 512 dims makes tiny gradients; denormals are 10x slower
     adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter) if method.trains != "none" else adapters.Adapter()
@@ -95,7 +97,7 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     # 3. data on the device, largest training split first (the lock-step engines' order)
     clients = sorted((make_client(cache, s, device) for s in splits), key=lambda c: -len(c.train[1]))
     names = [c.name for c in clients]
-    target_set = domain_tensors(cache, target, device)
+    target_set = domain_tensors(cache, target, device) if target is not None else None
     text = class_text(cache, device)
     global_state = {k: v.to(device) for k, v in
                     adapters.init_params(adapter, cache.embed_dim, int(cfg.seed), text).items()}
@@ -105,42 +107,74 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
              cache.dataset_name, target, ", ".join(names), [len(c.train[1]) for c in clients], adapter.name,
              f"{trainable:,}")
 
-    runlog = RunLog(output_dir, int(cfg.rounds) if method.trains != "none" else 1, progress)
+    infos = [ClientInfo(c.name, c.domain, c.sizes()) for c in clients]
+    federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, progress=progress)
     (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, cache)))
-    point = Point(cfg, method, output_dir, adapter, server, cache, target, clients, target_set, text, global_state,
-                  cost, runlog)
+    point = Point(cfg, method, output_dir, adapter, server, cache, target, clients, target_set, text, cost,
+                  federation, identity_of(cache, output_dir / "splits.json"))
     if method.trains != "none":
-        point.settings = train_settings(cfg, method)
         if method.trains == "pooled":  # one adapter on the pooled training rows of all participants
             point.train_sets = [(torch.cat([c.train[0] for c in clients]), torch.cat([c.train[1] for c in clients]))]
-            point.train_names = ["pooled"]
         else:
-            point.train_sets, point.train_names = [c.train for c in clients], [c.name for c in clients]
+            point.train_sets = [c.train for c in clients]
+        point.settings = capped_batch(train_settings(cfg, method), max(len(y) for _, y in point.train_sets))
     return point
+
+
+class CachedBackend:
+    """Local training and evaluation of a point's clients on the cached tensors (federate/federation.py)."""
+
+    def __init__(self, point: Point):
+        self.point = point
+        self._trainer, self._sampled = None, None
+
+    def trainer(self, sampled: list[int]):
+        """An engine over the sampled units (kept while the sample stays the same: all clients, by default)."""
+        p = self.point
+        if sampled != self._sampled:
+            sets = [p.train_sets[i] for i in sampled]
+            self._trainer = make_trainer(p.cfg.engine, p.adapter, ClientSets(*zip(*sets)), p.text,
+                                         p.cache.logit_scale, p.settings)
+            self._sampled = list(sampled)
+        return self._trainer
+
+    def train(self, federation: Federation, round_: int, sampled: list[int]) -> Update:
+        p = self.point
+        state = federation.start_states(sampled)
+        names = [federation.units[i] for i in sampled]
+        losses = self.trainer(sampled).train(state, int(p.cfg.local_epochs), generators(p, round_, names),
+                                             anchor=federation.global_state if p.settings.mu else None)
+        return Update(state, [len(p.train_sets[i][1]) for i in sampled], dict(zip(names, losses.tolist())))
+
+    def evaluate(self, client_states: list, target_states: list, parts: set) -> dict:
+        """Accuracies in fp32 whatever the training precision (bf16 would flip some predictions)."""
+        p, out = self.point, {}
+        for part in ("val", "test"):
+            if part in parts:
+                out[part] = dict(zip([c.name for c in p.clients], accuracies(
+                    p.adapter, client_states, [getattr(c, part) for c in p.clients], p.text, p.cache.logit_scale)))
+        if "target" in parts:
+            out["target"] = accuracies(p.adapter, target_states, [p.target_set] * len(target_states), p.text,
+                                       p.cache.logit_scale)
+        return out
 
 
 def run_local(cfg, method, output_dir: Path, start: float) -> dict:
     point = setup(cfg, method, output_dir)
     # 4. rounds
-    try:
-        if method.trains == "none":
-            evaluate_round(point.runlog, point.adapter, point.cache.logit_scale, 0, 0, [{}] * len(point.clients),
-                           [{}], point.clients, point.target_set, point.text, {})
-        else:
-            federate(point)
-    finally:
-        point.runlog.close()
+    point.federation.run(CachedBackend(point))
     return conclude(point, start)
 
 
 def conclude(point: Point, start: float) -> dict:
     """Steps 5-6: the summary of the selected round, optional local fine-tuning, the outputs."""
-    cfg, method, cache, clients = point.cfg, point.method, point.cache, point.clients
-    best = point.runlog.best
-    summary = summarize(cfg, method, cache.dataset_name, cache.model_name, point.target, best, point.cost,
-                        {c.name: c.sizes() for c in clients}, len(point.target_set[1]), point.adapter, point.server)
+    cfg, method, cache, clients, federation = point.cfg, point.method, point.cache, point.clients, point.federation
+    summary = summarize(cfg, method, cache.dataset_name, cache.model_name, federation, point.cost,
+                        len(point.target_set[1]) if point.target_set is not None else None, point.adapter,
+                        point.server, point.identity)
 
     # 5. local fine-tuning of the selected global adapter (paper Fig. 3c)
+    best = federation.best
     if int(cfg.finetune_epochs) and method.trains != "none" and not method.personal:
         summary["personalization_finetuned"] = finetune(cfg, point.adapter, clients, best["states"][0], point.text,
                                                         cache.logit_scale)
@@ -150,57 +184,24 @@ def conclude(point: Point, start: float) -> dict:
     if method.trains != "none":
         save_adapters(point.output_dir / "adapter.safetensors", method, [c.name for c in clients], best,
                       cache.dataset_name, cache.model_name, cache.embed_dim, point.target, cfg)
-    return finish(point.output_dir, summary, cfg, start)
+    summary = finish(point.output_dir, summary, cfg, start)
+    federation.finished()
+    return summary
 
 
-def federate(point: Point) -> None:
-    settings, train_sets = point.settings, point.train_sets
-    trainer = make_trainer(point.cfg.engine, point.adapter, ClientSets(*zip(*train_sets)), point.text,
-                           point.cache.logit_scale, settings)
-    stacked = strategy.stack(point.global_state, len(train_sets))
-    for r in range(1, int(point.cfg.rounds) + 1):
-        losses = trainer.train(stacked, int(point.cfg.local_epochs), generators(point, r),
-                               anchor=point.global_state if settings.mu else None)
-        end_round(point, r, stacked, losses)
-
-
-def generators(point: Point, round_: int) -> list:
-    return [client_generator(int(point.cfg.seed), n, round_) for n in point.train_names]
-
-
-def end_round(point: Point, r: int, stacked: dict, losses: torch.Tensor) -> None:
-    """After round r's local training of the point's clients (`stacked`, in place): the server strategy,
-    validation and model selection, history.jsonl."""
-    cfg, method, clients = point.cfg, point.method, point.clients
-    row = {"train_loss": dict(zip(point.train_names, losses.tolist()))}
-    check_finite(r, row["train_loss"], stacked, cfg.lr)
-    if method.aggregates:
-        num_examples = [len(y) for _, y in point.train_sets]
-        point.global_state = point.server.aggregate_train(point.global_state, stacked, num_examples)
-        check_finite(r, {}, point.global_state, cfg.lr)
-        strategy.configure_train(stacked, point.global_state)
-    if method.personal:
-        client_states = [pick(stacked, i) for i in range(len(clients))]
-        target_states = client_states  # no global model: the mean of the clients' own adapters
-    else:
-        shared = pick(stacked, 0)  # after aggregation (or with one pooled client) all are equal
-        client_states, target_states = [shared] * len(clients), [shared]
-    with autocast(point.settings.precision, point.text.device):  # bf16: evaluation's matmuls too
-        evaluate_round(point.runlog, point.adapter, point.cache.logit_scale, r, int(cfg.rounds), client_states,
-                       target_states, clients, point.target_set, point.text, row)
+def generators(point: Point, round_: int, names: list[str]) -> list:
+    return [client_generator(int(point.cfg.seed), n, round_) for n in names]
 
 
 def finetune(cfg, adapter, clients, selected, text, scale) -> dict[str, float]:
     """Each participant fine-tunes the selected adapter on its own training split; test accuracy after."""
-    settings = TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss,
-                             precision=cfg.get("precision", "fp32"))
+    settings = capped_batch(TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss,
+                                          precision=cfg.get("precision", "fp32")), max(len(c.train[1]) for c in clients))
     trainer = make_trainer(cfg.engine, adapter, ClientSets([c.train[0] for c in clients], [c.train[1] for c in clients]),
                            text, scale, settings)
     stacked = strategy.stack(selected, len(clients))
     trainer.train(stacked, int(cfg.finetune_epochs), [client_generator(int(cfg.seed), c.name, "finetune") for c in clients])
-    with autocast(settings.precision, text.device):
-        test = accuracies(adapter, [pick(stacked, i) for i in range(len(clients))], [c.test for c in clients], text,
-                          scale)
+    test = accuracies(adapter, [pick(stacked, i) for i in range(len(clients))], [c.test for c in clients], text, scale)
     log.info("after %d fine-tuning epochs: personalization %s", cfg.finetune_epochs,
              ", ".join(f"{c.name} {100 * a:.2f}%" for c, a in zip(clients, test)))
     return {c.name: a for c, a in zip(clients, test)}

@@ -61,6 +61,15 @@ class FedAvg:
         self.aggregation = aggregation
         self.settings: dict = {}
 
+    MOMENTS: tuple[str, ...] = ()  # the server optimiser's state: what a checkpoint keeps (federate/checkpoint.py)
+
+    def moments(self) -> dict[str, State]:
+        return {name: getattr(self, name) for name in self.MOMENTS if getattr(self, name) is not None}
+
+    def load_moments(self, moments: dict[str, State]) -> None:
+        for name, state in moments.items():
+            setattr(self, name, state)
+
     def aggregate_train(self, global_state: State, stacked: State, num_examples: list[int]) -> State:
         """The next global adapter from the clients' adapters (stacked [K, ...]) after local training."""
         return weighted_mean(stacked, client_weights(num_examples, self.aggregation))
@@ -72,6 +81,8 @@ class FedAvg:
 @register("fedavgm")
 class FedAvgM(FedAvg):
     """Server momentum: v = momentum * v + delta; global += server_lr * v (momentum 0, lr 1 is FedAvg)."""
+
+    MOMENTS = ("velocity",)
 
     def __init__(self, aggregation="uniform", server_lr: float = 1.0, momentum: float = 0.9):
         super().__init__(aggregation)
@@ -93,6 +104,8 @@ class FedAvgM(FedAvg):
 class FedAdam(FedAvg):
     """Adam on the pseudo-gradient, as in Reddi et al. 2021 (no bias correction): m = b1 m + (1 - b1) delta,
     v = b2 v + (1 - b2) delta^2, global += server_lr * m / (sqrt(v) + tau)."""
+
+    MOMENTS = ("m", "v")
 
     def __init__(self, aggregation="uniform", server_lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.99,
                  tau: float = 1e-3):

@@ -11,7 +11,9 @@ numbers and writes the same files as it would alone: same splits (seed, domain),
 
 The launcher then runs every job through Hydra's `run_job` as usual (job folder, .hydra/, log file,
 callbacks); `federate.run.run` finds the point's prepared result (federate/prepared.py), replays its log lines
-into the job's log and returns its summary, or raises its error. Points that cannot be grouped (other
+into the job's log (stamped with the replay's time, so the file stays in order; the console skips their
+per-round lines) and returns its summary, or raises its error. While a group trains, the console shows one
+progress bar over its rounds on a terminal, and otherwise a line every tenth round. Points that cannot be grouped (other
 backends, zero-shot, the image backbones, or a settings error) run as usual.
 """
 from __future__ import annotations
@@ -28,12 +30,15 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from . import experiment, methods, prepared
+from . import checkpoint, experiment, methods, prepared
 from .engine import ClientSets, make_trainer
 from .errors import ConfigError
-from .run import conclude, end_round, generators, setup
+from .experiment import progress_bar
+from .federation import Update
+from .run import CachedBackend, conclude, generators, setup
 
 log = logging.getLogger("federate")
+progress_log = logging.getLogger("federate_sweep")  # not under "federate": shown while a group's lines are held
 FREE_KEYS = ("lr", "seed", "target_domain", "split_file")  # and method.mu: what may differ inside a group
 
 
@@ -44,8 +49,8 @@ def group_key(cfg) -> str | None:
         experiment.check_settings(cfg)
     except (ConfigError, Exception):  # noqa: BLE001 - its own job reports the error
         return None
-    if cfg.backend != "local" or method.trains == "none" or method.images:
-        return None
+    if cfg.backend != "local" or method.trains == "none" or method.images or cfg.get("clients_per_round") is not None:
+        return None  # (a sampled round trains other slots in every point)
     c = OmegaConf.to_container(cfg, resolve=True)
     for key in FREE_KEYS:
         c.pop(key, None)
@@ -99,7 +104,13 @@ def _captured_logs():
 
 def _replay(records: list, result, output_dir: str) -> Callable[[], dict]:
     def replay():
+        if records:
+            log.info("trained in a group of sweep points from %s to %s; its lines follow, with the time of this job",
+                     time.strftime("%H:%M:%S", time.localtime(records[0].created)),
+                     time.strftime("%H:%M:%S", time.localtime(records[-1].created)))
         for record in records:
+            now = time.time()  # the job's log stays in time order
+            record.created, record.msecs, record.grouped = now, (now - int(now)) * 1000, True
             logging.getLogger(record.name).handle(record)
         if isinstance(result, BaseException):
             raise result
@@ -116,6 +127,8 @@ def train_group(cfgs: list, output_dirs: list) -> None:
     points: dict[str, object] = {}
     with _captured_logs() as records:
         for cfg, key in zip(cfgs, keys):
+            if checkpoint.exists(Path(key)):
+                continue  # an interrupted point resumes in its own job
             with records.point(key):
                 try:
                     start = time.time()
@@ -127,7 +140,7 @@ def train_group(cfgs: list, output_dirs: list) -> None:
             _rounds(points, results, records)
         finally:
             for key, (point, _) in points.items():
-                point.runlog.close()
+                point.federation.runlog.close()
         for key, (point, start) in points.items():
             if key in results:
                 continue
@@ -137,11 +150,13 @@ def train_group(cfgs: list, output_dirs: list) -> None:
                 except (ConfigError, OSError) as e:
                     results[key] = e
     for key in keys:
-        prepared.put(key, _replay(records.of.get(key, []), results[key], key))
+        if key in results:
+            prepared.put(key, _replay(records.of.get(key, []), results[key], key))
 
 
 def _rounds(points: dict, results: dict, records: _Records) -> None:
-    """The rounds of all points: one trainer per (lr, mu) over its slots, then each point's round end."""
+    """The rounds of all points: one trainer per (lr, mu) over its slots, then each point's round end
+    (federate/federation.py: aggregation, evaluation, selection, records, checkpoint)."""
     live = list(points)
     if not live:
         return
@@ -160,28 +175,38 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
         sets = [points[k][0].train_sets[i] for k, i in slots]
         trainer = make_trainer(cfg.engine, first.adapter, ClientSets(*zip(*sets)), first.text,
                                first.cache.logit_scale, settings)
-        state = {q: torch.stack([points[k][0].global_state[q] for k, _ in slots]) for q in first.global_state}
-        rows = defaultdict(list)  # point -> its slots' rows in `state`, in the point's client order
+        rows = defaultdict(list)  # point -> its slots' rows in the trainer's state, in the point's client order
         for row, (k, i) in sorted(enumerate(slots), key=lambda e: e[1][1]):
             rows[k].append(row)
-        subgroups.append((settings, slots, trainer, state, {k: torch.tensor(v) for k, v in rows.items()}))
-    for r in range(1, int(cfg.rounds) + 1):
-        for settings, slots, trainer, state, rows in subgroups:
-            gens = [generators(points[k][0], r)[i] for k, i in slots]
-            anchor = ({q: torch.stack([points[k][0].global_state[q] for k, _ in slots]) for q in state}
+        subgroups.append((settings, slots, trainer, {k: torch.tensor(v) for k, v in rows.items()}))
+    backends = {key: CachedBackend(points[key][0]) for key in live}
+    rounds, started = int(cfg.rounds), time.time()
+    bar = progress_bar(rounds, desc=f"{len(live)} points")
+    for r in range(1, rounds + 1):
+        for settings, slots, trainer, rows in subgroups:
+            feds = {k: points[k][0].federation for k in rows}
+            units = {k: list(range(len(f.units))) for k, f in feds.items()}
+            starts = {k: f.start_states(units[k]) for k, f in feds.items()}
+            state = {q: torch.stack([starts[k][q][i] for k, i in slots]) for q in first.federation.global_state}
+            gens = [generators(points[k][0], r, [feds[k].units[i]])[0] for k, i in slots]
+            anchor = ({q: torch.stack([feds[k].global_state[q] for k, _ in slots]) for q in state}
                       if settings.mu else None)
-            losses = trainer.train(state, int(cfg.local_epochs), gens, anchor=anchor)
+            losses = trainer.train(state, int(cfg.local_epochs), gens, anchor=anchor).tolist()
             for key, idx in rows.items():
                 if key in results:  # it failed in an earlier round; its slots train on, unread
                     continue
-                idx = idx.to(losses.device)
-                point = points[key][0]
+                point, fed = points[key][0], feds[key]
                 stacked = {q: v.index_select(0, idx.to(v.device)) for q, v in state.items()}
+                update = Update(stacked, [len(point.train_sets[i][1]) for i in units[key]],
+                                {fed.units[i]: losses[j] for i, j in zip(units[key], idx.tolist())})
                 with records.point(key):
                     try:
-                        end_round(point, r, stacked, losses.index_select(0, idx))
+                        fed.end_round(r, units[key], update, backends[key])
                     except (ConfigError, OSError) as e:  # this point fails; the others go on
                         results[key] = e
-                        continue
-                for q, v in state.items():  # the server's global adapter (or the unchanged own ones) back
-                    v.index_copy_(0, idx.to(v.device), stacked[q])
+        if bar is not None:
+            bar.update(1)
+        elif r == rounds or r % max(1, rounds // 10) == 0:  # without a terminal: a line every tenth round
+            progress_log.info("group of %d points: round %d/%d (%.0f s)", len(live), r, rounds, time.time() - started)
+    if bar is not None:
+        bar.close()

@@ -23,6 +23,7 @@ from planted import planted, write_cache  # noqa: E402
 
 from federate.errors import ConfigError  # noqa: E402
 from federate.flower.client_app import evaluate as client_evaluate  # noqa: E402
+from federate.flower.client_app import query as client_query  # noqa: E402
 from federate.flower.client_app import train as client_train  # noqa: E402
 from federate.flower.server_app import serve  # noqa: E402
 from federate.flower.task import check_update, ship  # noqa: E402
@@ -76,7 +77,8 @@ class FakeGrid:
             ctx = Context(run_id=1, node_id=node, node_config={"partition": self.nodes[node]}, state=RecordDict(),
                           run_config={})
             kind = m.metadata.message_type
-            reply = (client_train if kind == MessageType.TRAIN else client_evaluate)(m, ctx)
+            reply = {MessageType.TRAIN: client_train, MessageType.EVALUATE: client_evaluate,
+                     MessageType.QUERY: client_query}[kind](m, ctx)
             if self.tamper:
                 reply = self.tamper(self.nodes[node], int(m.content["config"]["round"]), kind, reply)
             if reply is not None:
@@ -132,7 +134,7 @@ def test_a_supernode_without_a_domain_is_told_how_to_set_one(cache_file, tmp_pat
                                                       "participants": json.dumps(PARTICIPANTS)})}),
                   dst_node_id=5, message_type=MessageType.TRAIN)
     ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(ConfigError, match="partition='<domain>'.*alpha, beta, gamma"):
+    with pytest.raises(ConfigError, match="partition='<client>'.*alpha, beta, gamma"):
         client_train(msg, ctx)
 
 
@@ -157,10 +159,11 @@ def test_bad_updates_are_logged_and_not_aggregated(cache_file, tmp_path, caplog)
         return reply
 
     with caplog.at_level(logging.WARNING):
-        s = serve(FakeGrid(poison), flower_cfg(cache_file, tmp_path), tmp_path)
-    assert "round 2: rejected the update of beta: image.0.weight has non-finite values" in caplog.text
-    assert "round 3: rejected the update of beta: image.0.bias has shape (3,)" in caplog.text
+        s = serve(FakeGrid(poison), flower_cfg(cache_file, tmp_path, "flower.min_clients=2"), tmp_path)
+    assert "round 2: client beta (node 102) sent an update the server rejects: image.0.weight has non-finite " \
+        "values; dropping it" in caplog.text  # and it is not asked again
     assert s["rounds"] == 3 and 0 <= s["generalization"] <= 1 and "stopped" not in s
+    assert list(s["dropped_clients"]) == ["beta"] and "non-finite" in s["dropped_clients"]["beta"]
 
 
 def test_a_client_that_stops_answering_is_dropped_and_the_run_goes_on(cache_file, tmp_path, caplog):
@@ -179,7 +182,7 @@ def test_below_min_clients_the_run_stops_keeping_what_it_recorded(cache_file, tm
     assert "only 1 client(s) left, fewer than flower.min_clients=2" in s["stopped"]
     assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 2 and s["best_round"] in (1, 2)
     assert (tmp_path / "adapter.safetensors").exists()
-    with pytest.raises(ConfigError, match="only 1 client"):  # nothing recorded yet: a plain error
+    with pytest.raises(ConfigError, match="only 1 Flower client"):  # nothing recorded yet: a plain error
         serve(FakeGrid(lambda d, r, k, rep: rep if d == "alpha" else None), flower_cfg(cache_file, tmp_path / "x"),
               tmp_path / "x")
 
@@ -272,3 +275,68 @@ def test_deployment_on_loopback_matches_in_process_and_survives_a_killed_client(
     rows = [json.loads(x) for x in history.read_text().splitlines()]
     assert len(rows) == 4 and "stopped" not in summary
     assert "gamma" in rows[0]["val_acc"] and all("gamma" not in r["val_acc"] for r in rows[2:])
+
+
+def lie(what):
+    """A tamper function: client beta breaks one rule in round 2 (`what`: the rule)."""
+    from flwr.app import ArrayRecord, MetricRecord
+
+    def tamper(domain, round_, kind, reply):
+        if domain != "beta" or round_ != 2:
+            return reply
+        metrics = dict(reply.content["metrics"])
+        if kind == MessageType.EVALUATE and what in ("val_acc=1e9", "val_acc=nan", "no test_acc", "val_acc=0.3333"):
+            if what == "no test_acc":
+                metrics.pop("test_acc")
+            else:
+                metrics["val_acc"] = float(what.split("=")[1])
+        elif kind == MessageType.TRAIN and what in ("num-examples=10**6", "train_loss=nan", "num-examples=2.5"):
+            metrics[what.split("=")[0]] = eval(what.split("=")[1]) if "**" in what else float(what.split("=")[1])
+        elif kind == MessageType.TRAIN and what in ("int64 weights", "float64 weights"):
+            dtype = torch.int64 if what.startswith("int64") else torch.float64
+            arrays = {k: v.to(dtype) for k, v in reply.content["arrays"].to_torch_state_dict().items()}
+            reply.content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
+        else:
+            return reply
+        reply.content["metrics"] = MetricRecord(metrics)
+        return reply
+    return tamper
+
+
+@pytest.fixture(scope="module")
+def silent_beta(cache_file, tmp_path_factory):
+    """Summaries of runs in which beta stops answering in round 2, from its train or evaluate exchange on."""
+    runs = {}
+
+    def summary(kind):
+        if kind not in runs:
+            def silent(d, r, k, rep):
+                stop = r > 2 or (r == 2 and (kind == MessageType.TRAIN or k == MessageType.EVALUATE))
+                return None if d == "beta" and stop else rep
+
+            out = tmp_path_factory.mktemp("silent")
+            runs[kind] = serve(FakeGrid(silent), flower_cfg(cache_file, out), out)
+        return runs[kind]
+    return summary
+
+
+@pytest.mark.parametrize("what", ["val_acc=1e9", "val_acc=nan", "val_acc=0.3333", "no test_acc", "num-examples=10**6",
+                                  "num-examples=2.5", "train_loss=nan", "int64 weights", "float64 weights"])
+def test_a_lying_client_is_dropped_and_cannot_change_the_summary(cache_file, tmp_path, silent_beta, what):
+    """The liar's run equals a run in which beta simply stops answering in the same exchange."""
+    liar = serve(FakeGrid(lie(what)), flower_cfg(cache_file, tmp_path), tmp_path)
+    quiet = silent_beta(MessageType.EVALUATE if "acc" in what else MessageType.TRAIN)
+    assert list(liar["dropped_clients"]) == ["beta"] and "round 2" in liar["dropped_clients"]["beta"]
+    for key in ("best_round", "generalization", "personalization", "val_mean", "overall", "clients"):
+        assert liar[key] == quiet[key], key
+    assert all(0 <= a <= 1 for a in liar["personalization"].values())
+
+
+def test_sampled_rounds_over_flower_equal_sampled_rounds_in_process(cache_file, tmp_path):
+    flower = serve(FakeGrid(), flower_cfg(cache_file, tmp_path / "f", "clients_per_round=2"), tmp_path / "f")
+    cfg = config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
+                              "rounds=3", "lr=1e-3", "clients_per_round=2"])
+    same_results(flower, run(cfg, tmp_path / "l"))
+    rows = [[json.loads(x)["sampled"] for x in (d / "history.jsonl").read_text().splitlines()] for d in
+            (tmp_path / "f", tmp_path / "l")]
+    assert rows[0] == rows[1] and all(len(r) == 2 for r in rows[0])

@@ -238,11 +238,14 @@ def test_federate_runs_on_a_class_subset_and_by_default_on_every_class(planted_c
         run_federate(planted_cache, tmp_path / "bad", "dataset.classes=[class0,dog]")
 
 
-def test_the_flower_backend_refuses_partitions_and_class_subsets(planted_cache, tmp_path):
-    for overrides, fragment in ((["partition=iid"], "backend=flower runs one client per domain, not partition=iid"),
-                                (["dataset.classes=[class0,class1]"], "dataset.classes cannot name a subset")):
+def test_runners_refuse_what_they_would_ignore(planted_cache, tmp_path):
+    """The image backbone runs one client per domain; neither it nor Flower restricts the classes."""
+    for overrides, fragment in ((["method=fedavg_full", "partition=iid"],
+                                 "method=fedavg_full runs one client per domain, not partition=iid"),
+                                (["backend=flower", "dataset.classes=[class0,class1]"],
+                                 "dataset.classes cannot name a subset")):
         with pytest.raises(ConfigError, match=fragment):
-            run_federate(planted_cache, tmp_path / overrides[0], "backend=flower", *overrides)
+            run_federate(planted_cache, tmp_path / overrides[1], *overrides)
 
 
 # python -m federate.partition -------------------------------------------------------------------------------

@@ -96,3 +96,20 @@ def test_grouped_points_equal_their_runs_alone(cache_file, tmp_path, overrides):
         assert run(cfg, grouped[i]) == json.loads((grouped[i] / "summary.json").read_text())  # handed over
         run(cfg, tmp_path / f"alone{i}")
         same_job(tmp_path / f"alone{i}", grouped[i])
+
+
+def test_a_sweep_without_a_terminal_summarises_its_rounds_and_the_job_logs_keep_them_in_order(cache_file, tmp_path):
+    for launcher in ("basic", "batched"):
+        proc = run_cli("federate", "-m", f"hydra/launcher={launcher}", "lr=1e-3,3e-4", f"cache_file={cache_file}",
+                       "model.name=fedclip/planted", "rounds=20", f"hydra.sweep.dir={tmp_path / launcher}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout
+        console = [line for line in proc.stdout.splitlines() if "round " in line and "/20" in line]
+        if launcher == "basic":  # every tenth round of each job
+            assert len(console) == 2 * 10 and "round 20/20" in console[-1]
+        else:  # the group's progress only
+            assert len(console) == 10 and all("group of 2 points" in line for line in console)
+        for job in ("0", "1"):
+            lines = (tmp_path / launcher / job / "federate.log").read_text().splitlines()
+            assert sum("round " in line and "/20  val" in line for line in lines) == 20
+            stamps = [line[1:24] for line in lines if line.startswith("[")]
+            assert stamps == sorted(stamps)

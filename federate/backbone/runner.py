@@ -3,13 +3,15 @@
 The recipe of the cached runner (federate/run.py), with images instead of embeddings:
 1. the images (extract's source: hub or dataset.root, the cache's ids) and the model;
 2. leave-one-domain-out and the 60/20/20 splits of federate.splits (same ids as a cached run);
-3. rounds: each participant in turn trains from the global state, the server keeps a running weighted
-   sum and then applies the strategy; validation, model selection (federate.experiment.RunLog);
+3. rounds (federate/federation.py, with `ImageBackend`): each sampled participant in turn trains from the
+   global state, the server keeps a running weighted sum and then applies the strategy; validation every
+   round, test and target accuracies when the selection rule needs them (the selected rounds);
 4. summary.json (the cached methods' keys plus `backbone`, `seconds_per_round`), history.jsonl,
    splits.json and model.safetensors (the selected round's global state dict, float32).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -20,8 +22,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from .. import adapters, strategy
-from ..experiment import (RunLog, check_finite, cost_figures, finish, mean, resolve_device, summarize, target_and_participants,
-                          train_settings)
+from ..experiment import cost_figures, finish, mean, resolve_device, summarize, target_and_participants, train_settings
+from ..federation import ClientInfo, Federation, Update
 from ..splits import splits_to_ids
 from . import ADAPTER_METHODS
 from .build import build_model, check
@@ -81,9 +83,8 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
                     [d.name for d in domains], device, workers)
     clients = sorted(participants, key=lambda d: -len(splits[d]["train"]))  # the cached runners' order
     num_examples = [len(splits[d]["train"]) for d in clients]
-    weights = strategy.client_weights(num_examples, server.aggregation).tolist()
     keys = {d: {p: [(index[d], int(i)) for i in splits[d][p]] for p in ("val", "test")} for d in clients}
-    target_keys = [(index[target], i) for i in range(len(by_name[target]))]
+    target_keys = [(index[target], i) for i in range(len(by_name[target]))] if target is not None else []
 
     model = model.to_device(device) if hasattr(model, "to_device") else model.to(device)
     global_state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
@@ -96,68 +97,92 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
              method.name, backbone, source.name, target, len(target_keys), ", ".join(clients), num_examples,
              f"{trainable:,}", sent / 1e6, device.type, workers)
 
-    # 3. rounds
-    runlog = RunLog(output_dir, int(cfg.rounds))
+    # 3. rounds (federate/federation.py)
+    infos = [ClientInfo(d, d, {p: len(splits[d][p]) for p in ("train", "val", "test")}) for d in clients]
+    federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, every_round=False)
     ids_of = {d: tuple(by_name[d].ids) for d in participants}
     (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
-    seconds, train_seconds = [], []
+    backend = ImageBackend(cfg, model, loader, settings, device, server, splits, index, keys, target_keys, eval_size)
     try:
-        for r in range(1, int(cfg.rounds) + 1):
-            t0 = time.perf_counter()
-            total = RunningMean(global_state)
-            row = {"train_loss": {}}
-            for k, d in enumerate(clients):
-                model.load_state_dict(global_state)
-                batches = client_batches(splits[d]["train"], index[d], d, seed, r, int(cfg.batch_size),
-                                         int(cfg.local_epochs))
-                row["train_loss"][d] = local_update(model, loader.batches(batches), settings, device,
-                                                    anchor=global_state, rng_seed=dropout_seed(seed, d, r))
-                total.add(model.state_dict(), weights[k])
-            averaged = total.result()
-            check_finite(r, row["train_loss"], averaged, cfg.lr)
-            global_state = server.aggregate_train(global_state, {k: v.unsqueeze(0) for k, v in averaged.items()}, [1])
-            del total, averaged
-            check_finite(r, {}, global_state, cfg.lr)
-            model.load_state_dict(global_state)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_seconds.append(time.perf_counter() - t0)
-            val = {d: accuracy(model, loader.batches(eval_batches(keys[d]["val"], eval_size)), device)
-                   for d in clients}
-            row.update(round=r, val_acc=val, val_mean=mean(val.values()))
-            if runlog.improves(val):
-                test = {d: accuracy(model, loader.batches(eval_batches(keys[d]["test"], eval_size)), device)
-                        for d in clients}
-                target_acc = accuracy(model, loader.batches(eval_batches(target_keys, eval_size)), device)
-                runlog.record_best(r, val, test, target_acc, [global_state])
-                row.update(test_acc=test, target_acc=target_acc, improved=True)
-            seconds.append(time.perf_counter() - t0)
-            row.update(seconds=seconds[-1], train_seconds=train_seconds[-1])
-            runlog.end_round(row, int(cfg.rounds))
+        federation.run(backend)
     finally:
-        runlog.close()
         loader.loader = None  # stops the persistent workers
-    best = runlog.best
 
     # 4. outputs
     adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter) if method.name in ADAPTER_METHODS else None
-    summary = summarize(cfg, method, source.name, cfg.model.name, target, best, costs,
-                        {d: {p: len(splits[d][p]) for p in ("train", "val", "test")} for d in clients},
-                        len(target_keys), adapter, server)
-    summary.update(backbone=backbone, engine=None, seconds_per_round=mean(seconds),
-                   train_seconds_per_round=mean(train_seconds), device=device.type,
+    identity = {"cache_identity_sha256": None, "cache_checksums": None,
+                "splits_sha256": hashlib.sha256((output_dir / "splits.json").read_bytes()).hexdigest()}
+    summary = summarize(cfg, method, source.name, cfg.model.name, federation, costs,
+                        len(target_keys) if target is not None else None, adapter, server, identity)
+    summary.update(backbone=backbone, engine=None, seconds_per_round=mean(backend.seconds) if backend.seconds else None,
+                   train_seconds_per_round=mean(backend.train_seconds) if backend.train_seconds else None,
+                   device=device.type,
                    precision="bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
                    image_size=(int(cfg.backbone.image_size) if backbone == "alexnet" else
                                int(model.clip.config.vision_config.image_size)))
     summary.update(optimizer=settings.describe())  # a variant key of the report
-    save_model(output_dir / "model.safetensors", best, method, backbone, source.name, cfg.model.name, target, cfg)
-    return finish(output_dir, summary, cfg, start)
+    save_model(output_dir / "model.safetensors", federation.best, method, backbone, source.name, cfg.model.name, target,
+               cfg)
+    summary = finish(output_dir, summary, cfg, start)
+    federation.finished()
+    return summary
+
+
+class ImageBackend:
+    """Local training of the sampled clients one after another on the images (the server keeps a running
+    weighted sum, so one model's state is held at a time), and evaluation of the global model. Rounds are
+    expensive here: validation every round, test and target only when the selection rule needs them
+    (Federation(every_round=False))."""
+
+    def __init__(self, cfg, model, loader, settings, device, server, splits, index, keys, target_keys, eval_size):
+        self.cfg, self.model, self.loader, self.settings, self.device = cfg, model, loader, settings, device
+        self.server, self.splits, self.index, self.keys, self.target_keys = server, splits, index, keys, target_keys
+        self.eval_size = eval_size
+        self.seconds, self.train_seconds = [], []
+        self._t0 = None
+
+    def train(self, federation, round_: int, sampled: list[int]) -> Update:
+        t0 = time.perf_counter()
+        cfg, seed, glob = self.cfg, int(self.cfg.seed), federation.global_state
+        names = [federation.units[i] for i in sampled]
+        weights = strategy.client_weights([len(self.splits[d]["train"]) for d in names], self.server.aggregation).tolist()
+        total, losses = RunningMean(glob), {}
+        for d, weight in zip(names, weights):
+            self.model.load_state_dict(glob)
+            batches = client_batches(self.splits[d]["train"], self.index[d], d, seed, round_, int(cfg.batch_size),
+                                     int(cfg.local_epochs))
+            losses[d] = local_update(self.model, self.loader.batches(batches), self.settings, self.device,
+                                     anchor=glob, rng_seed=dropout_seed(seed, d, round_))
+            total.add(self.model.state_dict(), weight)
+        averaged = total.result()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.train_seconds.append(time.perf_counter() - t0)
+        self._t0 = t0
+        # one pre-averaged update: the strategy sees the weighted mean of the sampled clients
+        return Update({k: v.unsqueeze(0) for k, v in averaged.items()}, [1], losses)
+
+    def _accuracy(self, keys) -> float:
+        return accuracy(self.model, self.loader.batches(eval_batches(keys, self.eval_size)), self.device)
+
+    def evaluate(self, client_states: list, target_states: list, parts: set) -> dict:
+        self.model.load_state_dict(target_states[0])
+        out = {p: {d: self._accuracy(self.keys[d][p]) for d in self.keys} for p in ("val", "test") if p in parts}
+        if "target" in parts:
+            out["target"] = [self._accuracy(self.target_keys)]
+        return out
+
+    def row_timings(self) -> dict:
+        """The round's seconds (training, aggregation and evaluation) and its training seconds."""
+        self.seconds.append(time.perf_counter() - self._t0)
+        return {"seconds": self.seconds[-1], "train_seconds": self.train_seconds[-1]}
 
 
 def save_model(path: Path, best: dict, method, backbone: str, dataset: str, model: str, target: str, cfg) -> None:
     """The global state dict of the selected round in float32 (keys: the model's state dict)."""
     tensors = {k: v.detach().float().contiguous().cpu().clone() for k, v in best["states"][0].items()}
+    target = target or "none"
     config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     save_file(tensors, str(path), metadata={
         "method": method.name, "backbone": backbone, "model": model if backbone == "clip" else "alexnet",
-        "dataset": dataset, "target_domain": target, "round": str(best["round"]), "config": json.dumps(config)})
+        "dataset": dataset, "target_domain": target, "round": str(best["row"]["round"]), "config": json.dumps(config)})

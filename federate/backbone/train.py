@@ -10,7 +10,7 @@
   On CUDA the forward and backward run under bf16 autocast (fp32 master weights).
 - `RunningMean`: the server's weighted mean of the clients' states, one client at a time (one running sum
   instead of K copies); it equals `strategy.FedAvg`'s weighted mean of the stacked states (tested).
-- `accuracy`: batched evaluation under `inference_mode`.
+- `accuracy`: batched evaluation under `inference_mode`, in fp32.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class RunningMean:
 def accuracy(model, batches, device: torch.device) -> float:
     """Accuracy over (pixels, labels) batches, with one host synchronisation."""
     model.eval()
-    with autocast(device):
+    with torch.autocast(device.type, enabled=False):  # fp32 even where training is bf16: bf16 flips predictions
         model.prepare_eval()
         hits, n = torch.zeros((), device=device), 0
         for pixels, labels in batches:

@@ -1,9 +1,14 @@
-"""The Flower ServerApp: sends the global adapter, rejects malformed updates (wrong keys or shapes,
-non-finite values), combines the rest with the run's server strategy (federate/strategy.py), runs model
-selection on the clients' validation accuracy, evaluates the held-out target domain itself, and writes the
-same summary.json, history.jsonl and adapter.safetensors as the in-process runner. A client that fails or
-times out is dropped for the rest of the run; the run goes on while at least `flower.min_clients` remain,
-and otherwise stops, keeping what it recorded.
+"""The Flower ServerApp: the run's rounds (federate/federation.py) with Flower as the backend.
+
+At the start every SuperNode says which client it is and its split sizes (a query message). Each round
+the server sends the global adapter to the sampled clients and combines their updates with the run's
+strategy (federate/strategy.py); every client evaluates the new adapter on its validation and test
+splits; the server evaluates the held-out target domain itself, in fp32. The server checks everything a
+client sends: weights of the expected keys, float32 and shapes (read from the headers before the data is
+deserialised) and finite; example counts positive integers no larger than the split the client
+reported; losses finite; accuracies finite and in [0, 1]. A client that breaks a rule, fails or times out
+is dropped for the rest of the run (logged, and listed in summary.json's `dropped_clients`); the run goes
+on while at least `flower.min_clients` remain, and otherwise stops, keeping what it recorded.
 
 Deployed with `flwr run . <superlink connection>` (see the README); the run config ([tool.flwr.app.config]
 in pyproject.toml, and --run-config) holds Hydra overrides of conf/federate.yaml plus `output_dir`.
@@ -24,22 +29,25 @@ from .. import adapters, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
-from ..engine import autocast
-from ..experiment import (RunLog, cache_path, check_finite, check_settings, class_text, cost_figures, domain_tensors, finish,
+from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_tensors, finish,
                           resolve_device, save_adapters, summarize, target_and_participants)
-from .task import check_update, settings_from_run_config, ship
+from ..federation import ClientInfo, Federation, Interrupted, Update
+from .task import (check_arrays, check_eval_metrics, check_registration, check_train_metrics, check_update,
+                   settings_from_run_config, ship)
 
 log = logging.getLogger("federate")
 
 
-class Federation:
-    """The server side of one run: which nodes are still in, and one exchange of messages with them."""
+class Nodes:
+    """The SuperNodes of one run: which client each is, which are still in, one exchange of messages."""
 
     def __init__(self, grid: Grid, cfg, participants: list[str]):
         self.grid, self.cfg = grid, cfg
         self.shipped = {"settings": ship(cfg), "participants": json.dumps(participants)}
+        self.client_of: dict[int, str] = {}
+        self.dropped: dict[str, str] = {}  # the Federation's record of dropped clients, once it exists
         self.nodes = self._wait_for_nodes(len(participants))
-        self.domain_of: dict[int, str] = {}
+        self.clients = self._register()
 
     def _wait_for_nodes(self, expected: int) -> list[int]:
         deadline = time.time() + self.cfg.flower.startup_timeout
@@ -48,39 +56,145 @@ class Federation:
             if len(nodes) >= expected or time.time() > deadline:
                 break
             time.sleep(0.5)
-        if len(nodes) < self.cfg.flower.min_clients:
-            raise ConfigError(f"only {len(nodes)} Flower client(s) connected within "
-                              f"{self.cfg.flower.startup_timeout:.0f} s; need flower.min_clients="
-                              f"{self.cfg.flower.min_clients}")
+        self._check_enough(len(nodes), f"only {len(nodes)} Flower client(s) connected within "
+                                        f"{self.cfg.flower.startup_timeout:.0f} s")
         log.info("%d Flower clients connected", len(nodes))
         return nodes
 
-    def exchange(self, kind: str, state: dict[str, torch.Tensor], round_: int) -> list[Message]:
-        """Send the global adapter to every remaining node; return the good replies, dropping failed nodes."""
-        # each Message owns its content, so every node gets its own RecordDict
-        content = lambda: RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),  # noqa: E731
-                                      "config": ConfigRecord({"round": round_, **self.shipped})})
-        messages = [Message(content(), dst_node_id=n, message_type=kind, group_id=str(round_)) for n in self.nodes]
+    def _check_enough(self, count: int, what: str) -> None:
+        if count < self.cfg.flower.min_clients:
+            raise ConfigError(f"{what}; need flower.min_clients={self.cfg.flower.min_clients}")
+
+    def _register(self) -> list[ClientInfo]:
+        """Each node's client and split sizes; a node that says nothing usable, or names a client another
+        node already is, takes no part."""
+        infos = {}
+        for node, reply in self.exchange(MessageType.QUERY, None, 0).items():
+            got = check_registration(reply.content["config"]) if "config" in reply.content else "no config"
+            if isinstance(got, str) or got[0] in infos:
+                why = got if isinstance(got, str) else f"client {got[0]} is already node {self._node_of(got[0])}"
+                log.warning("node %s is not a client of this run: %s", node, why)
+                self.nodes.remove(node)
+                continue
+            name, domain, sizes = got
+            infos[name] = ClientInfo(name, domain, sizes)
+            self.client_of[node] = name
+        self._check_enough(len(infos), f"only {len(infos)} Flower client(s) said which client they are")
+        return sorted(infos.values(), key=lambda c: (-c.sizes["train"], c.name))  # the in-process order
+
+    def _node_of(self, client: str) -> int | None:
+        return next((n for n, c in self.client_of.items() if c == client), None)
+
+    def exchange(self, kind: str, state: dict[str, torch.Tensor] | None, round_: int,
+                 clients: list[str] | None = None) -> dict[int, Message]:
+        """Send to the remaining nodes (of `clients`, if given); return their replies, dropping the nodes
+        that fail or do not answer."""
+        nodes = [n for n in self.nodes if clients is None or self.client_of.get(n) in clients]
+
+        def content():  # each Message owns its content, so every node gets its own RecordDict
+            records = {"config": ConfigRecord({"round": round_, **self.shipped})}
+            if state is not None:
+                records["arrays"] = ArrayRecord.from_torch_state_dict(state)
+            return RecordDict(records)
+
+        messages = [Message(content(), dst_node_id=n, message_type=kind, group_id=str(round_)) for n in nodes]
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.flower.round_timeout))
         answered = {}
         for reply in replies:
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("round %d: client %s failed (%s); dropping it", round_, self._name(node), reply.error.reason)
+            if node not in nodes:
                 continue
-            answered[node] = reply
-            self.domain_of[node] = str(reply.content["config"]["domain"])
-        for node in set(self.nodes) - set(answered):
-            log.warning("round %d: client %s did not answer within %.0f s; dropping it", round_, self._name(node),
-                        self.cfg.flower.round_timeout)
-        self.nodes = sorted(answered)
-        if len(self.nodes) < self.cfg.flower.min_clients:
-            raise ConfigError(f"round {round_}: only {len(self.nodes)} client(s) left, fewer than "
-                              f"flower.min_clients={self.cfg.flower.min_clients}; stopping (the rounds so far are kept)")
-        return [answered[n] for n in self.nodes]
+            if reply.has_error():
+                self.drop(node, round_, f"failed ({reply.error.reason})")
+            else:
+                answered[node] = reply
+        for node in set(nodes) - set(answered) - {n for n in nodes if n not in self.nodes}:
+            self.drop(node, round_, f"did not answer within {self.cfg.flower.round_timeout:.0f} s")
+        return {n: answered[n] for n in sorted(answered) if n in self.nodes}
 
-    def _name(self, node: int) -> str:
-        return f"{self.domain_of.get(node, '?')} (node {node})"
+    def drop(self, node: int, round_: int, why: str) -> None:
+        """This node takes no further part in the run."""
+        name = self.client_of.get(node)
+        log.warning("%s: %s %s; dropping it", f"round {round_}" if round_ else "at the start",
+                    f"client {name} (node {node})" if name else f"node {node}", why)
+        if node in self.nodes:
+            self.nodes.remove(node)
+        if node in self.client_of:
+            self.dropped[name] = f"round {round_}: {why}"
+        remaining = len(self.nodes)
+        if round_ and remaining < self.cfg.flower.min_clients:
+            raise ConfigError(f"round {round_}: only {remaining} client(s) left, fewer than flower.min_clients="
+                              f"{self.cfg.flower.min_clients}; stopping (the rounds so far are kept)")
+
+
+class FlowerBackend:
+    """Local training and evaluation by the clients' SuperNodes, the target domain on the server."""
+
+    def __init__(self, nodes: Nodes, federation: Federation, adapter, target_set, text, scale: float):
+        self.nodes, self.federation = nodes, federation
+        self.adapter, self.target_set, self.text, self.scale = adapter, target_set, text, scale
+        nodes.dropped = federation.dropped
+        self.sizes = {c.name: c.sizes for c in federation.clients}
+        self.round = 0
+
+    def _answer(self, node: int, reply: Message, check) -> str | None:
+        """The reply's problem (it names another client, or breaks a rule), or None."""
+        try:
+            claimed = str(reply.content["config"]["client"])
+            if claimed != self.nodes.client_of[node]:
+                return f"replied as client {claimed}"
+            return check(reply)
+        except (KeyError, TypeError, ValueError) as e:
+            return f"sent a malformed reply ({type(e).__name__}: {e})"
+
+    def train(self, federation: Federation, round_: int, sampled: list[int]) -> Update:
+        self.round = round_
+        names = [federation.units[i] for i in sampled]
+        glob = federation.global_state
+        replies = self.nodes.exchange(MessageType.TRAIN, glob, round_, names)
+        updates, counts, losses = [], [], {}
+        for node, reply in replies.items():
+            name = self.nodes.client_of[node]
+            arrays = {}
+
+            def check(r):
+                problem = check_train_metrics(r.content["metrics"], self.sizes[name]) or \
+                    check_arrays(r.content["arrays"], glob)
+                if problem:
+                    return problem
+                arrays.update({k: v.to(glob[k].device) for k, v in r.content["arrays"].to_torch_state_dict().items()})
+                return check_update(arrays, glob)
+
+            problem = self._answer(node, reply, check)
+            if problem:
+                self.nodes.drop(node, round_, f"sent an update the server rejects: {problem}")
+                continue
+            updates.append(arrays)
+            counts.append(int(reply.content["metrics"]["num-examples"]))
+            losses[name] = float(reply.content["metrics"]["train_loss"])
+        if not updates:  # every sampled client was dropped: the global adapter stays
+            return Update({k: v.unsqueeze(0) for k, v in glob.items()}, [], {})
+        return Update({k: torch.stack([u[k] for u in updates]) for k in glob}, counts, dict(sorted(losses.items())))
+
+    def evaluate(self, client_states: list, target_states: list, parts: set) -> dict:
+        state = target_states[0]  # the global adapter: every client is evaluated with it
+        out = {}
+        if parts & {"val", "test"}:
+            val, test = {}, {}
+            for node, reply in self.nodes.exchange(MessageType.EVALUATE, state, self.round).items():
+                sizes = self.sizes[self.nodes.client_of[node]]
+                problem = self._answer(node, reply, lambda r: check_eval_metrics(r.content["metrics"], sizes))
+                if problem:
+                    self.nodes.drop(node, self.round, f"sent metrics the server rejects: {problem}")
+                    continue
+                name = self.nodes.client_of[node]
+                val[name] = float(reply.content["metrics"]["val_acc"])
+                test[name] = float(reply.content["metrics"]["test_acc"])
+            order = [c.name for c in self.federation.clients if c.name in val]
+            out.update(val={n: val[n] for n in order}, test={n: test[n] for n in order})
+        if "target" in parts:  # fp32, as the in-process runner evaluates
+            out["target"] = accuracies(self.adapter, [state], [self.target_set], self.text, self.scale)
+        return out
 
 
 def serve(grid: Grid, cfg, output_dir: Path) -> dict:
@@ -99,67 +213,39 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     adapter, server = adapters.build(cfg.adapter, text_tower=cfg.text_adapter), strategy.build(cfg.strategy, cfg.aggregation)
     header = load_cache(cfg.cache_file, cfg.model.name, domains=())
     target, participants = target_and_participants(list(header.all_domains), cfg.target_domain, header.path)
-    cache = load_cache(cfg.cache_file, cfg.model.name, domains=(target,))  # the server holds the held-out domain
+    # the server holds the held-out domain only
+    cache = load_cache(cfg.cache_file, cfg.model.name, domains=(target,) if target is not None else ())
     adapter.prepare(cache, cfg.model)
-    target_set, text = domain_tensors(cache, target, device), class_text(cache, device)
+    target_set = domain_tensors(cache, target, device) if target is not None else None
+    text = class_text(cache, device)
     global_state = {k: v.to(device) for k, v in adapters.init_params(adapter, cache.embed_dim, cfg.seed, text).items()}
-    cost = cost_figures(method, adapters.num_parameters(global_state), len(participants),
-                        cache.model_num_parameters, cfg.rounds)
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
-    federation = Federation(grid, cfg, participants)
-    runlog, sizes = RunLog(output_dir, cfg.rounds), {}
+    nodes = Nodes(grid, cfg, participants)
+    cost = cost_figures(method, adapters.num_parameters(global_state), len(nodes.clients),
+                        cache.model_num_parameters, cfg.rounds)
+    federation = Federation(cfg, method, nodes.clients, global_state, server, output_dir, target=target)
     stopped = None
     try:
-        for r in range(1, cfg.rounds + 1):
-            replies = federation.exchange(MessageType.TRAIN, global_state, r)
-            updates, counts, losses = [], [], {}
-            for reply in replies:
-                domain = str(reply.content["config"]["domain"])
-                arrays = {k: v.to(device) for k, v in reply.content["arrays"].to_torch_state_dict().items()}
-                problem = check_update(arrays, global_state)
-                if problem:
-                    log.warning("round %d: rejected the update of %s: %s", r, domain, problem)
-                    continue
-                updates.append(arrays)
-                counts.append(int(reply.content["metrics"]["num-examples"]))
-                losses[domain] = float(reply.content["metrics"]["train_loss"])
-            if len(updates) < cfg.flower.min_clients:
-                raise ConfigError(f"round {r}: only {len(updates)} acceptable update(s), fewer than "
-                                  f"flower.min_clients={cfg.flower.min_clients}; stopping (the rounds so far are kept)")
-            stacked = {k: torch.stack([u[k] for u in updates]) for k in global_state}
-            global_state = server.aggregate_train(global_state, stacked, counts)
-            check_finite(r, losses, global_state, cfg.lr)
-
-            val_acc, test_acc = {}, {}
-            for reply in federation.exchange(MessageType.EVALUATE, global_state, r):
-                domain = str(reply.content["config"]["domain"])
-                val_acc[domain] = float(reply.content["metrics"]["val_acc"])
-                test_acc[domain] = float(reply.content["metrics"]["test_acc"])
-                sizes[domain] = json.loads(reply.content["config"]["sizes"])
-            val_acc, test_acc = dict(sorted(val_acc.items())), dict(sorted(test_acc.items()))
-            row = {"round": r, "train_loss": dict(sorted(losses.items())), "val_acc": val_acc,
-                   "val_mean": sum(val_acc.values()) / len(val_acc)}
-            if runlog.improves(val_acc):
-                with autocast(cfg.precision, device):  # as the in-process runner evaluates
-                    target_acc = accuracies(adapter, [global_state], [target_set], text, cache.logit_scale)[0]
-                runlog.record_best(r, val_acc, test_acc, target_acc, [global_state])
-                row.update(test_acc=test_acc, target_acc=target_acc, improved=True)
-            runlog.end_round(row, cfg.rounds)
+        federation.run(FlowerBackend(nodes, federation, adapter, target_set, text, cache.logit_scale))
+    except Interrupted:
+        raise
     except ConfigError as e:
-        if not runlog.best["states"] or "diverged" in str(e):
+        if federation.best["row"] is None or "diverged" in str(e):
             raise
         stopped = str(e)
         log.error("%s", e)
-    finally:
-        runlog.close()
-    summary = summarize(cfg, method, cache.dataset_name, cache.model_name, target, runlog.best, cost,
-                        {d: sizes[d] for d in sorted(sizes)}, len(target_set[1]), adapter, server)
+    identity = {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
+                "splits_sha256": None}  # the clients make their splits; the server holds none
+    summary = summarize(cfg, method, cache.dataset_name, cache.model_name, federation, cost,
+                        len(target_set[1]) if target_set is not None else None, adapter, server, identity)
     summary["backend"] = "flower"
     if stopped:
         summary["stopped"] = stopped
-    save_adapters(output_dir / "adapter.safetensors", method, list(sizes), runlog.best, cache.dataset_name,
-                  cache.model_name, cache.embed_dim, target, cfg)
-    return finish(output_dir, summary, cfg, start)
+    save_adapters(output_dir / "adapter.safetensors", method, [c.name for c in federation.clients], federation.best,
+                  cache.dataset_name, cache.model_name, cache.embed_dim, target, cfg)
+    summary = finish(output_dir, summary, cfg, start)
+    federation.finished()
+    return summary
 
 
 app = ServerApp()

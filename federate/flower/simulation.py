@@ -1,5 +1,5 @@
 """`python -m federate backend=flower`: the Flower apps in Flower's simulation engine, one SuperNode per
-participating domain, in this process.
+client (Flower sets each node's `partition-id` and `num-partitions`), in this process.
 
 Flower 1.41 recommends `flwr run` for simulations, which starts a managed local SuperLink that keeps
 running in the background, builds and installs the app as a FAB, and runs the ServerApp in another
@@ -18,6 +18,7 @@ from omegaconf import open_dict
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..experiment import target_and_participants
+from ..partition import make_clients
 
 
 class FlowerChatter(logging.Filter):
@@ -83,13 +84,15 @@ def simulate(cfg, cache_file: Path, output_dir: Path) -> dict:
         cfg.cache_file = str(cache_file)
     header = load_cache(cfg.cache_file, cfg.model.name, domains=())
     _, participants = target_and_participants(list(header.all_domains), cfg.target_domain, header.path)
+    clients = len(participants) if cfg.partition.name == "domain" else \
+        len(make_clients(load_cache(cfg.cache_file, cfg.model.name, domains=tuple(participants)), participants, cfg))
     result, server_app = {}, ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context) -> None:
         result.update(serve(grid, cfg, output_dir))
 
-    flower_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(participants),
+    flower_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
     if not result:

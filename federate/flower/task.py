@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 from functools import lru_cache
@@ -16,8 +17,7 @@ from ..cli import unknown_setting
 from ..config import FederateConfig
 from ..errors import ConfigError
 from ..experiment import class_text, make_client
-from ..partition import ClientSplit
-from ..splits import read_split_file, split_indices
+from ..partition import make_clients
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -56,29 +56,35 @@ def device_of(name: str) -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def client_data(cache_file: str, model_name: str, domain: str, seed: int, split_file: str, device: str):
-    """This client's splits (only its domain is read), class prompts and logit scale; kept across rounds,
-    and read again when the cache file changes (a long-lived SuperNode serves many runs)."""
+def client_data(cache_file: str, cfg, participants: list[str], node_config):
+    """This node's client (federate.partition.make_clients, picked by the node config), class prompts and
+    logit scale; kept across rounds, and read again when the cache file changes (a long-lived SuperNode
+    serves many runs). With partition=domain only the client's own domain is read."""
     try:
         st = os.stat(cache_file)
         version = (st.st_mtime_ns, st.st_size)
     except OSError:
         version = None  # load_cache says what is wrong
-    return _client_data(cache_file, version, model_name, domain, seed, split_file, device)
+    keys = {k: str(node_config[k]) for k in ("partition", "partition-id", "num-partitions") if k in node_config}
+    return _client_data(cache_file, version, ship(cfg), json.dumps(participants), json.dumps(keys, sort_keys=True))
 
 
-@lru_cache(maxsize=2)
-def _client_data(cache_file: str, version, model_name: str, domain: str, seed: int, split_file: str, device: str):
-    cache = load_cache(cache_file, model_name, domains=(domain,))
-    ids = {domain: cache.domains[domain].ids}
-    rows = read_split_file(split_file, ids, [domain]) if split_file else {domain: split_indices(len(ids[domain]), seed, domain)}
-    dev = device_of(device)
-    return make_client(cache, ClientSplit(domain, domain, rows[domain]), dev), class_text(cache, dev), cache.logit_scale
+@lru_cache(maxsize=4)
+def _client_data(cache_file: str, version, settings: str, participants: str, node: str):
+    cfg, participants, node = unship(settings), json.loads(participants), json.loads(node)
+    own_domain = cfg.partition.name == "domain"
+    if own_domain:  # one client per domain: this node's domain is all it reads
+        participants = [domain_of_node(node, participants)]
+    cache = load_cache(cache_file, cfg.model.name, domains=tuple(participants))
+    clients = make_clients(cache, participants, cfg)
+    split = clients[0] if own_domain else clients[client_index(node, [c.name for c in clients])]
+    dev = device_of(cfg.device)
+    return make_client(cache, split, dev), class_text(cache, dev), cache.logit_scale, cache
 
 
-def client_adapter(cfg, cache_file: str, domain: str) -> adapters.Adapter:
+def client_adapter(cfg, cache) -> adapters.Adapter:
     adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter)
-    adapter.prepare(load_cache(cache_file, cfg.model.name, domains=(domain,)), cfg.model)  # read once, kept
+    adapter.prepare(cache, cfg.model)
     return adapter
 
 
@@ -87,21 +93,90 @@ def client_method(cfg) -> methods.Method:
 
 
 def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
-    """Why a client's update cannot be aggregated, or None when it can."""
+    """Why a client's (deserialised) update cannot be aggregated, or None when it can."""
     if set(arrays) != set(reference):
         return f"keys {sorted(arrays)} instead of {sorted(reference)}"
     for k, v in arrays.items():
         if v.shape != reference[k].shape:
             return f"{k} has shape {tuple(v.shape)} instead of {tuple(reference[k].shape)}"
+        if v.dtype != torch.float32:
+            return f"{k} is {v.dtype}, not float32"
         if not torch.isfinite(v).all():
             return f"{k} has non-finite values"
     return None
 
 
-def domain_of_node(node_config, participants: list[str]) -> str:
+def check_arrays(record, reference: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a reply's ArrayRecord, read from its headers before deserialising the data:
+    the keys, float32 and the shapes of the global adapter."""
+    if not hasattr(record, "keys"):
+        return "no adapter weights"
+    if set(record.keys()) != set(reference):
+        return f"keys {sorted(record.keys())} instead of {sorted(reference)}"
+    for k, ref in reference.items():
+        array = record[k]
+        if str(getattr(array, "dtype", "")) != "float32":
+            return f"{k} is {getattr(array, 'dtype', '?')}, not float32"
+        if tuple(getattr(array, "shape", ())) != tuple(ref.shape):
+            return f"{k} has shape {tuple(getattr(array, 'shape', ()))} instead of {tuple(ref.shape)}"
+    return None
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_train_metrics(metrics, sizes: dict[str, int]) -> str | None:
+    """A training reply's metrics: `num-examples` a positive integer no larger than the client's training
+    split (as it reported at the start), `train_loss` a finite number."""
+    n, loss = metrics.get("num-examples"), metrics.get("train_loss")
+    if not is_int(n) or not 1 <= n <= sizes["train"]:
+        return f"num-examples {n!r} is not an integer between 1 and its {sizes['train']} training rows"
+    if not is_number(loss):
+        return f"train_loss {loss!r} is not a finite number"
+    return None
+
+
+def check_eval_metrics(metrics, sizes: dict[str, int]) -> str | None:
+    """An evaluation reply's metrics: `val_acc` and `test_acc` finite numbers in [0, 1], each a number of
+    correct rows over the split's size as the client reported it at the start."""
+    for key, part in (("val_acc", "val"), ("test_acc", "test")):
+        value = metrics.get(key)
+        if not is_number(value) or not 0 <= value <= 1:
+            return f"{key} {value!r} is not an accuracy in [0, 1]"
+        hits = value * sizes[part]
+        if abs(hits - round(hits)) > 1e-3:
+            return f"{key} {value!r} is not a count of correct rows over its {sizes[part]} {part} rows"
+    return None
+
+
+def check_registration(config) -> tuple[str, str, dict] | str:
+    """A query reply's (client, domain, split sizes), or why it is unusable."""
+    try:
+        name, domain, sizes = str(config["client"]), str(config["domain"]), json.loads(str(config["sizes"]))
+    except (KeyError, ValueError, TypeError) as e:
+        return f"no usable client, domain and sizes ({e})"
+    if not isinstance(sizes, dict) or not all(is_int(sizes.get(p)) and sizes[p] >= 1 for p in ("train", "val", "test")):
+        return f"split sizes {sizes!r} are not positive integers for train, val and test"
+    return name, domain, {p: int(sizes[p]) for p in ("train", "val", "test")}
+
+
+def client_index(node_config, names: list[str]) -> int:
+    """Which of the run's clients this SuperNode is: `partition` (a client name) or `partition-id` (an
+    index, as Flower's simulation sets it, with `num-partitions`)."""
     if node_config.get("partition"):
-        return str(node_config["partition"])
-    if "partition-id" in node_config and 0 <= int(node_config["partition-id"]) < len(participants):
-        return participants[int(node_config["partition-id"])]
-    raise ConfigError(f"this SuperNode has no domain: start it with --node-config \"partition='<domain>'\" "
-                      f"(one of {', '.join(participants)})")
+        if str(node_config["partition"]) in names:
+            return names.index(str(node_config["partition"]))
+    elif "partition-id" in node_config and 0 <= int(node_config["partition-id"]) < len(names):
+        if int(node_config.get("num-partitions", len(names))) == len(names):
+            return int(node_config["partition-id"])
+    raise ConfigError(f"this SuperNode has no client of this run: start it with --node-config \"partition='<client>'\" "
+                      f"(one of {', '.join(names)}) or partition-id=<0..{len(names) - 1}> num-partitions={len(names)}")
+
+
+def domain_of_node(node_config, participants: list[str]) -> str:
+    return participants[client_index(node_config, participants)]

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from .callbacks import remove_unused_run_folder
 from .cli import CONF_DIR, error_line, exit_on_bad_override
 from .errors import ConfigError
+from .federation import Interrupted
 from .run import run
 
 log = logging.getLogger("federate")
@@ -45,8 +46,10 @@ def one_line(message: str) -> str:
     return " ".join(message.split()) if "\n" in message else message
 
 
-def interrupted_message(output_dir: str | None) -> str:
-    """What Ctrl-C leaves behind, in one line."""
+def interrupted_message(output_dir: str | None, resume: str | None = None) -> str:
+    """What Ctrl-C leaves behind, in one line: how to resume a run stopped during its rounds."""
+    if resume:
+        return f"interrupted (Ctrl-C) {resume}"
     where = f": {output_dir} holds an unfinished run (no summary.json)" if output_dir else ""
     return f"interrupted (Ctrl-C){where}"
 
@@ -57,6 +60,9 @@ def federate_job(cfg: DictConfig) -> float | None:
     output_dir = hydra_cfg.runtime.output_dir
     try:
         return run(cfg, output_dir)["overall"]
+    except Interrupted as e:  # during the rounds: the checkpoint is on disk
+        log.error("%s", interrupted_message(output_dir, str(e)))
+        sys.exit(INTERRUPTED)
     except ConfigError as e:
         message = str(e)
     except OSError as e:

@@ -9,7 +9,8 @@
   that can be written; otherwise one line names it and the process exits with status 2 (Hydra would
   otherwise fail with a traceback when it creates the folder or opens the job's log file).
 - A folder that holds a run (summary.json or history.jsonl, anywhere under a sweep's folder) is refused the
-  same way, before Hydra writes the job's .hydra/ files over the finished run's.
+  same way, before Hydra writes the job's .hydra/ files over the finished run's; a single run's folder with a
+  checkpoint and no summary is an interrupted run, which the same command resumes.
 - A single run refused before it wrote anything takes away the folder this process created for it
   (`remove_unused_run_folder`), so that no empty run folder is left for the report to list.
 - After a sweep, the jobs of this sweep without a fresh summary.json (a failed job logs its one-line error
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 SWEEP_FAILED = 1  # some jobs of a sweep failed (the others wrote their summaries)
 BAD_OUTPUT = 2  # as for any error in settings or inputs
 RUN_FILES = ("summary.json", "history.jsonl")  # a folder holding one of these holds a run
+CHECKPOINT = "checkpoint.json"  # federate/checkpoint.py's: beside history.jsonl, the run can be resumed
 HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "federate.log"}  # a job's own
 created_for_run: dict[Path, Path] = {}  # run folder -> the topmost folder on_run_start created for it
 
@@ -53,7 +55,7 @@ def check_output_folder(config: DictConfig, key: str) -> Path | None:
         return None
     path = Path(str(folder)).absolute()
     held = next((p for name in RUN_FILES for p in ([path / name] if key == "hydra.run.dir" else path.rglob(name))
-                 if p.is_file()), None)
+                 if p.is_file() and not resumable(p)), None)
     if held:
         error(f"{path} already holds a run ({held.relative_to(path)}); give this run its own folder "
               f"({key}=...) or move the old one away", BAD_OUTPUT)
@@ -67,6 +69,13 @@ def check_output_folder(config: DictConfig, key: str) -> Path | None:
         reason = f"{file} is a file, not a folder" if file else f"{e.strerror or e} ({e.filename or path})"
         error(f"cannot write the output folder {path}: {reason}; set {key}=<a folder you can write>", BAD_OUTPUT)
     return created
+
+
+def resumable(run_file: Path) -> bool:
+    """A single run's history beside its checkpoint: an interrupted run that this command may resume (the
+    run itself refuses another config, federate/checkpoint.py). A finished run (summary.json) never is."""
+    return run_file.name == "history.jsonl" and (run_file.parent / CHECKPOINT).is_file() \
+        and not (run_file.parent / "summary.json").exists()
 
 
 def remove_unused_run_folder(folder: Path) -> None:

@@ -41,8 +41,8 @@ log = logging.getLogger("federate")
 PARTS = ("val", "test", "target")
 
 
-class Interrupted(ConfigError):
-    """Ctrl-C or SIGTERM: one line saying how to resume."""
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during the rounds; the message says how to resume."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class Federation:
                     sampled = self.sample(r)
                     self.end_round(r, sampled, backend.train(self, r, sampled), backend)
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted after round {self.done} of {self.rounds}; resume with: "
+            raise Interrupted(f"after round {self.done} of {self.rounds}; resume with: "
                               f"{resume_command(self.output_dir)}") from None
         finally:
             self.runlog.close()

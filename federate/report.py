@@ -2,7 +2,8 @@
 
 Searches <dir> recursively for summary.json and writes to <dir>/report/: report.md (every table, what was
 picked and what was left out), per_round.csv (every run's per-round, per-client metrics), and one folder
-per table set, <dataset>__<model>[__cache-<id>][__splits-<id>]/, with the generalization, personalization
+per table set, <dataset>__<model>/ (with __cache-<id> and __splits-<id> when other caches or splits of the
+same dataset and model are in the folder), with the generalization, personalization
 and overall tables as CSV and, with matplotlib (pip install -e '.[plot]'), accuracy_per_round.png and
 cost.png. Accuracies are in percent; cells are mean ± standard error over seeds, with the number of seeds.
 
@@ -29,7 +30,7 @@ import math
 import re
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,9 +160,12 @@ def table_sets(runs: list[dict]) -> list[TableSet]:
         match.runs.append(s)
     sets.sort(key=lambda t: (t.dataset, t.model, t.identity or "", t.splits or ""))
     used = {}
+    plain = Counter(f"{slug(t.dataset)}__{slug(t.model)}".lower() for t in sets)
     for t in sets:
-        name = "__".join([slug(t.dataset), slug(t.model), *([f"cache-{t.identity[:8]}"] if t.identity else []),
-                          *([f"splits-{t.splits[:8]}"] if t.splits else [])])
+        name = f"{slug(t.dataset)}__{slug(t.model)}"
+        if plain[name.lower()] > 1:  # other caches or splits of the same (dataset, model): say which
+            name = "__".join([name, *([f"cache-{t.identity[:8]}"] if t.identity else []),
+                              *([f"splits-{t.splits[:8]}"] if t.splits else [])])
         folder, n = name, 1
         while folder.lower() in used:  # the same names, other content (a cache rebuilt at the same path)
             n += 1

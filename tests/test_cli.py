@@ -218,10 +218,11 @@ def interrupted(tmp_path, package, module, function, *argv):
 
 
 def test_ctrl_c_in_a_federate_run_is_one_line(planted_cache, tmp_path):
-    proc = interrupted(tmp_path, "federate", "run", "end_round", f"cache_file={planted_cache}",
+    proc = interrupted(tmp_path, "federate", "federation", "check_finite", f"cache_file={planted_cache}",
                        "model.name=fedclip/planted", "target_domain=target", f"hydra.run.dir={tmp_path}/o")
     line = one_error_line(proc, status=130)
-    assert line.endswith(f"interrupted (Ctrl-C): {tmp_path}/o holds an unfinished run (no summary.json)")
+    assert "interrupted (Ctrl-C) after round 0 of 200; resume with: python -m federate " in line
+    assert f"hydra.run.dir={tmp_path}/o" in line
 
 
 def test_ctrl_c_in_an_extraction_is_one_line_saying_how_to_resume(image_root, tiny_model, tmp_path):

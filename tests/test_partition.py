@@ -99,7 +99,8 @@ def test_a_run_writes_the_clients_splits_and_split_file_replays_them(planted_cac
                      "partition.alpha=0.5", rounds=2)
     written = json.loads((tmp_path / "a" / "splits.json").read_text())
     assert sorted(written) == sorted(f"{d}/{k}" for d in PARTICIPANTS for k in range(3))
-    assert sorted(a["participants"]) == sorted(written)
+    assert sorted(a["clients"]) == sorted(a["personalization"]) == sorted(written)
+    assert sorted(a["participants"]) == PARTICIPANTS  # the domains
     # replayed with other partition settings and another seed: the file decides
     run_federate(planted_cache, tmp_path / "b", "seed=7", f"split_file={tmp_path / 'a' / 'splits.json'}", rounds=2)
     assert json.loads((tmp_path / "b" / "splits.json").read_text()) == written

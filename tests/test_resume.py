@@ -99,7 +99,7 @@ def test_a_sigkilled_run_resumes_with_the_same_command_and_ctrl_c_says_how(small
     stopped = federate_cli(small_cache, out)
     kill_after_round(stopped, out, 4, signal.SIGINT)  # Ctrl-C
     lines = [line for line in stopped.stdout.read().splitlines() if "resume with" in line]
-    assert stopped.returncode == 2 and len(lines) == 1, lines
+    assert stopped.returncode == 130 and len(lines) == 1, lines
     assert f"hydra.run.dir={out}" in lines[0] and "engine=plain" in lines[0] and "Traceback" not in lines[0]
 
     resumed = federate_cli(small_cache, out)

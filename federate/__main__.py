@@ -46,10 +46,9 @@ def one_line(message: str) -> str:
     return " ".join(message.split()) if "\n" in message else message
 
 
-def interrupted_message(output_dir: str | None, resume: str | None = None) -> str:
-    """What Ctrl-C leaves behind, in one line: how to resume a run stopped during its rounds."""
-    if resume:
-        return f"interrupted (Ctrl-C) {resume}"
+def interrupted_message(output_dir: str | None) -> str:
+    """What Ctrl-C outside the rounds leaves behind, in one line (during the rounds, federate.federation
+    says how to resume)."""
     where = f": {output_dir} holds an unfinished run (no summary.json)" if output_dir else ""
     return f"interrupted (Ctrl-C){where}"
 
@@ -61,7 +60,7 @@ def federate_job(cfg: DictConfig) -> float | None:
     try:
         return run(cfg, output_dir)["overall"]
     except Interrupted as e:  # during the rounds: the checkpoint is on disk
-        log.error("%s", interrupted_message(output_dir, str(e)))
+        log.error("%s", e)
         sys.exit(INTERRUPTED)
     except ConfigError as e:
         message = str(e)

@@ -155,7 +155,7 @@ class Federation:
                     sampled = self.sample(r)
                     self.end_round(r, sampled, backend.train(self, r, sampled), backend)
         except KeyboardInterrupt:
-            raise Interrupted(f"after round {self.done} of {self.rounds}; resume with: "
+            raise Interrupted(f"interrupted after round {self.done} of {self.rounds}; resume with: "
                               f"{resume_command(self.output_dir)}") from None
         finally:
             self.runlog.close()

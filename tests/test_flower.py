@@ -44,9 +44,9 @@ def flower_cfg(cache_file, out, *extra):
                                "rounds=3", "lr=1e-3", "flower.round_timeout=30", "flower.startup_timeout=10", *extra])
 
 
-def in_process(cache_file, out, rounds=3):
+def in_process(cache_file, out, rounds=3, *overrides):
     cfg = config("federate", [f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
-                              f"rounds={rounds}", "lr=1e-3"])
+                              f"rounds={rounds}", "lr=1e-3", *overrides])
     return run(cfg, out)
 
 
@@ -188,11 +188,17 @@ def test_below_min_clients_the_run_stops_keeping_what_it_recorded(cache_file, tm
 
 
 def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, tmp_path):
+    """One SuperNode per client: two IID clients per domain, four of the six sampled each round."""
+    clients = ("partition=iid", "partition.clients_per_domain=2", "clients_per_round=4")
     proc = run_cli("federate", "backend=flower", f"cache_file={cache_file}", "model.name=fedclip/planted",
-                   "target_domain=target", "rounds=3", "lr=1e-3", f"hydra.run.dir={tmp_path}/sim", cwd=tmp_path,
-                   timeout=240)
+                   "target_domain=target", "rounds=3", "lr=1e-3", *clients, f"hydra.run.dir={tmp_path}/sim",
+                   cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    same_results(json.loads((tmp_path / "sim" / "summary.json").read_text()), in_process(cache_file, tmp_path / "l"))
+    simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert len(simulated["personalization"]) == 6 and simulated["clients_per_round"] == 4
+    same_results(simulated, in_process(cache_file, tmp_path / "l", 3, *clients))
+    rows = [json.loads(line) for line in (tmp_path / "sim" / "history.jsonl").read_text().splitlines()]
+    assert [len(r["sampled"]) for r in rows] == [4, 4, 4]
     # quiet: Flower's debug lines and deprecation notice, alembic's and Ray's warnings go to the log file only
     noise = ("alembic", "DEPRECATED", "[flwr][DEBUG]", "FutureWarning", "Manually terminating")
     assert not [line for line in proc.stdout.splitlines() if any(n in line for n in noise)], proc.stdout[-3000:]

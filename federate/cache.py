@@ -91,6 +91,14 @@ def load_cache(path: str | Path, model_name: str | None = None, domains: tuple[s
     return cache
 
 
+def folder_fingerprint(folder) -> str:
+    """The content fingerprint of a local model folder (its weights and configs), or one line why not."""
+    try:
+        return model_fingerprint(folder)
+    except OSError as e:
+        raise ConfigError(f"cannot fingerprint the model folder {folder}: {e}") from None
+
+
 def check_model(cache: EmbeddingCache, model_name: str, path) -> None:
     """Share by what the cache is: same weights (by fingerprint) or the same hub id; else one line."""
     if is_local_model(model_name):
@@ -98,10 +106,7 @@ def check_model(cache: EmbeddingCache, model_name: str, path) -> None:
             raise ConfigError(f"{path} records no model fingerprint (an older fedclip wrote it), so it cannot be "
                               f"checked against the weights in {model_name}; rebuild it with {REBUILD}, or pass "
                               f"model.name={cache.model_name}")
-        try:
-            mine = model_fingerprint(model_name)
-        except OSError as e:
-            raise ConfigError(f"cannot fingerprint the model folder {model_name}: {e}") from None
+        mine = folder_fingerprint(model_name)
         if mine != cache.model_fingerprint:
             raise ConfigError(f"{path} was built with model {cache.model_name!r} ({short(cache.model_fingerprint)}), "
                               f"but the weights in {model_name} differ ({short(mine)}); pass model.name={cache.model_name} "

@@ -315,17 +315,16 @@ def model_folder(cache, model_cfg) -> Path:
 
 def load_for_cache(cache, model_cfg) -> PromptModel:
     """The text encoder of `model.name`, whose weights must be the cache's (`model_fingerprint`)."""
-    from extract.identity import model_fingerprint, short
+    from extract.identity import short
+
+    from .cache import folder_fingerprint
 
     folder = model_folder(cache, model_cfg)
     if not cache.model_fingerprint:
         raise ConfigError(f"{cache.path} records no model fingerprint (an older fedclip wrote it), so adapter=coop "
                           "cannot check its text encoder against the cache; rebuild it (python -m extract ... "
                           "overwrite=true)")
-    try:
-        mine = model_fingerprint(folder)
-    except OSError as e:
-        raise ConfigError(f"cannot fingerprint the model folder {folder}: {e}") from None
+    mine = folder_fingerprint(folder)
     if mine != cache.model_fingerprint:
         raise ConfigError(f"{cache.path} was built with other weights ({short(cache.model_fingerprint)}) than those "
                           f"of model.name={model_cfg.name} ({short(mine)}); adapter=coop needs the cache's own model: "

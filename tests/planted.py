@@ -67,3 +67,29 @@ def planted(sizes: dict[str, int], classes=5, dim=64, style_dims=16, signal=1.0,
         x[np.arange(n), y] += signal * 4
         domains[name] = (x + 1.0, y)  # a positive shift keeps g(x) * x informative
     return domains, text
+
+
+def corrupt(good, tmp_path, edit, name="bad.h5"):
+    """A copy of the cache `good` in tmp_path, changed in place by `edit(h5py.File)`."""
+    import shutil
+
+    path = tmp_path / name
+    shutil.copy(good, path)
+    with h5py.File(path, "a") as f:
+        edit(f)
+    return path
+
+
+def refused(path, *match, **kw) -> str:
+    """federate's load_cache refuses `path` in one line holding every `match`; the line."""
+    import pytest
+
+    from federate.cache import _load, load_cache
+    from federate.errors import ConfigError
+
+    _load.cache_clear()
+    with pytest.raises(ConfigError) as e:
+        load_cache(path, **kw)
+    text = str(e.value)
+    assert "\n" not in text and all(m in text for m in match), text
+    return text

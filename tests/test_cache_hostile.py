@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, run_federate
-from planted import planted, write_cache
+from planted import corrupt, planted, refused, write_cache
 
 from extract import info
 from extract.identity import buffer_sha256, identity_sha256
@@ -28,23 +27,6 @@ def caches(tmp_path_factory):
     good = write_cache(folder / "good.h5", domains, text)
     other = write_cache(folder / "other.h5", *planted({"a": 30, "b": 20}, classes=4, dim=24, seed=5))
     return good, other
-
-
-def variant(good, tmp_path, edit, name="bad.h5"):
-    path = tmp_path / name
-    shutil.copy(good, path)
-    with h5py.File(path, "a") as f:
-        edit(f)
-    return path
-
-
-def refused(path, *match, **kw) -> str:
-    _load.cache_clear()
-    with pytest.raises(ConfigError) as e:
-        load_cache(path, **kw)
-    text = str(e.value)
-    assert "\n" not in text and all(m in text for m in match), text
-    return text
 
 
 def info_says(path, capsys, code, *match):
@@ -111,7 +93,7 @@ def test_a_cache_that_reads_other_files_is_refused(caches, tmp_path, capsys, kin
     good, other = caches
     edit = {"external link": external_link(other), "virtual dataset": virtual_labels(other),
             "external file": external_raw(tmp_path / "outside.bin"), "soft link": soft_link}[kind]
-    path = variant(good, tmp_path, edit)
+    path = corrupt(good, tmp_path, edit)
     text = refused(path, "a cache must hold all its data itself")
     assert kind.split()[0] in text
     info_says(path, capsys, 2, "a cache must hold all its data itself")
@@ -121,7 +103,7 @@ def test_external_raw_storage_cannot_show_another_file_as_ids(caches, tmp_path, 
     def passwd_as_ids(f):
         del f["domains/b/ids"]
         f.create_dataset("domains/b/ids", shape=(20,), dtype="S16", external=[("/etc/passwd", 0, 320)])
-    path = variant(caches[0], tmp_path, passwd_as_ids)
+    path = corrupt(caches[0], tmp_path, passwd_as_ids)
     text = info_says(path, capsys, 2, "stored in the external file /etc/passwd")
     assert "root:" not in text and "/bin/" not in text
     refused(path, "/etc/passwd")
@@ -130,7 +112,7 @@ def test_external_raw_storage_cannot_show_another_file_as_ids(caches, tmp_path, 
 def test_links_to_a_fifo_or_a_fifo_never_hang(caches, tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    path = variant(caches[0], tmp_path, lambda f: f.__setitem__("text/extra", h5py.ExternalLink(str(fifo), "/x")))
+    path = corrupt(caches[0], tmp_path, lambda f: f.__setitem__("text/extra", h5py.ExternalLink(str(fifo), "/x")))
     code = ("import sys\nfrom federate.cache import load_cache\nfrom federate.errors import ConfigError\n"
             "for p in sys.argv[1:]:\n    try:\n        load_cache(p)\n    except ConfigError as e:\n        print(e)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -152,7 +134,7 @@ def declare_huge(f, name="domains/b/labels", shape=(2 ** 40,), dtype=np.int64):
 
 
 def test_a_small_file_declaring_huge_datasets_is_refused_before_reading(caches, tmp_path, capsys):
-    path = variant(caches[0], tmp_path, declare_huge)
+    path = corrupt(caches[0], tmp_path, declare_huge)
     assert path.stat().st_size < 100_000
     refused(path, "/domains/b/labels of shape [1099511627776], not [20]")
     info_says(path, capsys, 1, "/domains/b/labels of shape [1099511627776], not [20]")
@@ -161,7 +143,7 @@ def test_a_small_file_declaring_huge_datasets_is_refused_before_reading(caches, 
         for name, shape, dtype in (("ids", (2 ** 40,), h5py.string_dtype()), ("labels", (2 ** 40,), np.int64),
                                    ("image_embeddings", (2 ** 40, 24), np.float32)):
             declare_huge(f, f"domains/b/{name}", shape, dtype)
-    path = variant(caches[0], tmp_path, all_huge, "all.h5")
+    path = corrupt(caches[0], tmp_path, all_huge, "all.h5")
     refused(path, "declares /domains/b/ids of shape [1099511627776]", "stores only 0 bytes")
     info_says(path, capsys, 1, "declares /domains/b/ids of shape [1099511627776]")
 
@@ -173,7 +155,7 @@ def test_a_small_file_declaring_huge_datasets_is_refused_before_reading(caches, 
     ("text/embeddings", np.ones((1, 3, 24), np.float32), "/text/embeddings of shape [1, 3, 24], not [N, 4, 24]"),
 ])
 def test_dtypes_and_shapes_are_checked(caches, tmp_path, capsys, name, data, match):
-    path = variant(caches[0], tmp_path, replace(name, data))
+    path = corrupt(caches[0], tmp_path, replace(name, data))
     refused(path, match)
     info_says(path, capsys, 1, match)
 
@@ -183,7 +165,7 @@ def test_a_compressed_cache_is_still_read(caches, tmp_path):
         x = f["domains/a/image_embeddings"][()]
         replace("domains/a/image_embeddings", x, compression="gzip")(f)
     _load.cache_clear()
-    assert load_cache(variant(caches[0], tmp_path, compress)).domains["a"].features.shape == (30, 24)
+    assert load_cache(corrupt(caches[0], tmp_path, compress)).domains["a"].features.shape == (30, 24)
 
 
 # --- attributes have their types, names stay inside their folder ------------------------------------------
@@ -203,7 +185,7 @@ def test_a_compressed_cache_is_still_read(caches, tmp_path):
     ("embed_dim", 0, "embed_dim = 0, not a positive integer"),
 ])
 def test_mistyped_attributes_and_path_like_names_are_refused(caches, tmp_path, capsys, key, value, match):
-    path = variant(caches[0], tmp_path, set_attr(key, value))
+    path = corrupt(caches[0], tmp_path, set_attr(key, value))
     refused(path, match)
     info_says(path, capsys, 1, match)
 
@@ -225,7 +207,7 @@ def zero_row(f):
     (zero_row, "all-zero embedding (id 'a/00002')"),
 ])
 def test_unusable_vectors_and_scales_are_refused(caches, tmp_path, capsys, edit, match):
-    path = variant(caches[0], tmp_path, edit)
+    path = corrupt(caches[0], tmp_path, edit)
     refused(path, match)
     info_says(path, capsys, 1, match)
 

@@ -12,13 +12,12 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT
-from planted import planted, write_cache
+from planted import corrupt, planted, refused, write_cache
 
 from extract import info
 from extract.cache import default_cache_path as extract_default_path
 from extract.identity import buffer_sha256, identity_sha256, model_fingerprint, strings_sha256
 from federate.cache import _load, default_cache_path, load_cache
-from federate.errors import ConfigError
 
 PACS_SIZES = {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}
 
@@ -27,23 +26,6 @@ PACS_SIZES = {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 39
 def good(tmp_path_factory):
     domains, text = planted({"a": 30, "b": 20}, classes=4, dim=24)
     return write_cache(tmp_path_factory.mktemp("verify") / "good.h5", domains, text)
-
-
-def corrupt(good, tmp_path, edit, name="bad.h5"):
-    path = tmp_path / name
-    shutil.copy(good, path)
-    with h5py.File(path, "a") as f:
-        edit(f)
-    return path
-
-
-def refused(path, *match, **kw):
-    _load.cache_clear()
-    with pytest.raises(ConfigError) as e:
-        load_cache(path, **kw)
-    text = str(e.value)
-    assert "\n" not in text and all(m in text for m in match), text
-    return text
 
 
 def flip_a_float(f):

@@ -212,6 +212,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_all(procs) -> None:
+    """Stop Flower processes started in their own process groups (with what they started)."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=30)
+
+
 def wait_for(predicate, seconds: float, what: str):
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -248,12 +258,7 @@ def deployment(tmp_path_factory, cache_file):
         wait_for(lambda: log_of("superlink").count("Activated node_id") >= 3, 90, "3 SuperNodes to register")
         yield {"env": env, "home": home, "procs": procs, "log_of": log_of}
     finally:
-        for p in procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=30)
+        kill_all(procs.values())
 
 
 def flwr_run(deployment, out: Path, *overrides):

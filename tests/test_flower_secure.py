@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ pytest.importorskip("flwr", reason="needs Flower: pip install -e '.[flower]'")
 pytestmark = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
                                 reason="needs openssl (TLS certificates) and ssh-keygen (SuperNode keys)")
 
-from test_flower import free_port, wait_for  # noqa: E402
+from test_flower import free_port, kill_all, wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -67,12 +66,7 @@ def secure_superlink(tmp_path):
         wait_for(lambda: "Uvicorn running on https://127.0.0.1" in log_of("superlink"), 30, "the SuperLink")
         yield {"env": env, "port": port, "folder": tmp_path, "start": start, "log_of": log_of}
     finally:
-        for p in procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=30)
+        kill_all(procs.values())
 
 
 def flwr_json(link, *args) -> dict:

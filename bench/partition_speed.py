@@ -74,21 +74,20 @@ def timed_rounds(cfg, out: Path, rounds: int):
     """(seconds per whole round, seconds per round of local training alone, the point) of a fresh run."""
     from federate import methods, strategy
     from federate.engine import ClientSets, make_trainer
-    from federate.run import federate, generators, setup
+    from federate.run import CachedBackend, generators, setup
 
     out.mkdir(parents=True)
     point = setup(cfg, methods.get(cfg.method.name), out, progress=False)
     t = time.perf_counter()
-    federate(point)
+    point.federation.run(CachedBackend(point))
     whole = (time.perf_counter() - t) / rounds
     trainer = make_trainer(cfg.engine, point.adapter, ClientSets(*zip(*point.train_sets)), point.text,
                            point.cache.logit_scale, point.settings)
-    stacked = strategy.stack(point.global_state, len(point.train_sets))
+    stacked = strategy.stack(point.federation.global_state, len(point.train_sets))
     t = time.perf_counter()
     for r in range(rounds):
-        trainer.train(stacked, int(cfg.local_epochs), generators(point, r + 1))
+        trainer.train(stacked, int(cfg.local_epochs), generators(point, r + 1, point.federation.units))
     train = (time.perf_counter() - t) / rounds
-    point.runlog.close()
     return whole, train, point
 
 

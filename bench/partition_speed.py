@@ -56,8 +56,8 @@ def round_flops(point) -> float:
     training row, its forward and the class logits (d x C) on every evaluated row (validation, and test
     and target, which a round that improves evaluates: the first round always does)."""
     d, C = point.cache.embed_dim, len(point.cache.class_names)
-    train = sum(len(c.train[1]) for c in point.clients) * int(point.cfg.local_epochs)
-    evaluated = sum(len(c.val[1]) + len(c.test[1]) for c in point.clients) + len(point.target_set[1])
+    train = sum(len(c.train) for c in point.clients) * int(point.cfg.local_epochs)
+    evaluated = sum(len(c.val) + len(c.test) for c in point.clients) + len(point.target_set)
     return train * 5 * 2 * d * d + evaluated * (2 * 2 * d * d + 2 * d * C)
 
 
@@ -81,7 +81,7 @@ def timed_rounds(cfg, out: Path, rounds: int):
     t = time.perf_counter()
     point.federation.run(CachedBackend(point))
     whole = (time.perf_counter() - t) / rounds
-    trainer = make_trainer(cfg.engine, point.adapter, ClientSets(*zip(*point.train_sets)), point.text,
+    trainer = make_trainer(cfg.engine, point.adapter, ClientSets(point.train_sets), point.text,
                            point.cache.logit_scale, point.settings)
     stacked = strategy.stack(point.federation.global_state, len(point.train_sets))
     t = time.perf_counter()
@@ -101,7 +101,7 @@ def many_clients(tmp: Path, repeats: int, rounds: int) -> None:
             whole, train, point = timed_rounds(cfg, tmp / f"pacs_{len(overrides)}_{repeat}", rounds)
             old = best.get(name, (whole, train))
             best[name] = (min(whole, old[0]), min(train, old[1]))
-            sizes[name] = (len(point.clients), sum(len(c.train[1]) for c in point.clients))
+            sizes[name] = (len(point.clients), sum(len(c.train) for c in point.clients))
             points[name] = point
     base = best["domain (3 clients)"]
     text, small, large = floors(points["domain (3 clients)"])

@@ -81,7 +81,7 @@ def cached_step(clip, tokenizer, names: list[str], device):
     adapter.attach(PromptModel(encoder, tokenizer, Path("memory")), [n.replace("_", " ").lower() for n in names])
     x = torch.randn(BATCH, clip.config.projection_dim, device=device)
     y = torch.randint(0, len(names), (BATCH,), device=device)
-    trainer = adapter.trainer(adapter, ClientSets([x], [y]), torch.zeros(len(names), x.shape[1], device=device),
+    trainer = adapter.trainer(adapter, ClientSets.of_tensors([x], [y]), torch.zeros(len(names), x.shape[1], device=device),
                               100.0, TrainSettings(lr=0.002, loss="ce"))
     state = {"ctx": (torch.randn(1, N_CTX, encoder.width) * 0.02).to(device)}
     generator = client_generator(0, "bench", 1)

@@ -33,9 +33,10 @@ REBUILD = "the python -m extract command that built it, plus overwrite=true"
 
 @dataclass(frozen=True)
 class DomainData:
-    features: np.ndarray  # float32 [N, D], raw projected CLIP image embeddings
-    labels: np.ndarray  # int64 [N]
+    features: np.ndarray  # float32 [N, D], raw projected CLIP image embeddings (a view of the cache's `features`)
+    labels: np.ndarray  # int64 [N] (a view of the cache's `labels`)
     ids: tuple[str, ...]
+    start: int = 0  # the domain's first row in the cache's `features` and `labels`
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class EmbeddingCache:
     identity_sha256: str = ""  # sha256 of the identity attributes (model, dataset, domains, classes, prompts)
     checksums: dict = field(default_factory=dict)  # HDF5 dataset path -> sha256 of what was read and verified
     verify_seconds: float = 0.0  # time spent reading and verifying (the first load of this process)
+    # every loaded domain's rows, one after another (DomainData.start): clients and evaluation index these
+    # rows instead of copying them, so a run holds the embeddings once
+    features: np.ndarray | None = None  # float32 [N, D]
+    labels: np.ndarray | None = None  # int64 [N]
 
 
 def default_cache_path(cache_dir: str, dataset_name: str, model_name_or_path: str) -> Path:
@@ -127,12 +132,17 @@ def _mismatch(path: str, what: str) -> ConfigError:
                        f"written; get a fresh copy or rebuild it: {REBUILD}")
 
 
-def _verified(ds: h5py.Dataset, path: str, strings: bool = False):
-    """Read a dataset and check it against its sha256 attribute."""
+def _verified(ds: h5py.Dataset, path: str, strings: bool = False, out: np.ndarray | None = None):
+    """Read a dataset and check it against its sha256 attribute (of the bytes as stored). With `out`, the
+    values land there (converted to its dtype) and `out` is returned."""
     expected = ds.attrs.get("sha256")
     if expected is None:
         raise _stale(path, ds.name)
-    data = ds[()]
+    if out is not None and ds.dtype == out.dtype and ds.size:
+        ds.read_direct(out)  # straight into the pooled array: no second copy
+        data = out
+    else:
+        data = ds[()]
     if strings:
         data = [s.decode() if isinstance(s, bytes) else str(s) for s in np.atleast_1d(data)]
         actual = strings_sha256(data)
@@ -140,6 +150,9 @@ def _verified(ds: h5py.Dataset, path: str, strings: bool = False):
         actual = buffer_sha256(np.ascontiguousarray(data))
     if actual != (expected.decode() if isinstance(expected, bytes) else str(expected)):
         raise _mismatch(path, ds.name)
+    if out is not None and data is not out:
+        out[...] = data
+        return out
     return data
 
 
@@ -180,16 +193,20 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
     check_declared(f["text/logit_scale"], "float", ())
     text = _verified(f["text/embeddings"], path).astype(np.float32, copy=False)
     logit_scale = check_text(text, _verified(f["text/logit_scale"], path))
-    domains = {}
-    for name in names:
-        if only is not None and name not in only:
-            continue
+    wanted = [name for name in names if only is None or name in only]
+    sizes = [_domain_size(f, path, name, embed_dim) for name in wanted]
+    features = np.empty((sum(sizes), embed_dim), dtype=np.float32)  # every domain's rows, read in place
+    labels = np.empty(sum(sizes), dtype=np.int64)
+    domains, start = {}, 0
+    for name, n in zip(wanted, sizes):
+        rows = slice(start, start + n)
         try:
-            domains[name] = _read_domain(f, path, name, len(class_names), embed_dim)
+            domains[name] = _read_domain(f, path, name, len(class_names), features[rows], labels[rows], start)
         except EmptyDomainError as e:  # rebuilding the same cache would not help
             others = ",".join(d for d in names if d != name)
             raise ConfigError(f"{e}; extract the cache again with images in every domain, or without this one "
                               f"(dataset.domains=[{others}])") from None
+        start += n
     return EmbeddingCache(
         path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
         embed_dim=embed_dim, class_names=class_names, text=text, logit_scale=logit_scale,
@@ -197,7 +214,7 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
         model_fingerprint=str(a.get("model_fingerprint", "")), identity_sha256=str(a["identity_sha256"]),
         checksums=_checksums(f, ["text/embeddings", "text/logit_scale",
                                  *(f"domains/{d}/{k}" for d in domains for k in ("image_embeddings", "labels", "ids"))]),
-        verify_seconds=time.perf_counter() - t0)
+        verify_seconds=time.perf_counter() - t0, features=features, labels=labels)
 
 
 def _checksums(f: h5py.File, names: list[str]) -> dict[str, str]:
@@ -209,7 +226,8 @@ def _checksums(f: h5py.File, names: list[str]) -> dict[str, str]:
     return out
 
 
-def _read_domain(f: h5py.File, path: str, name: str, num_classes: int, embed_dim: int) -> DomainData:
+def _domain_size(f: h5py.File, path: str, name: str, embed_dim: int) -> int:
+    """A domain's row count, once its datasets declare the shapes and types the schema allows."""
     if f"domains/{name}" not in f:
         raise ConfigError(f"domain {name} is listed in {path} but has no /domains/{name} group; rebuild it with "
                           f"{REBUILD}")
@@ -218,8 +236,15 @@ def _read_domain(f: h5py.File, path: str, name: str, num_classes: int, embed_dim
     n = g["ids"].shape[0]
     check_declared(g["labels"], "int", (n,))
     check_declared(g["image_embeddings"], "float", (n, embed_dim))
-    feats = _verified(g["image_embeddings"], path).astype(np.float32, copy=False)  # read fresh: no copy needed
-    labels = _verified(g["labels"], path).astype(np.int64, copy=False)
+    return n
+
+
+def _read_domain(f: h5py.File, path: str, name: str, num_classes: int, features: np.ndarray, labels: np.ndarray,
+                 start: int) -> DomainData:
+    """Read and verify a domain into its rows of the pooled arrays (`features`, `labels`: views)."""
+    g = f[f"domains/{name}"]
+    feats = _verified(g["image_embeddings"], path, out=features)
+    labels = _verified(g["labels"], path, out=labels)
     ids = tuple(_verified(g["ids"], path, strings=True))
     check_domain(name, feats, labels, ids, num_classes, path)
-    return DomainData(feats, labels, ids)
+    return DomainData(feats, labels, ids, start)

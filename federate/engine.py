@@ -31,6 +31,8 @@ from .adapters import Adapter
 from .adapters import attai
 from .errors import ConfigError
 from .losses import ce_grad, contrastive_grad, in_batch_loss, masked_loss
+from .rows import Rows, concat, pooled
+from .strategy import WeightedSum
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ def autocast(precision: str, device: torch.device | str):
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size + (n % batch_size >= 2)
+
+
+def one_step(n: int, batch_size: int, epochs: int) -> bool:
+    """Whether a client of n rows trains one step a round (a client smaller than a batch, one epoch)."""
+    return epochs * batches_per_epoch(n, min(batch_size, max(2, n))) == 1
 
 
 def client_generator(seed: int, client: str, round_: int | str) -> torch.Generator:
@@ -112,37 +119,57 @@ def first_adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], m: li
         p.addcdiv_(g, denom, value=-s.lr)
 
 
+def fold_first_adam_step(grads: list[torch.Tensor], scratch: list[torch.Tensor], total: list[torch.Tensor],
+                         weight: float, s: TrainSettings) -> None:
+    """A client whose round is one step: `total += weight * (its adapter after torch's first Adam step)`, less
+    `weight * (the adapter it started from)`, which the caller adds once for all such clients, without
+    writing the adapter: `total -= weight * lr * g / (|g| + eps)`, `first_adam_step`'s closed form (`grads`:
+    with the weight decay already added; `scratch` is overwritten)."""
+    for g, denom, t in zip(grads, scratch, total):
+        t.addcdiv_(g, torch.abs(g, out=denom).add_(s.eps), value=-weight * s.lr)
+
+
 def is_stacked(anchor, state) -> bool:
     """Whether a FedProx anchor holds one adapter per client ([K, ...], like the stacked state)."""
     return anchor is not None and any(anchor[q].dim() == state[q].dim() for q in state)
 
 
 class ClientSets:
-    """Participants' training rows on the device (largest client first). The lock-step engines read them
-    concatenated (`x`, `y`, `offsets`: built on first use), the sequential engine one client at a time
-    (`client(i)`: views, no copy), so a run keeps one copy of its training rows."""
+    """Participants' training rows, largest client first: `Rows` of one pool of embeddings
+    (federate/rows.py), so a run holds its embeddings once. The lock-step engines gather each chunk of
+    batches from the pool (`global_rows` maps a schedule's row numbers to pool rows); the sequential engine
+    trains one client at a time (`client(i)`)."""
 
-    def __init__(self, features: list[torch.Tensor], labels: list[torch.Tensor]):
-        self.features, self.labels = list(features), list(labels)
-        self.sizes = [len(f) for f in self.features]
+    def __init__(self, sets: list[Rows]):
+        self.sets = list(sets)
+        self.sizes = [len(s) for s in self.sets]
         if self.sizes != sorted(self.sizes, reverse=True):
             raise ValueError("clients must be ordered by training-set size, largest first")
-        self.device = self.features[0].device
+        first = self.sets[0]
+        if not all(s.shares_pool(first) for s in self.sets):
+            raise ValueError("clients' rows must index one pool of embeddings (federate.rows.pooled)")
+        self.x, self.y, self.device = first.x, first.y, first.device
+
+    @classmethod
+    def of_tensors(cls, features: list[torch.Tensor], labels: list[torch.Tensor]) -> "ClientSets":
+        """Clients given as separate tensors (tests, one-off sets), pooled once."""
+        return cls(pooled(features, labels))
 
     @cached_property
-    def x(self) -> torch.Tensor:
-        return self.features[0] if len(self.features) == 1 else torch.cat(self.features)
-
-    @cached_property
-    def y(self) -> torch.Tensor:
-        return self.labels[0] if len(self.labels) == 1 else torch.cat(self.labels)
+    def order(self) -> torch.Tensor:
+        """Every client's pool rows, one client after another."""
+        return concat(self.sets).index
 
     @cached_property
     def offsets(self) -> torch.Tensor:
         return torch.tensor([0] + self.sizes[:-1]).cumsum(0).to(self.device)
 
+    def global_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Pool rows (on the device) of a schedule's row numbers `local` [S, K, B] (each client's own)."""
+        return self.order[(local + self.offsets.cpu()[None, :, None]).to(self.device)]
+
     def client(self, i: int) -> "ClientSets":
-        return ClientSets([self.features[i]], [self.labels[i]])
+        return ClientSets([self.sets[i]])
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -178,6 +205,11 @@ class LockstepTrainer:
         (ok [k, B]: valid rows, or None when no row is padding); `step` indexes the chunk given to `prepare`."""
         raise NotImplementedError
 
+    def batch_size(self) -> int:
+        """The settings' batch size, or the largest client's rows when fewer (at least 2): a client smaller
+        than a batch trains on one batch of all its rows either way, and needs no padding rows."""
+        return min(self.settings.batch_size, max(2, max(self.clients.sizes)))
+
     @torch.inference_mode()  # no autograd bookkeeping outside the gradient functions: ~10% faster
     def train(self, state: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
               anchor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -186,13 +218,13 @@ class LockstepTrainer:
         or stacked [K, ...] like `state`: one per client, as a grouped sweep trains several points)."""
         s, c = self.settings, self.clients
         device = c.device
-        idx, valid, active, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
+        idx, valid, active, steps = make_schedule(c.sizes, self.batch_size(), epochs, generators)
         padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
-        idx = (idx + c.offsets.cpu()[None, :, None]).to(device)
+        idx = c.global_rows(idx)
         valid = valid.to(device)
         keys = list(state)
         m, v2 = self._moments(state)  # a fresh Adam every round (first_adam_step writes the moments)
-        step_count = {q: torch.zeros((), dtype=torch.float32, device=device) for q in keys}  # as fused Adam keeps them
+        step_count = {q: torch.zeros((), dtype=torch.float32, device=device) for q in keys} if len(active) > 1 else {}
         prefix = {k: ({q: state[q][:k] for q in keys}, [m[q][:k] for q in keys], [v2[q][:k] for q in keys])
                   for k in set(active)}
         loss_sum = torch.zeros(len(c), device=device)
@@ -210,8 +242,8 @@ class LockstepTrainer:
                     grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
             if step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
                 first_adam_step(list(params.values()), [grads[q] for q in keys], m1, m2, s, keep_moments=len(active) > 1)
-                for q in keys:
-                    step_count[q].fill_(1)
+                for count in step_count.values():  # (as fused Adam keeps them)
+                    count.fill_(1)
             else:
                 adam(list(params.values()), [grads[q] for q in keys], m1, m2, [], [step_count[q] for q in keys],
                      fused=fused, amsgrad=False, beta1=s.betas[0], beta2=s.betas[1], lr=s.lr,
@@ -284,6 +316,61 @@ class BatchedTrainer(LockstepTrainer):
         return loss, grads
 
 
+    def folds_first_steps(self) -> bool:
+        """Whether `fold_first_steps` serves this adapter and loss (AttAI's image tower)."""
+        return self.adapter.towers == ("image",)
+
+    FOLD_ROWS = 1024  # rows of one-step clients whose activations are computed together (they stay in cache)
+
+    @torch.inference_mode()
+    def fold_first_steps(self, start: dict[str, torch.Tensor], clients: ClientSets, generators: list[torch.Generator],
+                         weights: list[float], total: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Clients whose round is one batch (`one_step`), all starting from the adapter `start`, added to
+        `total` as `fold_first_adam_step` does (less their weight times `start`, which the caller adds).
+        The weights being the same for all, the activations and loss gradients of a few clients' rows are
+        computed together, without padding; then, one client at a time, its weight gradients (two
+        products, the weight decay added by the product) and its step go into `total`: no client's adapter
+        is ever written, and 300 small clients cost about what their rows cost. Returns their losses."""
+        s, K, low = self.settings, len(clients), low_dtype(self.settings.precision)
+        B = min(s.batch_size, max(2, max(clients.sizes)))
+        idx, valid, _, _ = make_schedule(clients.sizes, B, 1, generators)  # [1, K, B]: each its one batch
+        rows, valid = clients.global_rows(idx)[0], valid[0].to(clients.device)
+        used = valid.sum(1).tolist()
+        keys = list(start)
+        decay = {q: start[q] * s.weight_decay for q in keys}  # each client's gradient starts from it (L2 decay)
+        grads = {q: torch.empty_like(v) for q, v in start.items()}
+        scratch = [torch.empty_like(start[q]) for q in keys]
+        W = [t.unsqueeze(0) for t in attai.layers(start, "image")]
+        losses, first = [], 0
+        while first < K:
+            last, n = first + 1, used[first]  # clients [first, last): about FOLD_ROWS rows
+            while last < K and n + used[last] <= self.FOLD_ROWS:
+                n, last = n + used[last], last + 1
+            ok = valid[first:last]
+            x = clients.x[rows[first:last][ok]]  # [n, d]: their batches' rows, no padding
+            image, saved = attai.forward(*W, x.unsqueeze(0), low)
+            padded = image.new_zeros(ok.numel(), image.shape[-1])  # the losses' [k, B, d] layout
+            padded[ok.flatten()] = image[0]
+            padded = padded.view(last - first, B, -1)
+            mask, y = (None if bool(ok.all()) else ok), clients.y[rows[first:last]]
+            if s.loss == "contrastive":
+                loss, d_image, _ = contrastive_grad(padded, self.text_norm[y], mask, self.scale)
+            else:
+                text = self.text_norm.expand(last - first, *self.text_norm.shape)
+                loss, d_image, _ = ce_grad(padded, text, y, mask, self.scale)
+            losses.append(loss)
+            dz1, dz2 = attai.row_gradients(W[2], saved, d_image.view(-1, d_image.shape[-1])[ok.flatten()].unsqueeze(0))
+            inputs = attai.weight_gradient_inputs(saved, dz1, dz2)
+            at = 0
+            for k in range(first, last):
+                attai.weight_gradients(inputs, slice(at, at + used[k]), attai.layers(grads, "image"),
+                                       attai.layers(decay, "image"))
+                fold_first_adam_step([grads[q] for q in keys], scratch, [total[q] for q in keys], weights[k], s)
+                at += used[k]
+            first = last
+        return torch.cat(losses)
+
+
 class PlainTrainer(LockstepTrainer):
     """The straightforward loop: one client after another, one batch at a time, autograd through the
     adapter's `logits` and torch.optim.Adam. Same schedule and results as the lock-step engines; the
@@ -303,7 +390,7 @@ class PlainTrainer(LockstepTrainer):
                                    weight_decay=s.weight_decay)
             total = 0.0
             for step in range(steps[k]):
-                rows = idx[step, k][valid[step, k]].to(c.x.device) + c.offsets[k]
+                rows = c.sets[k].index[idx[step, k][valid[step, k]].to(c.device)]
                 x, y = c.x[rows], c.y[rows]
                 logits = adapter_logits(self.adapter, params, x, self.text, self.scale, low).float()
                 loss = in_batch_loss(logits[:, y]) if s.loss == "contrastive" \
@@ -331,7 +418,34 @@ class SequentialTrainer:
 
     def __init__(self, adapter, clients: ClientSets, text, scale, settings, inner=BatchedTrainer):
         self.sets = [clients.client(i) for i in range(len(clients))]
+        self.sizes = clients.sizes
         self.trainer = inner(adapter, self.sets[0], text, scale, settings)
+
+    def train_mean(self, start: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
+                   weights: list[float], anchor: dict[str, torch.Tensor] | None = None):
+        """Every client trains from the one adapter `start` in turn and is added to the weighted sum of the
+        clients' adapters as it finishes (`weights`: the strategy's client weights). One client's adapter is
+        held at a time, so 300 small clients stay in cache instead of writing 300 stacked copies. Returns
+        the sum (the weighted mean, for weights summing to 1) and each client's mean training loss."""
+        work = {q: torch.empty((1, *v.shape), dtype=v.dtype, device=v.device) for q, v in start.items()}
+        one = {q: v[0] for q, v in work.items()}
+        total, losses = WeightedSum(start), [None] * len(self.sets)
+        # clients of one step go together (FedProx's pull towards `start` is nothing at a first step)
+        folds = getattr(self.trainer, "folds_first_steps", lambda: False)()
+        small = [i for i, n in enumerate(self.sizes) if folds and one_step(n, self.trainer.settings.batch_size, epochs)]
+        for i in sorted(set(range(len(self.sets))) - set(small)):
+            torch._foreach_copy_(list(one.values()), [start[q] for q in one])
+            self.trainer.clients = self.sets[i]
+            losses[i] = self.trainer.train(work, epochs, [generators[i]], anchor)
+            total.add(one, weights[i])
+        if small:
+            group = ClientSets([self.sets[i].sets[0] for i in small])
+            folded = self.trainer.fold_first_steps(start, group, [generators[i] for i in small],
+                                                   [weights[i] for i in small], total.sum)
+            for i, loss in zip(small, folded):
+                losses[i] = loss[None]
+            total.add(start, sum(weights[i] for i in small))  # their weight times the adapter they started from
+        return total.sum, torch.cat(losses)
 
     def train(self, state, epochs, generators, anchor=None):
         stacked_anchor = is_stacked(anchor, state)

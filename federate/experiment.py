@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .evaluate import accuracies
 from .losses import LOSSES
 from .methods import Method
+from .rows import Rows
 from .splits import check_split_sizes
 
 log = logging.getLogger("federate")
@@ -106,28 +107,56 @@ def target_and_participants(domains, target: str | None, path) -> tuple[str | No
 
 @dataclass
 class Client:
+    """One client's train/validation/test splits: rows of the run's pooled embeddings (federate/rows.py)."""
     name: str
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    train: Rows
+    val: Rows
+    test: Rows
     domain: str = ""
 
     def sizes(self) -> dict[str, int]:
-        return {p: len(getattr(self, p)[1]) for p in ("train", "val", "test")}
+        return {p: len(getattr(self, p)) for p in ("train", "val", "test")}
 
 
-def make_client(cache: EmbeddingCache, split, device) -> Client:
-    """One client's splits (a federate.partition.ClientSplit) on the device."""
-    x, y = domain_tensors(cache, split.domain, device)
-    parts = [torch.from_numpy(split.rows[p]).to(device) for p in ("train", "val", "test")]
-    client = Client(split.name, *((x[i], y[i]) for i in parts), domain=split.domain)
+_POOLS: dict = {}  # (id of the cache's array, device) -> (the array, its tensors): a sweep's points share them
+
+
+def pooled_embeddings(cache: EmbeddingCache, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache's embeddings and labels (every loaded domain, federate/cache.py) on the device, once per
+    process and device; on a CPU they are the loaded arrays themselves, not a copy."""
+    device = torch.device(device)
+    key = (id(cache.features), str(device))
+    if key not in _POOLS:
+        while len(_POOLS) >= 2:  # a process works on one or two caches at a time
+            _POOLS.pop(next(iter(_POOLS)))
+        _POOLS[key] = (cache.features, (torch.from_numpy(cache.features).to(device),
+                                        torch.from_numpy(cache.labels).to(device)))
+    return _POOLS[key][1]
+
+
+def make_client(cache: EmbeddingCache, split, pool: tuple[torch.Tensor, torch.Tensor]) -> Client:
+    """One client's splits (a federate.partition.ClientSplit) as rows of `pool` (`pooled_embeddings`)."""
+    x, y = pool
+    start = cache.domains[split.domain].start
+    parts = [Rows(x, y, torch.from_numpy(split.rows[p] + start).to(x.device)) for p in ("train", "val", "test")]
+    client = Client(split.name, *parts, domain=split.domain)
     check_split_sizes(split.name, client.sizes())  # an empty split would read as 0.00% accuracy
     return client
 
 
-def domain_tensors(cache: EmbeddingCache, domain: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+def describe_clients(clients: list[Client]) -> str:
+    """The clients and their training rows, for the log (a count and a range when there are many)."""
+    rows = [len(c.train) for c in clients]
+    if len(clients) <= 12:
+        return f"clients {', '.join(c.name for c in clients)} (train rows {rows})"
+    return f"{len(clients)} clients of {min(rows)}-{max(rows)} training rows ({sum(rows)} in all)"
+
+
+def domain_rows(cache: EmbeddingCache, domain: str, pool: tuple[torch.Tensor, torch.Tensor]) -> Rows:
+    """Every row of a domain (the target), as rows of `pool`."""
+    x, y = pool
     d = cache.domains[domain]
-    return torch.from_numpy(d.features).to(device), torch.from_numpy(d.labels).to(device)
+    return Rows(x, y, torch.arange(d.start, d.start + len(d.labels), device=x.device))
 
 
 def class_text(cache: EmbeddingCache, device) -> torch.Tensor:
@@ -224,8 +253,10 @@ class RunLog:
         self.file.flush()
         target = best.get("target_acc") if best else None
         best_target = "none" if target is None else f"{target:.4f}"
-        round_log.info("round %d/%d  val %s  mean %.4f%s", row["round"], rounds,
-                       " ".join(f"{n} {a:.4f}" for n, a in row["val_acc"].items()), row["val_mean"],
+        val = row["val_acc"]  # every client's, or the worst of many
+        clients = " ".join(f"{n} {a:.4f}" for n, a in val.items()) if len(val) <= 8 else \
+            f"worst of {len(val)} clients {min(val.values()):.4f}"
+        round_log.info("round %d/%d  val %s  mean %.4f%s", row["round"], rounds, clients, row["val_mean"],
                        f"  * best: target {best_target}" if row.get("improved") else "")
         if self.bar is not None:
             self.bar.set_postfix_str(f"val {row['val_mean']:.4f}  best target {best_target} "

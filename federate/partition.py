@@ -229,10 +229,22 @@ def splits_json(clients: list[ClientSplit], cache) -> dict:
 def restrict_classes(cache, classes) -> EmbeddingCache:
     """The cache seen through a subset of its classes (`dataset.classes=[...]` at federate time, e.g. the
     10-class DomainNet subset): only their rows, their prompts, labels renumbered in the order given.
-    None (the default) keeps every class."""
+    None (the default) keeps every class. The points of a sweep share one restricted copy."""
     if classes is None:
         return cache
     classes = [str(c) for c in classes]
+    key = (id(cache.features), tuple(classes))
+    if key not in _RESTRICTED:
+        while len(_RESTRICTED) >= 2:
+            _RESTRICTED.pop(next(iter(_RESTRICTED)))
+        _RESTRICTED[key] = (cache, _restricted(cache, classes))
+    return _RESTRICTED[key][1]
+
+
+_RESTRICTED: dict = {}  # (id of the cache's array, classes) -> (the cache, its restricted view)
+
+
+def _restricted(cache, classes: list[str]) -> EmbeddingCache:
     unknown = [c for c in classes if c not in cache.class_names]
     if unknown or len(set(classes)) != len(classes) or len(classes) < 2:
         why = (f"{unknown[0]!r} is not a class of {cache.path} (its classes: {', '.join(cache.class_names)})"
@@ -241,11 +253,16 @@ def restrict_classes(cache, classes) -> EmbeddingCache:
     old = np.array([cache.class_names.index(c) for c in classes])
     new_label = np.full(len(cache.class_names), -1, dtype=np.int64)
     new_label[old] = np.arange(len(classes))
-    domains = {}
-    for name, d in cache.domains.items():
-        keep = np.flatnonzero(new_label[d.labels] >= 0)
-        domains[name] = DomainData(d.features[keep], new_label[d.labels[keep]], tuple(d.ids[i] for i in keep))
-    return replace(cache, class_names=tuple(classes), text=cache.text[:, old], domains=domains)
+    keep = np.flatnonzero(new_label[cache.labels] >= 0)  # the kept rows, copied once into new pooled arrays
+    features, labels = cache.features[keep], new_label[cache.labels[keep]]
+    domains, start = {}, 0
+    for name, d in cache.domains.items():  # (in the pooled arrays' order)
+        mine = np.flatnonzero(new_label[d.labels] >= 0)
+        rows = slice(start, start + len(mine))
+        domains[name] = DomainData(features[rows], labels[rows], tuple(d.ids[i] for i in mine), start)
+        start += len(mine)
+    return replace(cache, class_names=tuple(classes), text=cache.text[:, old], domains=domains, features=features,
+                   labels=labels)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from .losses import masked_loss
 class PromptTrainer(LockstepTrainer):
     def __init__(self, adapter, clients: ClientSets, text, scale, settings: TrainSettings):
         super().__init__(adapter, clients, text, scale, settings)
-        self.x_norm = F.normalize(clients.x, dim=-1)  # CLIP compares normalised image embeddings
         kind = settings.loss
         self._loss = torch.func.vmap(lambda logits, y, ok: masked_loss(logits, y, ok, kind))
 
@@ -33,9 +32,10 @@ class PromptTrainer(LockstepTrainer):
         s, c = self.settings, self.clients
         device = c.x.device
         idx, valid, active, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
-        idx = (idx + c.offsets.cpu()[None, :, None]).to(device)
+        idx = c.global_rows(idx)
         valid = valid.to(device)
-        xs, ys = self.x_norm[idx], c.y[idx]  # the round's batches: [S, K, B, d] and [S, K, B]
+        # the round's batches, [S, K, B, d] and [S, K, B]; CLIP compares normalised image embeddings
+        xs, ys = F.normalize(c.x[idx], dim=-1), c.y[idx]
         ctx = state["ctx"]  # [K, n, w], or [K, C, n, w] with class-specific context
         buffers = [torch.zeros_like(ctx) for _ in range(2 if self.adapter.optimizer == "adam" else 1)]
         step_count = torch.zeros((), dtype=torch.float32, device=device)

@@ -20,13 +20,13 @@ import torch
 
 from extract.commands import extract_command
 
-from . import adapters, prepared, strategy
+from . import adapters, prepared, rows, strategy
 from .cache import load_cache
 from .engine import ClientSets, TrainSettings, client_generator, make_trainer
 from .evaluate import accuracies, pick
-from .experiment import (cache_path, capped_batch, check_settings, class_text, cost_figures, domain_tensors, finish, identity_of,
-                         make_client, mean, resolve_device, save_adapters, summarize, target_and_participants,
-                         train_settings)
+from .experiment import (cache_path, capped_batch, check_settings, class_text, cost_figures, describe_clients, domain_rows,
+                         finish, identity_of, make_client, mean, pooled_embeddings, resolve_device, save_adapters,
+                         summarize, target_and_participants, train_settings)
 from .federation import ClientInfo, Federation, Update
 from .partition import check_runner, make_clients, restrict_classes, splits_json
 
@@ -95,17 +95,16 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     splits = make_clients(cache, participants, cfg)
 
     # 3. data on the device, largest training split first (the lock-step engines' order)
-    clients = sorted((make_client(cache, s, device) for s in splits), key=lambda c: -len(c.train[1]))
-    names = [c.name for c in clients]
-    target_set = domain_tensors(cache, target, device) if target is not None else None
+    pool = pooled_embeddings(cache, device)  # the embeddings once; clients and the target are rows of it
+    clients = sorted((make_client(cache, s, pool) for s in splits), key=lambda c: -len(c.train))
+    target_set = domain_rows(cache, target, pool) if target is not None else None
     text = class_text(cache, device)
     global_state = {k: v.to(device) for k, v in
                     adapters.init_params(adapter, cache.embed_dim, int(cfg.seed), text).items()}
     trainable = adapters.num_parameters(global_state)
     cost = cost_figures(method, trainable, len(clients), cache.model_num_parameters, int(cfg.rounds))
-    log.info("%s on %s: target %s, clients %s (train rows %s), adapter %s, %s trainable parameters", method.name,
-             cache.dataset_name, target, ", ".join(names), [len(c.train[1]) for c in clients], adapter.name,
-             f"{trainable:,}")
+    log.info("%s on %s: target %s, %s, adapter %s, %s trainable parameters", method.name, cache.dataset_name,
+             target, describe_clients(clients), adapter.name, f"{trainable:,}")
 
     infos = [ClientInfo(c.name, c.domain, c.sizes()) for c in clients]
     federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, progress=progress)
@@ -114,10 +113,10 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
                   federation, identity_of(cache, output_dir / "splits.json"))
     if method.trains != "none":
         if method.trains == "pooled":  # one adapter on the pooled training rows of all participants
-            point.train_sets = [(torch.cat([c.train[0] for c in clients]), torch.cat([c.train[1] for c in clients]))]
+            point.train_sets = [rows.concat([c.train for c in clients])]
         else:
             point.train_sets = [c.train for c in clients]
-        point.settings = capped_batch(train_settings(cfg, method), max(len(y) for _, y in point.train_sets))
+        point.settings = capped_batch(train_settings(cfg, method), max(len(s) for s in point.train_sets))
     return point
 
 
@@ -133,18 +132,30 @@ class CachedBackend:
         p = self.point
         if sampled != self._sampled:
             sets = [p.train_sets[i] for i in sampled]
-            self._trainer = make_trainer(p.cfg.engine, p.adapter, ClientSets(*zip(*sets)), p.text,
+            self._trainer = make_trainer(p.cfg.engine, p.adapter, ClientSets(sets), p.text,
                                          p.cache.logit_scale, p.settings)
             self._sampled = list(sampled)
         return self._trainer
 
     def train(self, federation: Federation, round_: int, sampled: list[int]) -> Update:
         p = self.point
-        state = federation.start_states(sampled)
         names = [federation.units[i] for i in sampled]
-        losses = self.trainer(sampled).train(state, int(p.cfg.local_epochs), generators(p, round_, names),
-                                             anchor=federation.global_state if p.settings.mu else None)
-        return Update(state, [len(p.train_sets[i][1]) for i in sampled], dict(zip(names, losses.tolist())))
+        rows = [len(p.train_sets[i]) for i in sampled]
+        trainer, gens, epochs = self.trainer(sampled), generators(p, round_, names), int(p.cfg.local_epochs)
+        anchor = federation.global_state if p.settings.mu else None
+        if self.adds_up(federation, trainer):  # one pre-averaged update: the strategy reads only the mean
+            weights = strategy.client_weights(rows, p.server.aggregation).tolist()
+            mean, losses = trainer.train_mean(federation.global_state, epochs, gens, weights, anchor)
+            return Update({k: v.unsqueeze(0) for k, v in mean.items()}, [1], dict(zip(names, losses.tolist())))
+        state = federation.start_states(sampled)
+        losses = trainer.train(state, epochs, gens, anchor=anchor)
+        return Update(state, rows, dict(zip(names, losses.tolist())))
+
+    def adds_up(self, federation: Federation, trainer) -> bool:
+        """Whether the clients' adapters can be added up as they train (SequentialTrainer.train_mean): every
+        sampled client starts from the global adapter and the strategy reads only their weighted mean."""
+        return (federation.method.aggregates and federation.personal is None and hasattr(trainer, "train_mean")
+                and not self.point.server.reads_each_client)
 
     def evaluate(self, client_states: list, target_states: list, parts: set) -> dict:
         """Accuracies in fp32 whatever the training precision (bf16 would flip some predictions)."""
@@ -170,7 +181,7 @@ def conclude(point: Point, start: float) -> dict:
     """Steps 5-6: the summary of the selected round, optional local fine-tuning, the outputs."""
     cfg, method, cache, clients, federation = point.cfg, point.method, point.cache, point.clients, point.federation
     summary = summarize(cfg, method, cache.dataset_name, cache.model_name, federation, point.cost,
-                        len(point.target_set[1]) if point.target_set is not None else None, point.adapter,
+                        len(point.target_set) if point.target_set is not None else None, point.adapter,
                         point.server, point.identity)
 
     # 5. local fine-tuning of the selected global adapter (paper Fig. 3c)
@@ -196,9 +207,8 @@ def generators(point: Point, round_: int, names: list[str]) -> list:
 def finetune(cfg, adapter, clients, selected, text, scale) -> dict[str, float]:
     """Each participant fine-tunes the selected adapter on its own training split; test accuracy after."""
     settings = capped_batch(TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss,
-                                          precision=cfg.get("precision", "fp32")), max(len(c.train[1]) for c in clients))
-    trainer = make_trainer(cfg.engine, adapter, ClientSets([c.train[0] for c in clients], [c.train[1] for c in clients]),
-                           text, scale, settings)
+                                          precision=cfg.get("precision", "fp32")), max(len(c.train) for c in clients))
+    trainer = make_trainer(cfg.engine, adapter, ClientSets([c.train for c in clients]), text, scale, settings)
     stacked = strategy.stack(selected, len(clients))
     trainer.train(stacked, int(cfg.finetune_epochs), [client_generator(int(cfg.seed), c.name, "finetune") for c in clients])
     test = accuracies(adapter, [pick(stacked, i) for i in range(len(clients))], [c.test for c in clients], text, scale)

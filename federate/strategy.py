@@ -36,10 +36,24 @@ def client_weights(num_examples: list[int], how: str) -> torch.Tensor:
     return w.float()
 
 
+class WeightedSum:
+    """sum_k w_k state_k, added one client at a time in the clients' order. A runner that trains clients one
+    after another adds each as it finishes (federate/engine.py SequentialTrainer.train_mean), holding one
+    client's adapter at a time; `weighted_mean` adds stacked clients the same way, so both give the same bits."""
+
+    def __init__(self, like: State):
+        self.sum = {k: torch.zeros_like(v) for k, v in like.items()}
+
+    def add(self, state: State, weight: float) -> None:
+        torch._foreach_add_(list(self.sum.values()), [state[k] for k in self.sum], alpha=float(weight))
+
+
 def weighted_mean(stacked: State, weights: torch.Tensor) -> State:
     """Weighted mean over the leading (client) dimension of every tensor."""
-    w = weights.to(next(iter(stacked.values())).device)
-    return {k: torch.tensordot(w, v, dims=1) for k, v in stacked.items()}
+    total = WeightedSum({k: v[0] for k, v in stacked.items()})
+    for i, w in enumerate(weights.tolist()):
+        total.add({k: v[i] for k, v in stacked.items()}, w)
+    return total.sum
 
 
 def check_server_lr(lr: float) -> None:
@@ -62,6 +76,11 @@ class FedAvg:
         self.settings: dict = {}
 
     MOMENTS: tuple[str, ...] = ()  # the server optimiser's state: what a checkpoint keeps (federate/checkpoint.py)
+    # The built-in strategies read only the weighted mean of the clients' adapters, so a runner may hand
+    # them that mean, added up as the clients train (one client's adapter in memory at a time: many
+    # clients cost what their rows cost). A strategy that needs each client's adapter (a robust
+    # aggregation, say) sets this, and gets them stacked [K, ...].
+    reads_each_client = False
 
     def moments(self) -> dict[str, State]:
         return {name: getattr(self, name) for name in self.MOMENTS if getattr(self, name) is not None}

@@ -171,9 +171,9 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
     subgroups = []
     for settings, slots in by_settings.items():
         # largest training set first (the lock-step order); a stable sort keeps the sweep's order otherwise
-        slots = sorted(slots, key=lambda s: -len(points[s[0]][0].train_sets[s[1]][1]))
+        slots = sorted(slots, key=lambda s: -len(points[s[0]][0].train_sets[s[1]]))
         sets = [points[k][0].train_sets[i] for k, i in slots]
-        trainer = make_trainer(cfg.engine, first.adapter, ClientSets(*zip(*sets)), first.text,
+        trainer = make_trainer(cfg.engine, first.adapter, ClientSets(sets), first.text,
                                first.cache.logit_scale, settings)
         rows = defaultdict(list)  # point -> its slots' rows in the trainer's state, in the point's client order
         for row, (k, i) in sorted(enumerate(slots), key=lambda e: e[1][1]):
@@ -197,7 +197,7 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
                     continue
                 point, fed = points[key][0], feds[key]
                 stacked = {q: v.index_select(0, idx.to(v.device)) for q, v in state.items()}
-                update = Update(stacked, [len(point.train_sets[i][1]) for i in units[key]],
+                update = Update(stacked, [len(point.train_sets[i]) for i in units[key]],
                                 {fed.units[i]: losses[j] for i, j in zip(units[key], idx.tolist())})
                 with records.point(key):
                     try:

@@ -2,6 +2,7 @@
 no copies of their rows, and Adam's first step without moments."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.optim.adam import adam
 
@@ -20,8 +21,8 @@ def test_one_inner_trainer_and_one_set_of_buffers_serve_every_client():
     torch.manual_seed(0)
     d, C, sizes = 16, 4, [40] + [9] * 30  # one client of two batches, thirty of one batch of 9 rows
     features = [torch.randn(n, d) + 1 for n in sizes]
-    clients = ClientSets(features, [torch.randint(0, C, (n,)) for n in sizes])
-    assert clients.client(3).x.data_ptr() == features[3].data_ptr()  # a client's rows are a view, not a copy
+    clients = ClientSets.of_tensors(features, [torch.randint(0, C, (n,)) for n in sizes])
+    assert clients.client(3).x is clients.x  # a client's rows index the one pool, no copy
     text, start, settings = torch.randn(C, d), init(d), TrainSettings(lr=1e-3, batch_size=32)
     trainer = SequentialTrainer(attai.AttAI(), clients, text, 20.0, settings)
     gens = [client_generator(0, f"c{k}", 1) for k in range(len(sizes))]
@@ -59,7 +60,7 @@ def test_the_first_adam_step_in_closed_form_is_torchs_adam():
 def test_a_round_of_many_clients_matches_the_lock_step_engine():
     torch.manual_seed(2)
     d, C, sizes = 16, 3, [70, 33, 20, 9, 5]
-    clients = ClientSets([torch.randn(n, d) for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    clients = ClientSets.of_tensors([torch.randn(n, d) for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
     text, start, settings = torch.randn(C, d), init(d), TrainSettings(lr=1e-2, mu=0.1)
     out = []
     for engine in (SequentialTrainer, BatchedTrainer):
@@ -71,12 +72,45 @@ def test_a_round_of_many_clients_matches_the_lock_step_engine():
         torch.testing.assert_close(out[0][1][k], out[1][1][k])
 
 
+@pytest.mark.parametrize("loss,precision,mu", [("contrastive", "fp32", 0.0), ("ce", "fp32", 0.1),
+                                                 ("contrastive", "bf16", 0.0)])
+def test_clients_added_up_as_they_train_give_the_mean_of_the_clients_trained_apart(monkeypatch, loss, precision, mu):
+    """SequentialTrainer.train_mean (the CPU default for an aggregating method): large clients train one after
+    another, clients of one batch have their activations computed together and their first Adam step folded
+    into the sum (BatchedTrainer.fold_first_steps, a few clients at a time); the weighted mean is that of
+    every client trained on its own copy by torch's autograd and Adam."""
+    monkeypatch.setattr(BatchedTrainer, "FOLD_ROWS", 20)  # groups of a few one-step clients
+    torch.manual_seed(6)
+    d, C = 16, 4
+    sizes = [70, 40, 33, 17, 12, 9, 9, 5, 2, 1]  # 3 and 2 steps; one step each; a lone row trains no step
+    clients = ClientSets.of_tensors([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    text, start = torch.randn(C, d), init(d)
+    settings = TrainSettings(lr=1e-2, batch_size=32, loss=loss, mu=mu, precision=precision)
+    weights = strategy.client_weights(sizes, "samples")
+    gens = lambda: [client_generator(0, f"c{k}", 1) for k in range(len(sizes))]  # noqa: E731
+    folded = []
+    fold = BatchedTrainer.fold_first_steps
+    monkeypatch.setattr(BatchedTrainer, "fold_first_steps", lambda self, s, group, *a: folded.append(len(group)) or
+                        fold(self, s, group, *a))
+    trainer = SequentialTrainer(attai.AttAI(), clients, text, 20.0, settings)
+    mean, losses = trainer.train_mean(start, 1, gens(), weights.tolist(), anchor=start)
+    assert folded == [7]  # the clients of 33 (one batch of 32 and a lone row) to 2 rows
+    stacked = strategy.stack(start, len(sizes))
+    plain_losses = PlainTrainer(attai.AttAI(), clients, text, 20.0, settings).train(stacked, 1, gens(), start)
+    tol = dict(rtol=1e-4, atol=2e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(losses, plain_losses.float(), **tol)
+    expected = strategy.weighted_mean(stacked, weights)
+    for k in start:
+        torch.testing.assert_close(mean[k], expected[k], **tol)
+    assert not torch.equal(mean["image.0.weight"], start["image.0.weight"])
+
+
 def test_batches_gathered_in_chunks_give_the_same_round(monkeypatch):
     from federate.engine import LockstepTrainer
 
     torch.manual_seed(3)
     d, C, sizes = 16, 3, [200, 90, 40]  # 7, 3 and 2 steps
-    clients = ClientSets([torch.randn(n, d) for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    clients = ClientSets.of_tensors([torch.randn(n, d) for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
     text, start = torch.randn(C, d), init(d)
     results = []
     for chunk in (256, 2):  # a whole round at once, or two steps at a time
@@ -94,9 +128,29 @@ def test_batches_gathered_in_chunks_give_the_same_round(monkeypatch):
 
 def test_accuracy_in_blocks_of_rows_is_the_accuracy(monkeypatch):
     from federate import evaluate
+    from federate.rows import Rows
 
     torch.manual_seed(4)
     x, y, text, params = torch.randn(1000, 16), torch.randint(0, 3, (1000,)), torch.randn(3, 16), init(16)
-    whole = evaluate.accuracies(attai.AttAI(), [params], [(x, y)], text, 20.0)
+    whole = evaluate.accuracies(attai.AttAI(), [params], [Rows.of(x, y)], text, 20.0)
+    expected = (attai.AttAI().logits(params, x, text, 20.0).argmax(1) == y).float().mean().item()
+    assert whole == pytest.approx([expected], abs=1e-7)
     monkeypatch.setattr(evaluate, "EVAL_ROWS", 64)
-    assert evaluate.accuracies(attai.AttAI(), [params], [(x, y)], text, 20.0) == whole
+    assert evaluate.accuracies(attai.AttAI(), [params], [Rows.of(x, y)], text, 20.0) == whole
+
+
+def test_clients_evaluated_with_one_adapter_in_one_pass_each_get_their_own_accuracy(monkeypatch):
+    from federate import evaluate
+    from federate.rows import Rows
+
+    monkeypatch.setattr(evaluate, "EVAL_ROWS", 64)  # blocks that cut across clients
+    torch.manual_seed(5)
+    x, y, text, params = torch.randn(1000, 16), torch.randint(0, 3, (1000,)), torch.randn(3, 16), init(16)
+    other = {k: v + 0.5 * torch.randn_like(v) for k, v in params.items()}
+    sets = [Rows(x, y, rows) for rows in torch.randperm(1000).split([1, 7, 300, 0, 92, 600])]
+    states = [params, params, other, params, params, other]  # two adapters, shared by several sets each
+    got = evaluate.accuracies(attai.AttAI(), states, sets, text, 20.0)
+    one_by_one = [evaluate.accuracies(attai.AttAI(), [s], [r], text, 20.0)[0] for s, r in zip(states, sets)]
+    direct = [(attai.AttAI().logits(s, r.gather()[0], text, 20.0).argmax(1) == r.labels).float().mean().item()
+              if len(r) else 0.0 for s, r in zip(states, sets)]
+    assert got == one_by_one == pytest.approx(direct, abs=1e-7)

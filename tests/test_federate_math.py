@@ -121,7 +121,7 @@ def test_schedule_skips_batches_of_fewer_than_two_and_covers_every_row_once_per_
 def test_fast_engines_reach_the_same_weights_as_the_plain_loop(loss, towers, mu):
     torch.manual_seed(0)
     d, C, sizes = 16, 5, [90, 64, 35]
-    clients = ClientSets([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    clients = ClientSets.of_tensors([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
     text, start = torch.randn(C, d), init_adapters(d, 0, towers)
     settings = TrainSettings(lr=1e-3, loss=loss, mu=mu)
     adapter = attai.AttAI(text_tower="text" in towers)
@@ -138,7 +138,7 @@ def test_fast_engines_reach_the_same_weights_as_the_plain_loop(loss, towers, mu)
 
 def test_fedprox_pulls_towards_the_anchor():
     torch.manual_seed(0)
-    clients = ClientSets([torch.randn(64, 8) + 1], [torch.randint(0, 3, (64,))])
+    clients = ClientSets.of_tensors([torch.randn(64, 8) + 1], [torch.randint(0, 3, (64,))])
     start = init_adapters(8, 0)
     drift = {}
     for mu in (0.0, 10.0):

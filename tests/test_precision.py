@@ -43,7 +43,7 @@ def test_bf16_kernels_are_close_to_fp32_and_keep_fp32_gradients():
 def test_every_engine_trains_in_bf16_to_nearly_the_fp32_losses(engine):
     torch.manual_seed(0)
     d, C, sizes = 32, 5, [90, 64, 35]
-    clients = ClientSets([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    clients = ClientSets.of_tensors([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
     text, start = torch.randn(C, d), adapters.init_params(attai.AttAI(), d, 0, torch.zeros(C, d))
     losses, states = {}, {}
     for precision in ("fp32", "bf16"):

@@ -23,7 +23,7 @@ def bf16_matmul(a, b):
 def test_generic_and_plain_bf16_train_as_the_fast_path(engine, loss):
     torch.manual_seed(0)
     d, C, sizes = 32, 5, [90, 64, 35]
-    clients = ClientSets([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
+    clients = ClientSets.of_tensors([torch.randn(n, d) + 1 for n in sizes], [torch.randint(0, C, (n,)) for n in sizes])
     text, start = torch.randn(C, d), adapters.init_params(attai.AttAI(), d, 0, torch.zeros(C, d))
     states = {}
     for trainer in (BatchedTrainer, engine):

@@ -97,3 +97,39 @@ def backward(W2, saved, dfn: torch.Tensor, grads) -> None:
         dz1 = torch.bmm(dz2l, W2l) * (1 - h * h)  # bf16 * fp32 -> fp32
         dW1.copy_(torch.bmm(dz1.to(xl.dtype).transpose(1, 2), xl))
     torch.sum(dz1, 1, out=db1)
+
+
+def row_gradients(W2, saved, dfn: torch.Tensor):
+    """d loss / d z1 and d loss / d z2 (the two layers' pre-activations) on every row, given d loss / d fn:
+    what `backward` needs before its weight gradients."""
+    x, h, a, fn, norm, xl, hl, W2l = saved
+    df = (dfn - fn * (dfn * fn).sum(-1, keepdim=True)) / norm  # through f / ||f||
+    da = df * x  # through g(x) * x
+    dz2 = a * (da - (da * a).sum(-1, keepdim=True))  # through softmax
+    if xl is x:
+        return torch.bmm(dz2, W2) * (1 - h * h), dz2  # through Linear 2 and tanh
+    return torch.bmm(dz2.to(xl.dtype), W2l) * (1 - h * h), dz2  # bf16 * fp32 -> fp32
+
+
+def weight_gradient_inputs(saved, dz1: torch.Tensor, dz2: torch.Tensor) -> tuple:
+    """The operands of the weight gradients with the rows of all batches flattened: (dz1, x, dz2, h) in the
+    matmuls' precision, then dz1 and dz2 in fp32 (for the biases)."""
+    x, h, a, fn, norm, xl, hl, W2l = saved
+    flat = [t.reshape(-1, t.shape[-1]) for t in (dz1.to(xl.dtype), xl, dz2.to(xl.dtype), hl, dz1, dz2)]
+    return tuple(flat)
+
+
+def weight_gradients(inputs: tuple, rows: slice, grads, initial) -> None:
+    """(dW1, db1, dW2, db2) of the rows `rows` of `weight_gradient_inputs` alone, plus `initial` (four
+    tensors: the products add them at no extra pass), written into `grads` (fp32)."""
+    dz1l, xl, dz2l, hl, dz1, dz2 = inputs
+    dW1, db1, dW2, db2 = grads
+    W1_0, b1_0, W2_0, b2_0 = initial
+    if dz1l.dtype == dW1.dtype:
+        torch.addmm(W1_0, dz1l[rows].T, xl[rows], out=dW1)
+        torch.addmm(W2_0, dz2l[rows].T, hl[rows], out=dW2)
+    else:
+        torch.add(W1_0, torch.mm(dz1l[rows].T, xl[rows]), out=dW1)
+        torch.add(W2_0, torch.mm(dz2l[rows].T, hl[rows]), out=dW2)
+    torch.add(b1_0, dz1[rows].sum(0), out=db1)
+    torch.add(b2_0, dz2[rows].sum(0), out=db2)

@@ -48,15 +48,15 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg, client, text, scale, cache = client_of(msg, context)
     method, adapter = client_method(cfg), client_adapter(cfg, cache)
-    glob = received_state(msg, client.train[0].device)
+    glob = received_state(msg, client.train.device)
     state = strategy.stack(glob, 1)
-    settings = capped_batch(train_settings(cfg, method), len(client.train[1]))
-    trainer = make_trainer(cfg.engine, adapter, ClientSets([client.train[0]], [client.train[1]]), text, scale, settings)
+    settings = capped_batch(train_settings(cfg, method), len(client.train))
+    trainer = make_trainer(cfg.engine, adapter, ClientSets([client.train]), text, scale, settings)
     loss = trainer.train(state, cfg.local_epochs, [client_generator(cfg.seed, client.name, int(msg.content["config"]["round"]))],
                          anchor=glob if settings.mu else None)
     reply = RecordDict({
         "arrays": ArrayRecord.from_torch_state_dict({k: v[0] for k, v in state.items()}),
-        "metrics": MetricRecord({"num-examples": len(client.train[1]), "train_loss": float(loss[0])}),
+        "metrics": MetricRecord({"num-examples": len(client.train), "train_loss": float(loss[0])}),
         "config": ConfigRecord({"client": client.name}),
     })
     return Message(reply, reply_to=msg)
@@ -65,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, client, text, scale, cache = client_of(msg, context)
-    state = received_state(msg, client.train[0].device)
+    state = received_state(msg, client.train.device)
     val, test = accuracies(client_adapter(cfg, cache), [state, state], [client.val, client.test], text, scale)  # fp32
     reply = RecordDict({
         "metrics": MetricRecord({"val_acc": val, "test_acc": test, "num-examples": client.sizes()["val"]}),

@@ -29,7 +29,7 @@ from .. import adapters, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
-from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_tensors, finish,
+from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_rows, finish, pooled_embeddings,
                           resolve_device, save_adapters, summarize, target_and_participants)
 from ..federation import ClientInfo, Federation, Interrupted, Update
 from .task import (check_arrays, check_eval_metrics, check_registration, check_train_metrics, check_update,
@@ -216,7 +216,7 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     # the server holds the held-out domain only
     cache = load_cache(cfg.cache_file, cfg.model.name, domains=(target,) if target is not None else ())
     adapter.prepare(cache, cfg.model)
-    target_set = domain_tensors(cache, target, device) if target is not None else None
+    target_set = domain_rows(cache, target, pooled_embeddings(cache, device)) if target is not None else None
     text = class_text(cache, device)
     global_state = {k: v.to(device) for k, v in adapters.init_params(adapter, cache.embed_dim, cfg.seed, text).items()}
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
@@ -237,7 +237,7 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     identity = {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
                 "splits_sha256": None}  # the clients make their splits; the server holds none
     summary = summarize(cfg, method, cache.dataset_name, cache.model_name, federation, cost,
-                        len(target_set[1]) if target_set is not None else None, adapter, server, identity)
+                        len(target_set) if target_set is not None else None, adapter, server, identity)
     summary["backend"] = "flower"
     if stopped:
         summary["stopped"] = stopped

@@ -16,7 +16,7 @@ from ..cache import load_cache
 from ..cli import unknown_setting
 from ..config import FederateConfig
 from ..errors import ConfigError
-from ..experiment import class_text, make_client
+from ..experiment import class_text, make_client, pooled_embeddings
 from ..partition import make_clients
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -79,7 +79,7 @@ def _client_data(cache_file: str, version, settings: str, participants: str, nod
     clients = make_clients(cache, participants, cfg)
     split = clients[0] if own_domain else clients[client_index(node, [c.name for c in clients])]
     dev = device_of(cfg.device)
-    return make_client(cache, split, dev), class_text(cache, dev), cache.logit_scale, cache
+    return make_client(cache, split, pooled_embeddings(cache, dev)), class_text(cache, dev), cache.logit_scale, cache
 
 
 def client_adapter(cfg, cache) -> adapters.Adapter:

@@ -23,7 +23,6 @@ from .adapters import Adapter
 from .cache import EmbeddingCache, canonical_domain, default_cache_path
 from .engine import ENGINES, TrainSettings
 from .errors import ConfigError
-from .evaluate import accuracies
 from .losses import LOSSES
 from .methods import Method
 from .rows import Rows

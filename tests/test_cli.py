@@ -9,7 +9,6 @@ import shlex
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, config, run_cli, run_federate

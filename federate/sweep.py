@@ -49,8 +49,8 @@ def group_key(cfg) -> str | None:
         experiment.check_settings(cfg)
     except (ConfigError, Exception):  # noqa: BLE001 - its own job reports the error
         return None
-    if cfg.backend != "local" or method.trains == "none" or method.images or cfg.get("clients_per_round") is not None:
-        return None  # (a sampled round trains other slots in every point)
+    if cfg.backend != "local" or method.trains == "none" or method.images:
+        return None
     c = OmegaConf.to_container(cfg, resolve=True)
     for key in FREE_KEYS:
         c.pop(key, None)
@@ -168,26 +168,30 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
         point = points[key][0]
         for i in range(len(point.train_sets)):
             by_settings[point.settings].append((key, i))
-    subgroups = []
-    for settings, slots in by_settings.items():
-        # largest training set first (the lock-step order); a stable sort keeps the sweep's order otherwise
-        slots = sorted(slots, key=lambda s: -len(points[s[0]][0].train_sets[s[1]]))
-        sets = [points[k][0].train_sets[i] for k, i in slots]
-        trainer = make_trainer(cfg.engine, first.adapter, ClientSets(sets), first.text,
-                               first.cache.logit_scale, settings)
-        rows = defaultdict(list)  # point -> its slots' rows in the trainer's state, in the point's client order
-        for row, (k, i) in sorted(enumerate(slots), key=lambda e: e[1][1]):
-            rows[k].append(row)
-        subgroups.append((settings, slots, trainer, {k: torch.tensor(v) for k, v in rows.items()}))
+    # largest training set first (the lock-step order); a stable sort keeps the sweep's order otherwise
+    subgroups = [sorted(slots, key=lambda s: -len(points[s[0]][0].train_sets[s[1]])) for slots in by_settings.values()]
+    built: dict[int, tuple] = {}  # subgroup -> (the slots its trainer was built for, the trainer)
     backends = {key: CachedBackend(points[key][0]) for key in live}
     rounds, started = int(cfg.rounds), time.time()
     bar = progress_bar(rounds, desc=f"{len(live)} points")
     for r in range(1, rounds + 1):
-        for settings, slots, trainer, rows in subgroups:
+        sampled = {k: points[k][0].federation.sample(r) for k in live}  # clients_per_round: each point its own
+        chosen = {k: set(v) for k, v in sampled.items()}
+        for g, slots in enumerate(subgroups):
+            slots = [(k, i) for k, i in slots if i in chosen[k]]
+            settings = points[slots[0][0]][0].settings
+            if g not in built or built[g][0] != slots:  # all clients, by default: built once
+                sets = [points[k][0].train_sets[i] for k, i in slots]
+                built[g] = (slots, make_trainer(cfg.engine, first.adapter, ClientSets(sets), first.text,
+                                                first.cache.logit_scale, settings))
+            trainer = built[g][1]
+            rows = defaultdict(list)  # point -> its slots' rows in the trainer's state, in the point's client order
+            for row, (k, i) in sorted(enumerate(slots), key=lambda e: e[1][1]):
+                rows[k].append(row)
             feds = {k: points[k][0].federation for k in rows}
-            units = {k: list(range(len(f.units))) for k, f in feds.items()}
-            starts = {k: f.start_states(units[k]) for k, f in feds.items()}
-            state = {q: torch.stack([starts[k][q][i] for k, i in slots]) for q in first.federation.global_state}
+            starts = {k: f.start_states(sampled[k]) for k, f in feds.items()}  # [M, ...]: the sampled clients'
+            at = {k: {i: j for j, i in enumerate(sampled[k])} for k in rows}
+            state = {q: torch.stack([starts[k][q][at[k][i]] for k, i in slots]) for q in first.federation.global_state}
             gens = [generators(points[k][0], r, [feds[k].units[i]])[0] for k, i in slots]
             anchor = ({q: torch.stack([feds[k].global_state[q] for k, _ in slots]) for q in state}
                       if settings.mu else None)
@@ -196,12 +200,12 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
                 if key in results:  # it failed in an earlier round; its slots train on, unread
                     continue
                 point, fed = points[key][0], feds[key]
-                stacked = {q: v.index_select(0, idx.to(v.device)) for q, v in state.items()}
-                update = Update(stacked, [len(point.train_sets[i]) for i in units[key]],
-                                {fed.units[i]: losses[j] for i, j in zip(units[key], idx.tolist())})
+                stacked = {q: v.index_select(0, torch.tensor(idx, device=v.device)) for q, v in state.items()}
+                update = Update(stacked, [len(point.train_sets[i]) for i in sampled[key]],
+                                {fed.units[i]: losses[j] for i, j in zip(sampled[key], idx)})
                 with records.point(key):
                     try:
-                        fed.end_round(r, units[key], update, backends[key])
+                        fed.end_round(r, sampled[key], update, backends[key])
                     except (ConfigError, OSError) as e:  # this point fails; the others go on
                         results[key] = e
         if bar is not None:

@@ -169,6 +169,8 @@ class Federation:
         """The adapters the sampled units start the round from, stacked [M, ...]: the global one, or each
         client's own for a personal method."""
         if self.personal is not None:
+            if sampled == list(range(len(self.clients))):  # every client: trained in place, no copy
+                return self.personal
             idx = torch.tensor(sampled, device=next(iter(self.personal.values())).device)
             return {k: v.index_select(0, idx) for k, v in self.personal.items()}
         return {k: v.expand(len(sampled), *v.shape).clone() for k, v in self.global_state.items()}
@@ -183,9 +185,10 @@ class Federation:
                 self.global_state = self.server.aggregate_train(self.global_state, update.stacked, update.num_examples)
                 check_finite(r, {}, self.global_state, self.cfg.lr)
             elif self.personal is not None:
-                idx = torch.tensor(sampled, device=next(iter(self.personal.values())).device)
-                for k, v in self.personal.items():
-                    v.index_copy_(0, idx, update.stacked[k])
+                if update.stacked is not self.personal:  # (trained in place when every client trains)
+                    idx = torch.tensor(sampled, device=next(iter(self.personal.values())).device)
+                    for k, v in self.personal.items():
+                        v.index_copy_(0, idx, update.stacked[k])
             else:  # one pooled unit: its adapter is the model
                 self.global_state = pick(update.stacked, 0)
         self._evaluate(row, backend)
@@ -238,19 +241,19 @@ class Federation:
         out.update({f"personal/{k}": v for k, v in (self.personal or {}).items()})
         for name, state in self.server.moments().items():
             out.update({f"strategy/{name}/{k}": v for k, v in state.items()})
-        if not self._best_is_global():
+        if not self._best_is_current():
             for i, s in enumerate(self.best["states"]):
                 out.update({f"best/{i}/{k}": v for k, v in s.items()})
         return out
 
-    def _best_is_global(self) -> bool:
-        """The selected round is the last one and its adapter the global one: saved once (a backbone's
-        state weighs hundreds of MB)."""
-        return self.personal is None and self.best["row"] is not None and self.best["row"]["round"] == self.done
+    def _best_is_current(self) -> bool:
+        """The selected round is the last one: its adapters are the global one (or the personal ones), saved
+        once (a backbone's state weighs hundreds of MB, 300 personal adapters 630 MB)."""
+        return self.best["row"] is not None and self.best["row"]["round"] == self.done
 
     def _save_checkpoint(self) -> None:
         meta = {"config": self.config, "best_row": self.best["row"], "best_score": self.best["score"],
-                "best_is_global": self._best_is_global(), "dropped": self.dropped}
+                "best_is_current": self._best_is_current(), "dropped": self.dropped}
         checkpoint.save(self.output_dir, self.done, self._tensors(), meta)
 
     def _resume(self) -> int | None:
@@ -274,8 +277,10 @@ class Federation:
         self.server.load_moments({name: part(f"strategy/{name}/") for name in self.server.MOMENTS
                                   if any(k.startswith(f"strategy/{name}/") for k in tensors)})
         count = len({k.split("/")[1] for k in tensors if k.startswith("best/")})
-        states = ([{k: v.clone() for k, v in self.global_state.items()}] if meta["best_is_global"] else
-                  [part(f"best/{i}/") for i in range(count)])
+        if meta.get("best_is_current", meta.get("best_is_global")):  # (the key of checkpoints of an older fedclip)
+            states = [{k: v.clone() for k, v in s.items()} for s in self.client_states()[1]]
+        else:
+            states = [part(f"best/{i}/") for i in range(count)]
         self.best = {"row": meta["best_row"], "score": meta["best_score"], "states": states}
         self.dropped = dict(meta.get("dropped", {}))
         self.done = int(meta["round"])

@@ -55,6 +55,21 @@ def test_a_run_interrupted_after_a_round_resumes_to_the_same_outputs(planted_cac
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())  # no checkpoint left
 
 
+def test_a_checkpoint_holds_the_selected_rounds_adapters_once_when_they_are_the_current_ones(planted_cache, tmp_path,
+                                                                                              monkeypatch):
+    """300 personal adapters weigh 630 MB: the checkpoint of a round that was selected does not write them twice."""
+    from federate import checkpoint
+
+    train = CachedBackend.train
+    monkeypatch.setattr(CachedBackend, "train", lambda self, fed, r, s: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if r == 3 else train(self, fed, r, s))
+    with pytest.raises(Interrupted):
+        run_federate(planted_cache, tmp_path, "method=local", "lr=1e-2", rounds=6)
+    meta, tensors = checkpoint.load(tmp_path)
+    assert meta["round"] == 2 and meta["best_row"]["round"] == 2 and meta["best_is_current"]
+    assert {k.split("/")[0] for k in tensors} == {"global", "personal"}
+
+
 def test_another_config_in_an_unfinished_runs_folder_is_refused_naming_what_differs(planted_cache, tmp_path,
                                                                                       monkeypatch):
     monkeypatch.setattr(CachedBackend, "train", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -154,3 +154,26 @@ def test_clients_evaluated_with_one_adapter_in_one_pass_each_get_their_own_accur
     direct = [(attai.AttAI().logits(s, r.gather()[0], text, 20.0).argmax(1) == r.labels).float().mean().item()
               if len(r) else 0.0 for s, r in zip(states, sets)]
     assert got == one_by_one == pytest.approx(direct, abs=1e-7)
+
+
+def test_a_strategy_that_reads_each_client_gets_them_stacked(planted_cache, tmp_path, monkeypatch):
+    """The built-in strategies read only the weighted mean, which the CPU runner adds up as clients train; a
+    strategy that needs each client's adapter (a robust aggregation) gets them stacked, and the image backbones,
+    which hold one model at a time, refuse it in one line."""
+    from conftest import config
+
+    from federate import methods
+    from federate.backbone.runner import run_images
+    from federate.errors import ConfigError
+    from federate.run import CachedBackend, setup
+
+    cfg = config("federate", [f"cache_file={planted_cache}", "model.name=fedclip/planted", "target_domain=target"])
+    for each, rows in ((False, 1), (True, 3)):
+        monkeypatch.setattr(strategy.FedAvg, "reads_each_client", each)
+        (tmp_path / str(each)).mkdir()
+        point = setup(cfg, methods.get("fedclip"), tmp_path / str(each), progress=False)
+        point.federation.runlog.close()
+        update = CachedBackend(point).train(point.federation, 1, [0, 1, 2])
+        assert len(update.num_examples) == rows and update.stacked["image.0.weight"].shape[0] == rows
+    with pytest.raises(ConfigError, match="strategy=fedavg reads each client's model; the image backbones"):
+        run_images(config("federate", ["method=fedavg_full"]), methods.get("fedavg_full"), tmp_path / "images", 0.0)

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from .. import adapters, strategy
+from ..errors import ConfigError
 from ..experiment import cost_figures, finish, mean, resolve_device, summarize, target_and_participants, train_settings
 from ..federation import ClientInfo, Federation, Update
 from ..splits import splits_to_ids
@@ -65,6 +66,9 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     workers = default_workers(cfg.backbone.get("num_workers", "auto"), device)
     eval_size = int(cfg.backbone.get("eval_batch_size", 128))
     server = strategy.build(cfg.strategy, cfg.aggregation)
+    if server.reads_each_client:  # one model in memory: the clients are added up as they train
+        raise ConfigError(f"strategy={server.name} reads each client's model; the image backbones hand the strategy "
+                          "the weighted mean of the clients' models (pick a strategy that reads only that mean)")
     settings = backbone_settings(cfg, train_settings(cfg, method))
 
     # 1. images and model

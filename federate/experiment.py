@@ -180,10 +180,17 @@ def capped_batch(settings: TrainSettings, rows: int) -> TrainSettings:
     return replace(settings, batch_size=rows)
 
 
+def trained_per_round(cfg, clients: int) -> int:
+    """How many clients train, and communicate, each round (`clients_per_round`; all by default)."""
+    value = cfg.get("clients_per_round")
+    return clients if value is None else max(1, min(int(value), clients))  # (out of range: refused by Federation)
+
+
 def cost_figures(method: Method, adapter_params: int, clients: int, clip_params: int, rounds: int,
                  sent_bytes: int | None = None) -> dict:
     """What crosses the wire, against FedAvg fine-tuning the whole CLIP: `sent_bytes` per client and
-    direction (default: the trainable parameters as float32), when the method communicates."""
+    direction (default: the trainable parameters as float32), when the method communicates; `clients`:
+    those that train each round (`trained_per_round`)."""
     per_client = (4 * adapter_params if sent_bytes is None else sent_bytes) if method.aggregates else 0
     per_round = {"up": clients * per_client, "down": clients * per_client}
     full = {"up": clients * 4 * clip_params, "down": clients * 4 * clip_params}
@@ -346,10 +353,14 @@ def finish(output_dir: Path, summary: dict, cfg, start: float) -> dict:
     summary["wall_seconds"] = time.time() - start
     summary["config"] = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    per = summary["personalization"]  # every client's, or per domain when there are many
+    if len(per) > 8 and summary.get("personalization_domains"):
+        per = {f"{d} ({sum(c['domain'] == d for c in summary['clients'].values())} clients)": v
+               for d, v in summary["personalization_domains"].items()}
     log.info("best round %d (%s): generalization (%s) %s, personalization %s (mean %.2f%%), overall %.2f%%",
              summary["best_round"], summary["selection"], summary["target_domain"], percent(summary["generalization"]),
-             ", ".join(f"{k} {100 * v:.2f}%" for k, v in summary["personalization"].items()),
-             100 * summary["personalization_mean"], 100 * summary["overall"])
+             ", ".join(f"{k} {100 * v:.2f}%" for k, v in per.items()), 100 * summary["personalization_mean"],
+             100 * summary["overall"])
     if summary["trainable_params"]:
         full, per_round = summary["fedavg_full_clip"], summary["bytes_per_round"]
         log.info("cost per round: %s parameters, %.2f MB up + %.2f MB down; FedAvg on the whole CLIP: %s "

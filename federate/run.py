@@ -26,7 +26,7 @@ from .engine import ClientSets, TrainSettings, client_generator, make_trainer
 from .evaluate import accuracies, pick
 from .experiment import (cache_path, capped_batch, check_settings, class_text, cost_figures, describe_clients, domain_rows,
                          finish, identity_of, make_client, mean, pooled_embeddings, resolve_device, save_adapters,
-                         summarize, target_and_participants, train_settings)
+                         summarize, target_and_participants, train_settings, trained_per_round)
 from .federation import ClientInfo, Federation, Update
 from .partition import check_runner, make_clients, restrict_classes, splits_json
 
@@ -102,7 +102,8 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     global_state = {k: v.to(device) for k, v in
                     adapters.init_params(adapter, cache.embed_dim, int(cfg.seed), text).items()}
     trainable = adapters.num_parameters(global_state)
-    cost = cost_figures(method, trainable, len(clients), cache.model_num_parameters, int(cfg.rounds))
+    cost = cost_figures(method, trainable, trained_per_round(cfg, len(clients)), cache.model_num_parameters,
+                        int(cfg.rounds))
     log.info("%s on %s: target %s, %s, adapter %s, %s trainable parameters", method.name, cache.dataset_name,
              target, describe_clients(clients), adapter.name, f"{trainable:,}")
 

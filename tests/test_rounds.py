@@ -35,6 +35,8 @@ def test_sampled_rounds_train_and_average_only_the_sampled_clients_and_evaluate_
         assert len(r["sampled"]) == 2 and set(r["train_loss"]) == set(r["sampled"])
         assert set(r["val_acc"]) == set(r["test_acc"]) == {"alpha", "beta", "gamma"} and r["target_acc"] is not None
     assert len({tuple(r["sampled"]) for r in rows}) > 1 and s["clients_per_round"] == 2
+    per_client = 4 * s["trainable_params"]  # what crosses the wire: the sampled clients' adapters only
+    assert s["bytes_per_round"] == {"up": 2 * per_client, "down": 2 * per_client}
     again = run_federate(planted_cache, tmp_path / "b", "clients_per_round=2", "aggregation=samples", rounds=6)
     assert [r["sampled"] for r in history(tmp_path / "b")] == [r["sampled"] for r in rows]
     assert again["overall"] == s["overall"]

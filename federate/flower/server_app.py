@@ -30,7 +30,7 @@ from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
 from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_rows, finish, pooled_embeddings,
-                          resolve_device, save_adapters, summarize, target_and_participants)
+                          resolve_device, save_adapters, summarize, target_and_participants, trained_per_round)
 from ..federation import ClientInfo, Federation, Interrupted, Update
 from .task import (check_arrays, check_eval_metrics, check_registration, check_train_metrics, check_update,
                    settings_from_run_config, ship)
@@ -221,7 +221,7 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     global_state = {k: v.to(device) for k, v in adapters.init_params(adapter, cache.embed_dim, cfg.seed, text).items()}
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
     nodes = Nodes(grid, cfg, participants)
-    cost = cost_figures(method, adapters.num_parameters(global_state), len(nodes.clients),
+    cost = cost_figures(method, adapters.num_parameters(global_state), trained_per_round(cfg, len(nodes.clients)),
                         cache.model_num_parameters, cfg.rounds)
     federation = Federation(cfg, method, nodes.clients, global_state, server, output_dir, target=target)
     stopped = None

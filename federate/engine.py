@@ -265,7 +265,7 @@ class BatchedTrainer(LockstepTrainer):
         W = attai.layers(params, "image")
         image, saved = attai.forward(*W, x, self.low, None if self.xs_low is None else self.xs_low[step, :k])
         if self.rows_text is not None:
-            loss, d_image, _ = contrastive_grad(image, self.rows_text[step, :k], ok, self.scale)
+            loss, d_image, _ = contrastive_grad(image, self.rows_text[step, :k], ok, self.scale, text_grad=False)
         else:
             if self.text_tower:
                 texts, text_saved = attai.forward(*attai.layers(params, "text"), self.text.expand(k, *self.text.shape),

@@ -62,8 +62,9 @@ def timed_pieces(run) -> dict:
     from federate.adapters import attai
 
     spent = dict.fromkeys(PIECES, 0.0)
+    adam = "adam_step" if hasattr(engine, "adam_step") else "adam"  # older revisions call torch's adam directly
     wrapped = [(attai, "forward", "forward"), (attai, "backward", "backward"), (engine, "contrastive_grad", "loss"),
-               (engine, "adam", "adam"), (engine, "first_adam_step", "adam")]
+               (engine, adam, "adam"), (engine, "first_adam_step", "adam")]
     originals = []
     for module, name, piece in wrapped:
         original = getattr(module, name)

@@ -2,6 +2,7 @@
 floor? Ratios are measured in the same process, interleaved, best of --repeats.
 
     python bench/partition_speed.py [--repeats 3] [--threads N] [--domainnet] [--domainnet-rounds 1]
+        [--no-pacs] [--no-process] [--cache-dir DIR]
 
 1. PACS-sized cache (target art_painting, 4,765 training rows): seconds per round of local training
    (the engine alone: federate/engine.py, engine=auto on a CPU) and of a whole round (training,
@@ -10,7 +11,8 @@ floor? Ratios are measured in the same process, interleaved, best of --repeats.
    ratio of at most 1.5.
 2. --domainnet: a DomainNet-sized cache (586,575 rows x 512, 345 classes, 6 domains, target clipart):
    seconds per round against the floor, the round's multiply-adds at the matmul throughput measured
-   here, and the peak resident memory of a whole `python -m federate` process against the cache's size.
+   here (and that floor plus the round's fused Adam steps, bench/step_speed.py), and the peak resident
+   memory of a whole `python -m federate` process against the cache's size.
 """
 from __future__ import annotations
 
@@ -49,6 +51,19 @@ def floors(point) -> tuple[str, float, float]:
     return (f"{flops / 1e9:.0f} GFLOP: floor {flops / small / 1e9:.2f} s at the {small:.0f} GFLOP/s of a [32, 512] x "
             f"[512, 512] multiply, {flops / large / 1e9:.2f} s at the {large:.0f} GFLOP/s of a [4096, 512] one"), \
         flops / small / 1e9, flops / large / 1e9
+
+
+def adam_floor(point) -> tuple[float, int]:
+    """Seconds of the round's Adam steps at torch's fused Adam over one adapter (best of 50, one step per
+    32-row batch: it reads and writes every weight and both moments, a cost the multiply-adds leave out),
+    and the number of steps."""
+    from federate.engine import batches_per_epoch
+    from step_speed import floors as step_floors
+
+    steps = sum(batches_per_epoch(len(c.train[1]), int(point.cfg.batch_size)) for c in point.clients) \
+        * int(point.cfg.local_epochs)
+    per_step = step_floors()
+    return steps * (per_step["matmul_adam"] - per_step["matmul"]), steps
 
 
 def round_flops(point) -> float:
@@ -91,8 +106,8 @@ def timed_rounds(cfg, out: Path, rounds: int):
     return whole, train, point
 
 
-def many_clients(tmp: Path, repeats: int, rounds: int) -> None:
-    cache = pacs_sized_cache(tmp / "pacs_sized.h5")
+def many_clients(tmp: Path, caches: Path, repeats: int, rounds: int) -> None:
+    cache = pacs_sized_cache(caches / "pacs_sized.h5")
     best: dict[str, tuple[float, float]] = {}
     sizes, points = {}, {}
     for repeat in range(repeats):
@@ -114,15 +129,23 @@ def many_clients(tmp: Path, repeats: int, rounds: int) -> None:
     print(f"   300 clients vs 3, whole round: {ratio:.2f}x ({'met' if ratio <= 1.5 else 'NOT met'}: the goal is 1.5x)")
 
 
-def domainnet(tmp: Path, rounds: int) -> None:
-    cache = domainnet_sized_cache(tmp / "domainnet_sized.h5")
+def domainnet(tmp: Path, caches: Path, rounds: int, with_process: bool = True) -> None:
+    cache = domainnet_sized_cache(caches / "domainnet_sized.h5")
     from federate.cache import load_cache
 
     load_cache(cache)
     cfg = compose(cache, [f"rounds={rounds}"])
     whole, train, point = timed_rounds(cfg, tmp / "dn", rounds)
     text, small, large = floors(point)
+    adam, steps = adam_floor(point)
     size = Path(cache).stat().st_size
+    print(f"2. DomainNet-sized (586,575 x 512, 345 classes), target clipart, {rounds} round(s):")
+    print(f"   whole round {whole:.1f} s (local training alone {train:.1f} s); {text}: {whole / small:.2f}x and "
+          f"{whole / large:.2f}x the floors")
+    print(f"   with the {steps} training steps' fused Adam ({adam:.2f} s) added to the first floor: "
+          f"{small + adam:.2f} s, {whole / (small + adam):.2f}x")
+    if not with_process:
+        return
     out = tmp / "dn_process"
     import torch
 
@@ -136,9 +159,6 @@ def domainnet(tmp: Path, rounds: int) -> None:
     proc = subprocess.run([sys.executable, "-c", code, f"cache_file={cache}", "model.name=fedclip/planted", "rounds=1",
                            f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True)
     rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("maxrss_kb")]
-    print(f"2. DomainNet-sized (586,575 x 512, 345 classes), target clipart, {rounds} round(s):")
-    print(f"   whole round {whole:.1f} s (local training alone {train:.1f} s); {text}: {whole / small:.2f}x and "
-          f"{whole / large:.2f}x the floors")
     if rss:
         print(f"   peak resident memory of python -m federate rounds=1: {rss[0] / 1024:.0f} MB for a "
               f"{size / 1e6:.0f} MB cache ({rss[0] * 1024 / size:.2f}x)")
@@ -153,6 +173,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--domainnet", action="store_true", help="also the DomainNet-sized round (minutes)")
     parser.add_argument("--domainnet-rounds", type=int, default=1)
+    parser.add_argument("--no-pacs", action="store_true", help="skip the PACS-sized runs (1.)")
+    parser.add_argument("--no-process", action="store_true", help="skip the whole-process memory run of 2.")
+    parser.add_argument("--cache-dir", type=Path, help="keep the planted caches here, to reuse them in later runs "
+                        "(default: a fresh temporary folder)")
     args = parser.parse_args()
     import torch
 
@@ -160,11 +184,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     tmp = Path(tempfile.mkdtemp(prefix="fedclip-partition-bench-"))
+    caches = args.cache_dir or tmp
+    caches.mkdir(parents=True, exist_ok=True)
     print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
-    many_clients(tmp, args.repeats, args.rounds)
+    if not args.no_pacs:
+        many_clients(tmp, caches, args.repeats, args.rounds)
     if args.domainnet:
-        domainnet(tmp, args.domainnet_rounds)
+        domainnet(tmp, caches, args.domainnet_rounds, with_process=not args.no_process)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,26 @@
 """Where a large client's training step goes, against the step's floors, and the code against a baseline
 revision measured in the same run.
 
-    python bench/step_speed.py [--rows 30000] [--threads 1] [--repeats 3] [--baseline main] [--precision fp32]
+    python bench/step_speed.py [--rows 30000] [--threads 1] [--rounds 5] [--baseline main] [--precision fp32]
 
-Every measurement is a fresh process that trains one client of --rows rows (d = 512, 345 classes, a
-DomainNet client's shape) for one round with engine=sequential (the CPU default) and reports, per 32-row
-step: the whole round's time (best of --rounds rounds), then the time of each piece (AttAI's forward, the
-loss, AttAI's backward, the Adam step, and the rest: the batch gather, the loop), timed around each call in
-a further round, and two floors measured in the same process:
+It trains one client of --rows rows (d = 512, 345 classes, a DomainNet client's shape) for a round with
+engine=sequential (the CPU default) and reports, per 32-row step: the whole round's time (best of --rounds
+rounds), then the time of each piece (from the faster of two further rounds: AttAI's forward, the
+loss, AttAI's backward, the Adam step, and the rest: the batch gather, the loop), timed around
+each call), and two floors measured in the same process:
 - matmul: the step's five [32, 512] x [512, 512]-sized products at the best-of-50 throughput of a
   [1, 32, 512] @ [1, 512, 512] bmm (the floor of bench/partition_speed.py);
 - matmul + Adam: that, plus torch's fused Adam over the 525,312 parameters (best of 50), which reads and
   writes every weight and both moments each step.
 
-With --baseline REV the same worker also runs on `git archive REV federate` (the training code of that
-revision), the two alternating --repeats times (baseline, current, baseline, ...); the ratio is taken on
-the best of each. The machine is shared and noisy: compare only numbers from one run.
+With --baseline REV the training code of that revision (`git archive REV federate`, imported as
+federate_baseline) trains the same rows in the same process, its rounds alternating with the current
+code's (baseline, current, baseline, ...); the ratio is taken on the best of each. The machine is shared
+and noisy: compare only numbers from one run.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -56,11 +56,8 @@ def floors(d: int = 512) -> dict:
     return {"matmul": matmul, "matmul_adam": matmul + step}
 
 
-def timed_pieces(run) -> dict:
+def timed_pieces(run, engine, attai) -> dict:
     """Seconds spent in each piece during `run()`, by wrapping the functions the engine calls."""
-    from federate import engine
-    from federate.adapters import attai
-
     spent = dict.fromkeys(PIECES, 0.0)
     adam = "adam_step" if hasattr(engine, "adam_step") else "adam"  # older revisions call torch's adam directly
     wrapped = [(attai, "forward", "forward"), (attai, "backward", "backward"), (engine, "contrastive_grad", "loss"),
@@ -86,45 +83,64 @@ def timed_pieces(run) -> dict:
     return spent
 
 
-def worker(args) -> None:
+def baseline_package(revision: str) -> str:
+    """The training code of `revision` (git archive of federate/), importable as `federate_baseline`."""
+    folder = Path(tempfile.mkdtemp(prefix="fedclip-step-baseline-"))
+    archive = subprocess.run(["git", "archive", revision, "federate"], cwd=ROOT, capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"git archive {revision} failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    (folder / "federate").rename(folder / "federate_baseline")  # the package imports itself relatively only
+    sys.path.insert(0, str(folder))
+    return "federate_baseline"
+
+
+def measure(args) -> dict[str, dict]:
+    """Per side (the current code, and the baseline's if any): seconds per step, whole and by piece, with
+    the sides' rounds interleaved in this process on the same rows."""
+    import importlib
+
     import torch
-    from federate.adapters.attai import AttAI
-    from federate.engine import ClientSets, TrainSettings, client_generator, make_trainer
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    sys.path.insert(0, str(ROOT))
+    packages = {"current": "federate"}
+    if args.baseline:
+        packages = {args.baseline: baseline_package(args.baseline), **packages}
     gen = torch.Generator().manual_seed(0)
     d, classes = 512, 345
     x = torch.nn.functional.normalize(torch.randn(args.rows, d, generator=gen), dim=-1)
     y = torch.randint(0, classes, (args.rows,), generator=gen)
     text = torch.randn(classes, d, generator=gen)
-    adapter = AttAI()
-    torch.manual_seed(0)
-    state = {k: v[None].clone() for k, v in adapter.init(d, text).items()}
-    trainer = make_trainer("sequential", adapter, ClientSets([x], [y]), text, 100.0,
-                           TrainSettings(lr=5e-5, precision=args.precision))
     steps = args.rows // 32 + (args.rows % 32 >= 2)
+    runs, modules = {}, {}
+    for name, package in packages.items():
+        engine = importlib.import_module(f"{package}.engine")
+        attai = importlib.import_module(f"{package}.adapters.attai")
+        adapter = attai.AttAI()
+        torch.manual_seed(0)
+        state = {k: v[None].clone() for k, v in adapter.init(d, text).items()}
+        trainer = engine.make_trainer("sequential", adapter, engine.ClientSets([x], [y]), text, 100.0,
+                                      engine.TrainSettings(lr=5e-5, precision=args.precision))
 
-    def run() -> float:
-        t = time.perf_counter()
-        trainer.train(state, 1, [client_generator(0, "client", 1)])
-        return time.perf_counter() - t
+        def run(trainer=trainer, state=state, engine=engine) -> float:
+            t = time.perf_counter()
+            trainer.train(state, 1, [engine.client_generator(0, "client", 1)])
+            return time.perf_counter() - t
 
-    run()  # warm-up: buffers, first-touch of the client's rows
-    whole = min(run() for _ in range(args.rounds))
-    pieces = timed_pieces(run)
-    print(json.dumps({"steps": steps, "step": whole / steps, **{k: v / steps for k, v in pieces.items() if k != "whole"},
-                      **floors()}))
-
-
-def measure(python_path: Path, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(python_path), "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, __file__, "--worker", "--rows", str(args.rows), "--threads", str(args.threads),
-           "--rounds", str(args.rounds), "--precision", args.precision]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        raise SystemExit(f"the worker failed ({python_path}): {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        run()  # warm-up: buffers, first touch of the rows
+        runs[name], modules[name] = run, (engine, attai)
+    rounds = {name: [] for name in runs}
+    for _ in range(args.rounds):  # interleaved: the machine's load changes from minute to minute
+        for name, run in runs.items():
+            rounds[name].append(run() / steps)
+    out = {}
+    for name, run in runs.items():
+        pieces = min((timed_pieces(run, *modules[name]) for _ in range(2)), key=lambda p: p["whole"])
+        out[name] = {"steps": steps, "step": min(rounds[name]), "rounds": rounds[name],
+                     **{k: v / steps for k, v in pieces.items() if k != "whole"}, **floors()}
+    return out
 
 
 def line(name: str, r: dict) -> str:
@@ -139,36 +155,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=30_000, help="the client's training rows")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per process (best of)")
-    parser.add_argument("--repeats", type=int, default=3, help="processes per side, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side, interleaved (best of)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--baseline", help="a git revision whose training code to measure against")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return worker(args)
-    sides = {"current": ROOT}
-    if args.baseline:
-        base = Path(tempfile.mkdtemp(prefix="fedclip-step-baseline-"))
-        archive = subprocess.run(["git", "archive", args.baseline, "federate"], cwd=ROOT, capture_output=True)
-        if archive.returncode:
-            raise SystemExit(f"git archive {args.baseline} failed: {archive.stderr.decode().strip()}")
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
-        sides = {f"{args.baseline}": base, **sides}
-    results: dict[str, list[dict]] = {name: [] for name in sides}
-    for _ in range(args.repeats):
-        for name, path in sides.items():
-            results[name].append(measure(path, args))
-    best = {name: min(rs, key=lambda r: r["step"]) for name, rs in results.items()}
-    print(f"one client of {args.rows} rows, {best['current']['steps']} steps of 32 rows, {args.precision}, "
-          f"{args.threads} thread(s), best of {args.repeats} process(es) x {args.rounds} round(s); "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
-    for name, r in best.items():
+    results = measure(args)
+    current = results["current"]
+    print(f"one client of {args.rows} rows, {current['steps']} steps of 32 rows, {args.precision}, "
+          f"{args.threads} thread(s), best of {args.rounds} round(s) per side; load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    for name, r in results.items():
         print(line(name, r))
     if args.baseline:
-        ratios = [b["step"] / c["step"] for b, c in zip(results[args.baseline], results["current"])]
-        print(f"   current is {best[args.baseline]['step'] / best['current']['step']:.2f}x as fast as {args.baseline} "
-              f"(best against best; pair by pair: {', '.join(f'{r:.2f}' for r in ratios)})")
+        base = results[args.baseline]
+        ratios = [b / c for b, c in zip(base["rounds"], current["rounds"])]
+        print(f"   current is {base['step'] / current['step']:.2f}x as fast as {args.baseline} "
+              f"(best against best; round by round: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

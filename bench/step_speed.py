@@ -148,7 +148,7 @@ def measure(args) -> dict[str, dict]:
 def line(name: str, r: dict) -> str:
     ms = {k: 1e3 * r[k] for k in ("step", *PIECES, "rest", "matmul", "matmul_adam")}
     return (f"   {name:9s} {ms['step']:.3f} ms/step = forward {ms['forward']:.3f} + loss {ms['loss']:.3f} + backward "
-            f"{ms['backward']:.3f} + Adam {ms['adam']:.3f} + rest {ms['rest']:.3f} (pieces from a timed round); "
+            f"{ms['backward']:.3f} + Adam {ms['adam']:.3f} + rest {ms['rest']:.3f} (pieces: the faster of two timed rounds); "
             f"{ms['step'] / ms['matmul']:.2f}x the matmul floor ({ms['matmul']:.3f} ms), "
             f"{ms['step'] / ms['matmul_adam']:.2f}x matmul + Adam ({ms['matmul_adam']:.3f} ms)")
 

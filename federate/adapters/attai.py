@@ -86,7 +86,7 @@ def backward(W2, saved, dfn: torch.Tensor, grads) -> None:
     in the precision `forward` ran in (W2 is the fp32 weight; a bf16 forward saved its bf16 copy)."""
     x, h, a, fn, norm, xl, hl, W2l = saved
     dW1, db1, dW2, db2 = grads
-    # in place where a temporary is not read again: each [k, B, d] temporary costs about as much as its op
+    # in place where a temporary is not read again: fewer [k, B, d] tensors to allocate and write
     da = torch.addcmul(dfn, fn, (dfn * fn).sum(-1, keepdim=True), value=-1).div_(norm)  # through f / ||f||
     da.mul_(x)  # through g(x) * x
     dz2 = da.sub_((da * a).sum(-1, keepdim=True)).mul_(a)  # through softmax

@@ -22,7 +22,9 @@ run does not count), with more in wall time; compare only numbers from one run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,6 +90,7 @@ def timed_pieces(run, engine, attai) -> dict:
 def baseline_package(revision: str) -> str:
     """The training code of `revision` (git archive of federate/), importable as `federate_baseline`."""
     folder = Path(tempfile.mkdtemp(prefix="fedclip-step-baseline-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     archive = subprocess.run(["git", "archive", revision, "federate"], cwd=ROOT, capture_output=True)
     if archive.returncode:
         raise SystemExit(f"git archive {revision} failed: {archive.stderr.decode().strip()}")

@@ -2,6 +2,7 @@
 floor? Ratios are measured in the same process, interleaved, best of --repeats.
 
     python bench/partition_speed.py [--repeats 3] [--threads N] [--domainnet] [--domainnet-rounds 1]
+        [--no-pacs] [--no-process] [--cache-dir DIR]
 
 1. PACS-sized cache (target art_painting, 4,765 training rows): seconds per round of local training
    (the training alone, as a round runs it: federate/run.py CachedBackend.train, engine=auto on a CPU,
@@ -11,7 +12,8 @@ floor? Ratios are measured in the same process, interleaved, best of --repeats.
    ratio of at most 1.5.
 2. --domainnet: a DomainNet-sized cache (586,575 rows x 512, 345 classes, 6 domains, target clipart):
    seconds per round against the floor, the round's multiply-adds at the matmul throughput measured
-   here, and the peak resident memory of a whole `python -m federate` process against the cache's size.
+   here (and that floor plus the round's fused Adam steps, bench/step_speed.py), and the peak resident
+   memory of a whole `python -m federate` process against the cache's size.
 """
 from __future__ import annotations
 
@@ -52,6 +54,19 @@ def floors(point) -> tuple[str, float, float]:
         flops / small / 1e9, flops / large / 1e9
 
 
+def adam_floor(point) -> tuple[float, int]:
+    """Seconds of the round's Adam steps at torch's fused Adam over one adapter (best of 50, one step per
+    32-row batch: it reads and writes every weight and both moments, a cost the multiply-adds leave out),
+    and the number of steps."""
+    from federate.engine import batches_per_epoch
+    from step_speed import floors as step_floors
+
+    steps = sum(batches_per_epoch(len(c.train), int(point.cfg.batch_size)) for c in point.clients) \
+        * int(point.cfg.local_epochs)
+    per_step = step_floors()
+    return steps * (per_step["matmul_adam"] - per_step["matmul"]), steps
+
+
 def round_flops(point) -> float:
     """Multiply-adds x 2 of one round: AttAI's forward (2 d x d products) and backward (3) on every
     training row, its forward and the class logits (d x C) on every evaluated row (validation, and test
@@ -72,32 +87,33 @@ def compose(cache: Path, overrides: list[str]):
 
 
 def timed_rounds(cfg, out: Path, rounds: int):
-    """(seconds per whole round, seconds per round of local training alone, the point) of a fresh run."""
+    """(seconds per whole round, seconds per round of local training alone, the point, and both seconds
+    in this process's CPU time) of a fresh run."""
     from federate import methods
     from federate.run import CachedBackend, setup
 
     out.mkdir(parents=True)
     point = setup(cfg, methods.get(cfg.method.name), out, progress=False)
     backend = CachedBackend(point)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     point.federation.run(backend)
-    whole = (time.perf_counter() - t) / rounds
+    whole, whole_cpu = (time.perf_counter() - t) / rounds, (time.process_time() - cpu) / rounds
     federation, units = point.federation, list(range(len(point.train_sets)))
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for r in range(rounds):  # local training alone, as the rounds ran it (the clients added up as they train)
         backend.train(federation, rounds + 1 + r, units)
-    train = (time.perf_counter() - t) / rounds
-    return whole, train, point
+    train, train_cpu = (time.perf_counter() - t) / rounds, (time.process_time() - cpu) / rounds
+    return whole, train, point, (whole_cpu, train_cpu)
 
 
-def many_clients(tmp: Path, repeats: int, rounds: int) -> None:
-    cache = pacs_sized_cache(tmp / "pacs_sized.h5")
+def many_clients(tmp: Path, caches: Path, repeats: int, rounds: int) -> None:
+    cache = pacs_sized_cache(caches / "pacs_sized.h5")
     best: dict[str, tuple[float, float]] = {}
     sizes, points = {}, {}
     for repeat in range(repeats):
         for name, overrides in PARTITIONS.items():
             cfg = compose(cache, ["target_domain=art_painting", f"rounds={rounds}", *overrides])
-            whole, train, point = timed_rounds(cfg, tmp / f"pacs_{len(overrides)}_{repeat}", rounds)
+            whole, train, point, _ = timed_rounds(cfg, tmp / f"pacs_{len(overrides)}_{repeat}", rounds)
             old = best.get(name, (whole, train))
             best[name] = (min(whole, old[0]), min(train, old[1]))
             sizes[name] = (len(point.clients), sum(len(c.train) for c in point.clients))
@@ -113,17 +129,29 @@ def many_clients(tmp: Path, repeats: int, rounds: int) -> None:
     print(f"   300 clients vs 3, whole round: {ratio:.2f}x ({'met' if ratio <= 1.5 else 'NOT met'}: the goal is 1.5x)")
 
 
-def domainnet(tmp: Path, rounds: int) -> None:
-    cache = domainnet_sized_cache(tmp / "domainnet_sized.h5")
+def domainnet(tmp: Path, caches: Path, rounds: int, with_process: bool = True) -> None:
+    import torch
+
+    cache = domainnet_sized_cache(caches / "domainnet_sized.h5")
     from federate.cache import load_cache
 
     load_cache(cache)
     cfg = compose(cache, [f"rounds={rounds}"])
-    whole, train, point = timed_rounds(cfg, tmp / "dn", rounds)
+    whole, train, point, (whole_cpu, train_cpu) = timed_rounds(cfg, tmp / "dn", rounds)
     text, small, large = floors(point)
+    adam, steps = adam_floor(point)
     size = Path(cache).stat().st_size
+    print(f"2. DomainNet-sized (586,575 x 512, 345 classes), target clipart, {rounds} round(s):")
+    print(f"   whole round {whole:.1f} s (local training alone {train:.1f} s); {text}: {whole / small:.2f}x and "
+          f"{whole / large:.2f}x the floors")
+    print(f"   with the {steps} training steps' fused Adam ({adam:.2f} s) added to the first floor: "
+          f"{small + adam:.2f} s, {whole / (small + adam):.2f}x")
+    if torch.get_num_threads() == 1:  # on a shared machine: the time this process was run
+        print(f"   in CPU time: whole round {whole_cpu:.1f} s (local training alone {train_cpu:.1f} s): "
+              f"{whole_cpu / small:.2f}x the first floor, {whole_cpu / (small + adam):.2f}x with Adam")
+    if not with_process:
+        return
     out = tmp / "dn_process"
-    import torch
 
     threads = str(torch.get_num_threads())  # the same threads as the in-process round
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -135,9 +163,6 @@ def domainnet(tmp: Path, rounds: int) -> None:
     proc = subprocess.run([sys.executable, "-c", code, f"cache_file={cache}", "model.name=fedclip/planted", "rounds=1",
                            f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True)
     rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("maxrss_kb")]
-    print(f"2. DomainNet-sized (586,575 x 512, 345 classes), target clipart, {rounds} round(s):")
-    print(f"   whole round {whole:.1f} s (local training alone {train:.1f} s); {text}: {whole / small:.2f}x and "
-          f"{whole / large:.2f}x the floors")
     if rss:
         print(f"   peak resident memory of python -m federate rounds=1: {rss[0] / 1024:.0f} MB for a "
               f"{size / 1e6:.0f} MB cache ({rss[0] * 1024 / size:.2f}x)")
@@ -152,6 +177,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--domainnet", action="store_true", help="also the DomainNet-sized round (minutes)")
     parser.add_argument("--domainnet-rounds", type=int, default=1)
+    parser.add_argument("--no-pacs", action="store_true", help="skip the PACS-sized runs (1.)")
+    parser.add_argument("--no-process", action="store_true", help="skip the whole-process memory run of 2.")
+    parser.add_argument("--cache-dir", type=Path, help="keep the planted caches here, to reuse them in later runs "
+                        "(default: a fresh temporary folder)")
     args = parser.parse_args()
     import torch
 
@@ -159,11 +188,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     tmp = Path(tempfile.mkdtemp(prefix="fedclip-partition-bench-"))
+    caches = args.cache_dir or tmp
+    caches.mkdir(parents=True, exist_ok=True)
     print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
-    many_clients(tmp, args.repeats, args.rounds)
+    if not args.no_pacs:
+        many_clients(tmp, caches, args.repeats, args.rounds)
     if args.domainnet:
-        domainnet(tmp, args.domainnet_rounds)
+        domainnet(tmp, caches, args.domainnet_rounds, with_process=not args.no_process)
 
 
 if __name__ == "__main__":

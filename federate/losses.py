@@ -7,6 +7,8 @@ prompt of its own label, the other rows' prompts are negatives (same-class ones 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -44,21 +46,29 @@ def ce_loss(image: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor,
     return F.cross_entropy(scale * image @ class_text.T, labels)
 
 
-def contrastive_grad(image, text, valid, scale: float):
+@functools.lru_cache(maxsize=8)
+def _eye(n: int, dtype: torch.dtype, device: torch.device, times: float = 1.0) -> torch.Tensor:
+    return torch.eye(n, dtype=dtype, device=device).mul_(times)  # built once, not every step
+
+
+def contrastive_grad(image, text, valid, scale: float, text_grad: bool = True):
     """Batched contrastive loss over padded batches.
 
     image, text: [k, B, d] normalised; valid: [k, B] bool (padding rows are False), or None when no
     batch has padding (the common case: it skips the masking).
-    Returns (loss [k], d loss / d image [k, B, d], d loss / d text [k, B, d]).
+    Returns (loss [k], d loss / d image [k, B, d], d loss / d text [k, B, d], or None with
+    text_grad=False: fixed prompts need none).
     """
-    logits = scale * torch.bmm(image, text.transpose(1, 2))  # [k, B, B]
-    eye = torch.eye(logits.shape[1], dtype=image.dtype, device=image.device)
+    logits = torch.bmm(image, text.transpose(1, 2)).mul_(scale)  # [k, B, B]
+    eye = _eye(logits.shape[1], image.dtype, image.device)
     if valid is None:
         log_p_row, log_p_col = torch.log_softmax(logits, dim=2), torch.log_softmax(logits, dim=1)
-        nll = -(log_p_row.diagonal(dim1=1, dim2=2) + log_p_col.diagonal(dim1=1, dim2=2))
+        nll_sum = torch.add(log_p_row.diagonal(dim1=1, dim2=2), log_p_col.diagonal(dim1=1, dim2=2)).sum(1)
         n = logits.shape[1]
-        dlogits = (log_p_row.exp_() + log_p_col.exp_() - 2 * eye) * (scale / (2 * n))
-        return nll.sum(1) / (2 * n), torch.bmm(dlogits, text), torch.bmm(dlogits.transpose(1, 2), image)
+        dlogits = log_p_row.exp_().add_(log_p_col.exp_()).sub_(_eye(n, image.dtype, image.device, 2.0))
+        dlogits.mul_(scale / (2 * n))
+        d_text = torch.bmm(dlogits.transpose(1, 2), image) if text_grad else None
+        return nll_sum.div_(-2 * n), torch.bmm(dlogits, text), d_text
     row_ok, col_ok = valid[:, :, None], valid[:, None, :]
     n = valid.sum(1).to(image.dtype)  # valid rows per client (>= 2)
     log_p_row = torch.log_softmax(logits.masked_fill(~col_ok, float("-inf")), dim=2)
@@ -67,7 +77,7 @@ def contrastive_grad(image, text, valid, scale: float):
     loss = torch.where(valid, nll, 0).sum(1) / (2 * n)
     dlogits = (torch.where(row_ok, log_p_row.exp() - eye, 0) + torch.where(col_ok, log_p_col.exp() - eye, 0))
     dlogits = dlogits * (scale / (2 * n))[:, None, None]
-    return loss, torch.bmm(dlogits, text), torch.bmm(dlogits.transpose(1, 2), image)
+    return loss, torch.bmm(dlogits, text), torch.bmm(dlogits.transpose(1, 2), image) if text_grad else None
 
 
 def ce_grad(image, class_text, labels, valid, scale: float):

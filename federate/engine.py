@@ -343,17 +343,20 @@ class BatchedTrainer(LockstepTrainer):
         `total` as `fold_first_adam_step` does (less their weight times `start`, which the caller adds).
         The weights being the same for all, the activations and loss gradients of a few clients' rows are
         computed together, without padding; then, one client at a time, its weight gradients (two
-        products, the weight decay added by the product) and its step go into `total`: no client's adapter
+        products) and its step go into `total`: no client's adapter
         is ever written, and 300 small clients cost about what their rows cost. Returns their losses."""
         s, K, low = self.settings, len(clients), low_dtype(self.settings.precision)
         B = min(s.batch_size, max(2, max(clients.sizes)))
         idx, valid, _, _ = make_schedule(clients.sizes, B, 1, generators)  # [1, K, B]: each its one batch
         rows, valid = clients.global_rows(idx)[0], valid[0].to(clients.device)
         used = valid.sum(1).tolist()
-        keys = list(start)
-        decay = {q: start[q] * s.weight_decay for q in keys}  # each client's gradient starts from it (L2 decay)
-        grads = {q: torch.empty_like(v) for q, v in start.items()}
-        scratch = [torch.empty_like(start[q]) for q in keys]
+        # one flat buffer per quantity, every tensor a view of it: a client's step is four kernels, not sixteen
+        flat = lambda parts: torch.cat([p.flatten() for p in parts])  # noqa: E731
+        g, scratch, sum_ = flat(start.values()), torch.empty(sum(v.numel() for v in start.values())), flat(total.values())
+        decay = flat(start.values()).mul_(s.weight_decay)  # L2 weight decay: each client's gradient adds it
+        grads, at = {}, 0
+        for q, v in start.items():
+            grads[q], at = g[at:at + v.numel()].view_as(v), at + v.numel()
         W = [t.unsqueeze(0) for t in attai.layers(start, "image")]
         losses, first = [], 0
         while first < K:
@@ -377,11 +380,14 @@ class BatchedTrainer(LockstepTrainer):
             inputs = attai.weight_gradient_inputs(saved, dz1, dz2)
             at = 0
             for k in range(first, last):
-                attai.weight_gradients(inputs, slice(at, at + used[k]), attai.layers(grads, "image"),
-                                       attai.layers(decay, "image"))
-                fold_first_adam_step([grads[q] for q in keys], scratch, [total[q] for q in keys], weights[k], s)
+                attai.weight_gradients(inputs, slice(at, at + used[k]), attai.layers(grads, "image"))
+                fold_first_adam_step([g.add_(decay)], [scratch], [sum_], weights[k], s)
                 at += used[k]
             first = last
+        at = 0
+        for v in total.values():  # the folded sum back into the caller's tensors
+            v.copy_(sum_[at:at + v.numel()].view_as(v))
+            at += v.numel()
         return torch.cat(losses)
 
 

@@ -118,17 +118,15 @@ def weight_gradient_inputs(saved, dz1: torch.Tensor, dz2: torch.Tensor) -> tuple
     return tuple(flat)
 
 
-def weight_gradients(inputs: tuple, rows: slice, grads, initial) -> None:
-    """(dW1, db1, dW2, db2) of the rows `rows` of `weight_gradient_inputs` alone, plus `initial` (four
-    tensors: the products add them at no extra pass), written into `grads` (fp32)."""
+def weight_gradients(inputs: tuple, rows: slice, grads) -> None:
+    """(dW1, db1, dW2, db2) of the rows `rows` of `weight_gradient_inputs` alone, written into `grads` (fp32)."""
     dz1l, xl, dz2l, hl, dz1, dz2 = inputs
     dW1, db1, dW2, db2 = grads
-    W1_0, b1_0, W2_0, b2_0 = initial
     if dz1l.dtype == dW1.dtype:
-        torch.addmm(W1_0, dz1l[rows].T, xl[rows], out=dW1)
-        torch.addmm(W2_0, dz2l[rows].T, hl[rows], out=dW2)
+        torch.mm(dz1l[rows].T, xl[rows], out=dW1)
+        torch.mm(dz2l[rows].T, hl[rows], out=dW2)
     else:
-        torch.add(W1_0, torch.mm(dz1l[rows].T, xl[rows]), out=dW1)
-        torch.add(W2_0, torch.mm(dz2l[rows].T, hl[rows]), out=dW2)
-    torch.add(b1_0, dz1[rows].sum(0), out=db1)
-    torch.add(b2_0, dz2[rows].sum(0), out=db2)
+        dW1.copy_(torch.mm(dz1l[rows].T, xl[rows]))
+        dW2.copy_(torch.mm(dz2l[rows].T, hl[rows]))
+    torch.sum(dz1[rows], 0, out=db1)
+    torch.sum(dz2[rows], 0, out=db2)

@@ -17,11 +17,12 @@ import pytest
 flwr = pytest.importorskip("flwr", reason="needs Flower: pip install -e '.[flower]'")
 
 import torch  # noqa: E402
-from conftest import ROOT, config, run_cli  # noqa: E402
+from conftest import ROOT, config, outputs, run_cli, same_outputs  # noqa: E402
 from flwr.app import Context, MessageType, RecordDict  # noqa: E402
 from planted import planted, write_cache  # noqa: E402
 
 from federate.errors import ConfigError  # noqa: E402
+from federate.federation import Interrupted  # noqa: E402
 from federate.flower.client_app import evaluate as client_evaluate  # noqa: E402
 from federate.flower.client_app import query as client_query  # noqa: E402
 from federate.flower.client_app import train as client_train  # noqa: E402
@@ -63,8 +64,8 @@ class FakeGrid:
     """Delivers each message to the real ClientApp handlers in this process. `tamper(domain, round, kind,
     reply)` may alter a reply or return None (the client does not answer)."""
 
-    def __init__(self, tamper=None):
-        self.nodes = {101 + i: d for i, d in enumerate(PARTICIPANTS)}
+    def __init__(self, tamper=None, node_order=PARTICIPANTS):
+        self.nodes = {101 + i: d for i, d in enumerate(node_order)}
         self.tamper = tamper
 
     def get_node_ids(self):
@@ -102,6 +103,30 @@ def test_the_flower_apps_reproduce_the_in_process_runner(cache_file, tmp_path):
     assert flower["backend"] == "flower" and flower["bytes_per_round"] == local["bytes_per_round"]
     for name in ("summary.json", "history.jsonl", "adapter.safetensors"):
         assert (tmp_path / "f" / name).exists()
+
+
+def test_the_updates_are_aggregated_in_the_clients_order_whatever_the_node_ids(cache_file, tmp_path):
+    """Flower draws node ids at random: the order they sort in must not change a bit of the result (a resumed
+    run's SuperNodes get other ids than the run they resume)."""
+    serve(FakeGrid(), flower_cfg(cache_file, tmp_path / "a"), tmp_path / "a")
+    serve(FakeGrid(node_order=PARTICIPANTS[::-1]), flower_cfg(cache_file, tmp_path / "b"), tmp_path / "b")
+    same_outputs(outputs(tmp_path / "a"), outputs(tmp_path / "b"))
+
+
+def test_an_interrupted_flower_run_resumes_without_the_clients_it_had_dropped(cache_file, tmp_path):
+    gone = lambda domain, round_, kind, reply: None if domain == "gamma" and round_ >= 2 else reply  # noqa: E731
+
+    def interrupted(domain, round_, kind, reply):
+        if round_ == 3:
+            raise KeyboardInterrupt
+        return gone(domain, round_, kind, reply)
+
+    serve(FakeGrid(gone), flower_cfg(cache_file, tmp_path / "whole"), tmp_path / "whole")
+    with pytest.raises(Interrupted, match="interrupted after round 2 of 3"):
+        serve(FakeGrid(interrupted), flower_cfg(cache_file, tmp_path / "cut"), tmp_path / "cut")
+    resumed = serve(FakeGrid(gone), flower_cfg(cache_file, tmp_path / "cut"), tmp_path / "cut")
+    assert list(resumed["dropped_clients"]) == ["gamma"] and "round 2" in resumed["dropped_clients"]["gamma"]
+    same_outputs(outputs(tmp_path / "whole"), outputs(tmp_path / "cut"))
 
 
 def test_bf16_over_flower_equals_bf16_in_process(cache_file, tmp_path):

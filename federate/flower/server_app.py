@@ -134,6 +134,8 @@ class FlowerBackend:
         self.nodes, self.federation = nodes, federation
         self.adapter, self.target_set, self.text, self.scale = adapter, target_set, text, scale
         nodes.dropped = federation.dropped
+        # a resumed run: the clients dropped before its checkpoint stay out, as they would have
+        nodes.nodes = [n for n in nodes.nodes if nodes.client_of.get(n) not in federation.dropped]
         self.sizes = {c.name: c.sizes for c in federation.clients}
         self.round = 0
 
@@ -153,7 +155,8 @@ class FlowerBackend:
         glob = federation.global_state
         replies = self.nodes.exchange(MessageType.TRAIN, glob, round_, names)
         updates, counts, losses = [], [], {}
-        for node, reply in replies.items():
+        # in the order of the sampled clients, not of the nodes' random ids: the sums' float order is fixed
+        for node, reply in sorted(replies.items(), key=lambda item: names.index(self.nodes.client_of[item[0]])):
             name = self.nodes.client_of[node]
             arrays = {}
 

@@ -212,22 +212,80 @@ def test_below_min_clients_the_run_stops_keeping_what_it_recorded(cache_file, tm
               tmp_path / "x")
 
 
-def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, tmp_path):
-    """One SuperNode per client: two IID clients per domain, four of the six sampled each round."""
-    clients = ("partition=iid", "partition.clients_per_domain=2", "clients_per_round=4")
-    proc = run_cli("federate", "backend=flower", f"cache_file={cache_file}", "model.name=fedclip/planted",
-                   "target_domain=target", "rounds=3", "lr=1e-3", *clients, f"hydra.run.dir={tmp_path}/sim",
-                   cwd=tmp_path, timeout=240)
+SIMULATED = ("partition=iid", "partition.clients_per_domain=2", "clients_per_round=4")  # 6 clients, 4 a round
+
+
+def simulation_args(cache_file, out) -> list[str]:
+    return ["federate", "backend=flower", f"cache_file={cache_file}", "model.name=fedclip/planted",
+            "target_domain=target", "rounds=4", "lr=1e-3", *SIMULATED, f"hydra.run.dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def simulated(cache_file, tmp_path_factory):
+    """`python -m federate backend=flower`, uninterrupted: its terminal output and its folder."""
+    out = tmp_path_factory.mktemp("simulated") / "sim"
+    proc = run_cli(*simulation_args(cache_file, out), cwd=out.parent, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
-    assert len(simulated["personalization"]) == 6 and simulated["clients_per_round"] == 4
-    same_results(simulated, in_process(cache_file, tmp_path / "l", 3, *clients))
-    rows = [json.loads(line) for line in (tmp_path / "sim" / "history.jsonl").read_text().splitlines()]
-    assert [len(r["sampled"]) for r in rows] == [4, 4, 4]
+    return proc.stdout, out
+
+
+def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, simulated, tmp_path):
+    """One SuperNode per client: two IID clients per domain, four of the six sampled each round."""
+    stdout, out = simulated
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["personalization"]) == 6 and summary["clients_per_round"] == 4
+    same_results(summary, in_process(cache_file, tmp_path / "l", 4, *SIMULATED))
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [len(r["sampled"]) for r in rows] == [4, 4, 4, 4]
     # quiet: Flower's debug lines and deprecation notice, alembic's and Ray's warnings go to the log file only
     noise = ("alembic", "DEPRECATED", "[flwr][DEBUG]", "FutureWarning", "Manually terminating")
-    assert not [line for line in proc.stdout.splitlines() if any(n in line for n in noise)], proc.stdout[-3000:]
-    assert "[flwr][DEBUG]" in (tmp_path / "sim" / "federate.log").read_text()
+    assert not [line for line in stdout.splitlines() if any(n in line for n in noise)], stdout[-3000:]
+    assert "[flwr][DEBUG]" in (out / "federate.log").read_text()
+
+
+def test_a_simulation_stopped_by_ctrl_c_or_sigterm_resumes_to_the_same_outputs(cache_file, simulated, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) after round 1, then `kill` (SIGTERM to the process) after
+    round 2: each stops at once with one line saying how to resume, and leaves no process behind; the same
+    command then ends with the uninterrupted run's outputs."""
+    out, done = tmp_path / "cut", 0
+    history = out / "history.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for stop in (lambda p: os.killpg(p.pid, signal.SIGINT), lambda p: p.send_signal(signal.SIGTERM)):
+        proc = subprocess.Popen([sys.executable, "-m", *simulation_args(cache_file, out)], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:  # stopped as soon as it completes a round
+            wait_for(lambda: proc.poll() is not None or (history.exists() and history.read_text().count("\n") > done),
+                     180, f"round {done + 1}", every=0.01)
+            assert proc.poll() is None, "the run ended before it could be stopped"
+            stop(proc)
+            stdout, _ = proc.communicate(timeout=60)
+            wait_for(lambda: not group_alive(proc.pid), 30, "the run's processes (Ray's included) to end")
+        except BaseException:
+            kill_all([proc])
+            raise
+        done = history.read_text().count("\n")
+        assert done < 4, "the run ended before it could be stopped"
+        lines = [line for line in stdout.splitlines() if "resume with" in line]
+        assert proc.returncode == 130 and len(lines) == 1, stdout[-3000:]
+        assert f"interrupted after round {done} of 4; resume with: " in lines[0] and f"hydra.run.dir={out}" in lines[0]
+        assert "Traceback" not in stdout and "SIGTERM received" not in stdout, stdout[-3000:]
+        assert not (out / "summary.json").exists() and json.loads((out / "checkpoint.json").read_text())["round"] == done
+    resumed = run_cli(*simulation_args(cache_file, out), cwd=tmp_path, timeout=240)
+    assert resumed.returncode == 0 and f"resuming {out} after round {done} of 4" in resumed.stdout, resumed.stdout[-3000:]
+    same_outputs(outputs(simulated[1]), outputs(out))
+    assert not list(out.glob("checkpoint*"))
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (a zombie waiting for its reaper does not), from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]  # after "pid (comm)"
+        except (OSError, IndexError):  # it ended meanwhile
+            continue
+        if state != "Z" and int(group) == pgid:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- a real deployment on loopback
@@ -247,12 +305,12 @@ def kill_all(procs) -> None:
         p.wait(timeout=30)
 
 
-def wait_for(predicate, seconds: float, what: str):
+def wait_for(predicate, seconds: float, what: str, every: float = 0.5):
     deadline = time.time() + seconds
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
 
 

@@ -103,6 +103,32 @@ def test_the_flower_apps_reproduce_the_in_process_runner(cache_file, tmp_path):
     assert flower["backend"] == "flower" and flower["bytes_per_round"] == local["bytes_per_round"]
     for name in ("summary.json", "history.jsonl", "adapter.safetensors"):
         assert (tmp_path / "f" / name).exists()
+    same_splits(tmp_path / "f", tmp_path / "l")
+
+
+def same_splits(flower_dir, local_dir):
+    """The Flower server wrote the in-process run's splits.json, and the summaries say so."""
+    assert (flower_dir / "splits.json").read_bytes() == (local_dir / "splits.json").read_bytes()
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (flower_dir, local_dir))
+    assert a["splits_sha256"] == b["splits_sha256"] is not None
+    assert (a["cache_identity_sha256"], a["cache_checksums"]) == (b["cache_identity_sha256"], b["cache_checksums"])
+
+
+def test_a_node_whose_split_sizes_are_not_the_servers_takes_no_part(cache_file, tmp_path, caplog):
+    """Its cache is not the server's: the splits.json the server writes would not be what it trains on."""
+    from flwr.app import ConfigRecord
+
+    def other_cache(domain, round_, kind, reply):
+        if kind == MessageType.QUERY and domain == "gamma":
+            sizes = json.loads(str(reply.content["config"]["sizes"]))
+            reply.content["config"] = ConfigRecord({**dict(reply.content["config"]),
+                                                    "sizes": json.dumps({**sizes, "train": sizes["train"] + 1})})
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        s = serve(FakeGrid(other_cache), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert "node 103 is not a client of this run: client gamma has split sizes" in caplog.text
+    assert list(s["personalization"]) == ["alpha", "beta"] and "gamma" in json.loads((tmp_path / "splits.json").read_text())
 
 
 def test_the_updates_are_aggregated_in_the_clients_order_whatever_the_node_ids(cache_file, tmp_path):
@@ -235,6 +261,7 @@ def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, simulated,
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["personalization"]) == 6 and summary["clients_per_round"] == 4
     same_results(summary, in_process(cache_file, tmp_path / "l", 4, *SIMULATED))
+    same_splits(out, tmp_path / "l")
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [len(r["sampled"]) for r in rows] == [4, 4, 4, 4]
     # quiet: Flower's debug lines and deprecation notice, alembic's and Ray's warnings go to the log file only

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 BENCH = ROOT / "bench"
+PROJECT = ("federate", "extract")
 sys.path.insert(0, str(BENCH))  # the benchmarks import their `common`
 
 
@@ -19,7 +20,7 @@ def project_imports(path) -> list[tuple[str, str]]:
     """(module, name) of every `from federate... / extract... import name` in a file, inside functions too."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] in ("federate", "extract"):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.partition(".")[0] in PROJECT:
             out += [(node.module, alias.name) for alias in node.names]
     return out
 

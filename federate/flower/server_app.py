@@ -74,9 +74,8 @@ class Nodes:
         infos = {}
         for node, reply in self.exchange(MessageType.QUERY, None, 0).items():
             got = check_registration(reply.content["config"]) if "config" in reply.content else "no config"
-            if isinstance(got, str) or got[0] in infos or got[2] != self.sizes.get(got[0]):
-                why = got if isinstance(got, str) else f"client {got[0]} is already node {self._node_of(got[0])}" \
-                    if got[0] in infos else self._not_in_splits(*got)
+            why = got if isinstance(got, str) else self._not_usable(*got, infos)
+            if why:
                 log.warning("node %s is not a client of this run: %s", node, why)
                 self.nodes.remove(node)
                 continue
@@ -86,11 +85,17 @@ class Nodes:
         self._check_enough(len(infos), f"only {len(infos)} Flower client(s) said which client they are")
         return sorted(infos.values(), key=lambda c: (-c.sizes["train"], c.name))  # the in-process order
 
-    def _not_in_splits(self, name: str, domain: str, sizes: dict[str, int]) -> str:
+    def _not_usable(self, name: str, domain: str, sizes: dict[str, int], infos: dict) -> str | None:
+        """Why a registered client cannot take part (another node is it, or the run's splits do not give it
+        these sizes), or None."""
+        if name in infos:
+            return f"client {name} is already node {self._node_of(name)}"
         if name not in self.sizes:
             return f"client {name} is not one of this run's clients ({', '.join(self.sizes)})"
-        return (f"client {name} has split sizes {sizes}, this run's splits give it {self.sizes[name]} (does its "
-                "cache-file hold the server's cache?)")
+        if sizes != self.sizes[name]:
+            return (f"client {name} has split sizes {sizes}, this run's splits give it {self.sizes[name]} (does "
+                    "its cache-file hold the server's cache?)")
+        return None
 
     def _node_of(self, client: str) -> int | None:
         return next((n for n, c in self.client_of.items() if c == client), None)
@@ -230,7 +235,7 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     clients_cache = load_cache(cfg.cache_file, cfg.model.name, domains=tuple(participants))
     splits = make_clients(clients_cache, participants, cfg)
     sizes = {c.name: {p: len(c.rows[p]) for p in ("train", "val", "test")} for c in splits}
-    # the server holds the held-out domain only
+    # the server trains nothing: it evaluates the held-out domain only
     cache = load_cache(cfg.cache_file, cfg.model.name, domains=(target,) if target is not None else ())
     adapter.prepare(cache, cfg.model)
     target_set = domain_tensors(cache, target, device) if target is not None else None

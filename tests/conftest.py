@@ -50,6 +50,25 @@ def run_federate(cache_file, out, *overrides, rounds: int = 15):
     return run(cfg, out)
 
 
+def outputs(out: Path) -> tuple:
+    """A finished run's summary.json (less its wall time), history.jsonl and adapter, to compare runs."""
+    import json
+
+    from safetensors.torch import load_file
+
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    return summary, (out / "history.jsonl").read_text(), load_file(out / "adapter.safetensors")
+
+
+def same_outputs(a: tuple, b: tuple) -> None:
+    """Two runs' `outputs` are identical: the same summary and history, the same adapter bits."""
+    import torch
+
+    assert a[0] == b[0] and a[1] == b[1]
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
 def draw_shapes(root: Path, per_class: int, seed: int) -> Path:
     """<root>/<domain>/<class>/<i>.png: 2 domains x 2 classes x per_class images of 16 px."""
     import random

@@ -17,11 +17,12 @@ import pytest
 flwr = pytest.importorskip("flwr", reason="needs Flower: pip install -e '.[flower]'")
 
 import torch  # noqa: E402
-from conftest import ROOT, config, run_cli  # noqa: E402
+from conftest import ROOT, config, outputs, run_cli, same_outputs  # noqa: E402
 from flwr.app import Context, MessageType, RecordDict  # noqa: E402
 from planted import planted, write_cache  # noqa: E402
 
 from federate.errors import ConfigError  # noqa: E402
+from federate.federation import Interrupted  # noqa: E402
 from federate.flower.client_app import evaluate as client_evaluate  # noqa: E402
 from federate.flower.client_app import query as client_query  # noqa: E402
 from federate.flower.client_app import train as client_train  # noqa: E402
@@ -63,8 +64,8 @@ class FakeGrid:
     """Delivers each message to the real ClientApp handlers in this process. `tamper(domain, round, kind,
     reply)` may alter a reply or return None (the client does not answer)."""
 
-    def __init__(self, tamper=None):
-        self.nodes = {101 + i: d for i, d in enumerate(PARTICIPANTS)}
+    def __init__(self, tamper=None, node_order=PARTICIPANTS):
+        self.nodes = {101 + i: d for i, d in enumerate(node_order)}
         self.tamper = tamper
 
     def get_node_ids(self):
@@ -102,6 +103,57 @@ def test_the_flower_apps_reproduce_the_in_process_runner(cache_file, tmp_path):
     assert flower["backend"] == "flower" and flower["bytes_per_round"] == local["bytes_per_round"]
     for name in ("summary.json", "history.jsonl", "adapter.safetensors"):
         assert (tmp_path / "f" / name).exists()
+    same_splits(tmp_path / "f", tmp_path / "l")
+
+
+def same_splits(flower_dir, local_dir):
+    """The Flower server wrote the in-process run's splits.json, and the summaries say so."""
+    assert (flower_dir / "splits.json").read_bytes() == (local_dir / "splits.json").read_bytes()
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (flower_dir, local_dir))
+    assert a["splits_sha256"] == b["splits_sha256"] is not None
+    assert (a["cache_identity_sha256"], a["cache_checksums"]) == (b["cache_identity_sha256"], b["cache_checksums"])
+
+
+def test_a_node_whose_split_sizes_are_not_the_servers_takes_no_part(cache_file, tmp_path, caplog):
+    """Its cache is not the server's: the splits.json the server writes would not be what it trains on."""
+    from flwr.app import ConfigRecord
+
+    def other_cache(domain, round_, kind, reply):
+        if kind == MessageType.QUERY and domain == "gamma":
+            sizes = json.loads(str(reply.content["config"]["sizes"]))
+            reply.content["config"] = ConfigRecord({**dict(reply.content["config"]),
+                                                    "sizes": json.dumps({**sizes, "train": sizes["train"] + 1})})
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        s = serve(FakeGrid(other_cache), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert "node 103 is not a client of this run: client gamma has split sizes" in caplog.text
+    assert list(s["personalization"]) == ["alpha", "beta"]
+    assert "gamma" in json.loads((tmp_path / "splits.json").read_text())  # the run's splits, whoever takes part
+
+
+def test_the_updates_are_aggregated_in_the_clients_order_whatever_the_node_ids(cache_file, tmp_path):
+    """Flower draws node ids at random: the order they sort in must not change a bit of the result (a resumed
+    run's SuperNodes get other ids than the run they resume)."""
+    serve(FakeGrid(), flower_cfg(cache_file, tmp_path / "a"), tmp_path / "a")
+    serve(FakeGrid(node_order=PARTICIPANTS[::-1]), flower_cfg(cache_file, tmp_path / "b"), tmp_path / "b")
+    same_outputs(outputs(tmp_path / "a"), outputs(tmp_path / "b"))
+
+
+def test_an_interrupted_flower_run_resumes_without_the_clients_it_had_dropped(cache_file, tmp_path):
+    gone = lambda domain, round_, kind, reply: None if domain == "gamma" and round_ >= 2 else reply  # noqa: E731
+
+    def interrupted(domain, round_, kind, reply):
+        if round_ == 3:
+            raise KeyboardInterrupt
+        return gone(domain, round_, kind, reply)
+
+    serve(FakeGrid(gone), flower_cfg(cache_file, tmp_path / "whole"), tmp_path / "whole")
+    with pytest.raises(Interrupted, match="interrupted after round 2 of 3"):
+        serve(FakeGrid(interrupted), flower_cfg(cache_file, tmp_path / "cut"), tmp_path / "cut")
+    resumed = serve(FakeGrid(gone), flower_cfg(cache_file, tmp_path / "cut"), tmp_path / "cut")
+    assert list(resumed["dropped_clients"]) == ["gamma"] and "round 2" in resumed["dropped_clients"]["gamma"]
+    same_outputs(outputs(tmp_path / "whole"), outputs(tmp_path / "cut"))
 
 
 def test_bf16_over_flower_equals_bf16_in_process(cache_file, tmp_path):
@@ -187,22 +239,87 @@ def test_below_min_clients_the_run_stops_keeping_what_it_recorded(cache_file, tm
               tmp_path / "x")
 
 
-def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, tmp_path):
-    """One SuperNode per client: two IID clients per domain, four of the six sampled each round."""
-    clients = ("partition=iid", "partition.clients_per_domain=2", "clients_per_round=4")
-    proc = run_cli("federate", "backend=flower", f"cache_file={cache_file}", "model.name=fedclip/planted",
-                   "target_domain=target", "rounds=3", "lr=1e-3", *clients, f"hydra.run.dir={tmp_path}/sim",
-                   cwd=tmp_path, timeout=240)
+SIMULATED = ("partition=iid", "partition.clients_per_domain=2", "clients_per_round=4")  # 6 clients, 4 a round
+
+
+def simulation_args(cache_file, out) -> list[str]:
+    return ["federate", "backend=flower", f"cache_file={cache_file}", "model.name=fedclip/planted",
+            "target_domain=target", "rounds=4", "lr=1e-3", *SIMULATED, f"hydra.run.dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def simulated(cache_file, tmp_path_factory):
+    """`python -m federate backend=flower`, uninterrupted: its terminal output and its folder."""
+    out = tmp_path_factory.mktemp("simulated") / "sim"
+    proc = run_cli(*simulation_args(cache_file, out), cwd=out.parent, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
-    assert len(simulated["personalization"]) == 6 and simulated["clients_per_round"] == 4
-    same_results(simulated, in_process(cache_file, tmp_path / "l", 3, *clients))
-    rows = [json.loads(line) for line in (tmp_path / "sim" / "history.jsonl").read_text().splitlines()]
-    assert [len(r["sampled"]) for r in rows] == [4, 4, 4]
+    return proc.stdout, out
+
+
+def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, simulated, tmp_path):
+    """One SuperNode per client: two IID clients per domain, four of the six sampled each round."""
+    stdout, out = simulated
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["personalization"]) == 6 and summary["clients_per_round"] == 4
+    same_results(summary, in_process(cache_file, tmp_path / "l", 4, *SIMULATED))
+    same_splits(out, tmp_path / "l")
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [len(r["sampled"]) for r in rows] == [4, 4, 4, 4]
     # quiet: Flower's debug lines and deprecation notice, alembic's and Ray's warnings go to the log file only
     noise = ("alembic", "DEPRECATED", "[flwr][DEBUG]", "FutureWarning", "Manually terminating")
-    assert not [line for line in proc.stdout.splitlines() if any(n in line for n in noise)], proc.stdout[-3000:]
-    assert "[flwr][DEBUG]" in (tmp_path / "sim" / "federate.log").read_text()
+    assert not [line for line in stdout.splitlines() if any(n in line for n in noise)], stdout[-3000:]
+    assert "[flwr][DEBUG]" in (out / "federate.log").read_text()
+
+
+def test_a_simulation_stopped_by_ctrl_c_or_sigterm_resumes_to_the_same_outputs(cache_file, simulated, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) after round 1, then `kill` (SIGTERM to the process) after
+    round 2: each stops at once with one line saying how to resume, and leaves no process behind; the same
+    command then ends with the uninterrupted run's outputs."""
+    out, done = tmp_path / "cut", 0
+    history = out / "history.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for stop in (lambda p: os.killpg(p.pid, signal.SIGINT), lambda p: p.send_signal(signal.SIGTERM)):
+        proc = subprocess.Popen([sys.executable, "-m", *simulation_args(cache_file, out)], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:  # stopped as soon as it completes a round
+            wait_for(lambda p=proc, n=done: p.poll() is not None or history_rows(history) > n, 180,
+                     f"round {done + 1}", every=0.01)
+            assert proc.poll() is None, "the run ended before it could be stopped"
+            stop(proc)
+            stdout, _ = proc.communicate(timeout=60)
+            wait_for(lambda p=proc: not group_alive(p.pid), 30, "the run's processes (Ray's included) to end")
+        except BaseException:
+            kill_all([proc])
+            raise
+        done = history_rows(history)
+        assert done < 4, "the run ended before it could be stopped"
+        lines = [line for line in stdout.splitlines() if "resume with" in line]
+        assert proc.returncode == 130 and len(lines) == 1, stdout[-3000:]
+        assert f"interrupted after round {done} of 4; resume with: " in lines[0] and f"hydra.run.dir={out}" in lines[0]
+        assert "Traceback" not in stdout and "SIGTERM received" not in stdout, stdout[-3000:]
+        assert not (out / "summary.json").exists()
+        assert json.loads((out / "checkpoint.json").read_text())["round"] == done
+    resumed = run_cli(*simulation_args(cache_file, out), cwd=tmp_path, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming {out} after round {done} of 4" in (out / "federate.log").read_text()
+    same_outputs(outputs(simulated[1]), outputs(out))
+    assert not list(out.glob("checkpoint*"))
+
+
+def history_rows(history: Path) -> int:
+    return history.read_text().count("\n") if history.exists() else 0
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (a zombie waiting for its reaper does not), from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]  # after "pid (comm)"
+        except (OSError, IndexError):  # it ended meanwhile
+            continue
+        if state != "Z" and int(group) == pgid:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- a real deployment on loopback
@@ -222,12 +339,12 @@ def kill_all(procs) -> None:
         p.wait(timeout=30)
 
 
-def wait_for(predicate, seconds: float, what: str):
+def wait_for(predicate, seconds: float, what: str, every: float = 0.5):
     deadline = time.time() + seconds
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
 
 

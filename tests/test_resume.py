@@ -11,25 +11,13 @@ import time
 
 import pytest
 import torch
-from conftest import PACS_MINI, ROOT, config, run_federate
+from conftest import PACS_MINI, ROOT, config, outputs, run_federate, same_outputs
 from planted import planted, write_cache
 from safetensors.torch import load_file
 
 from federate.errors import ConfigError
 from federate.federation import Interrupted
 from federate.run import CachedBackend
-
-
-def outputs(out):
-    summary = json.loads((out / "summary.json").read_text())
-    summary.pop("wall_seconds")
-    history = (out / "history.jsonl").read_text()
-    return summary, history, load_file(out / "adapter.safetensors")
-
-
-def same_outputs(a, b):
-    assert a[0] == b[0] and a[1] == b[1]
-    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
 
 @pytest.mark.parametrize("overrides", [["strategy=fedadam", "strategy.server_lr=1e-3"], ["strategy=fedavgm"],

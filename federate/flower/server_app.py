@@ -3,7 +3,9 @@
 At the start every SuperNode says which client it is and its split sizes (a query message). Each round
 the server sends the global adapter to the sampled clients and combines their updates with the run's
 strategy (federate/strategy.py); every client evaluates the new adapter on its validation and test
-splits; the server evaluates the held-out target domain itself, in fp32. The server checks everything a
+splits; the server evaluates the held-out target domain itself, in fp32. The server makes the clients'
+splits as the in-process runner does and writes them to splits.json; a node whose client or split sizes
+are not in them takes no part. The server checks everything a
 client sends: weights of the expected keys, float32 and shapes (read from the headers before the data is
 deserialised) and finite; example counts positive integers no larger than the split the client
 reported; losses finite; accuracies finite and in [0, 1]. A client that breaks a rule, fails or times out
@@ -29,9 +31,11 @@ from .. import adapters, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
-from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_rows, finish, pooled_embeddings,
-                          resolve_device, save_adapters, summarize, target_and_participants, trained_per_round)
+from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_rows, finish, identity_of,
+                          pooled_embeddings, resolve_device, save_adapters, summarize, target_and_participants,
+                          trained_per_round)
 from ..federation import ClientInfo, Federation, Interrupted, Update
+from ..partition import make_clients, splits_json
 from .task import (check_arrays, check_eval_metrics, check_registration, check_train_metrics, check_update,
                    settings_from_run_config, ship)
 
@@ -41,12 +45,12 @@ log = logging.getLogger("federate")
 class Nodes:
     """The SuperNodes of one run: which client each is, which are still in, one exchange of messages."""
 
-    def __init__(self, grid: Grid, cfg, participants: list[str]):
-        self.grid, self.cfg = grid, cfg
+    def __init__(self, grid: Grid, cfg, participants: list[str], sizes: dict[str, dict[str, int]]):
+        self.grid, self.cfg, self.sizes = grid, cfg, sizes  # sizes: each client's split sizes (splits.json)
         self.shipped = {"settings": ship(cfg), "participants": json.dumps(participants)}
         self.client_of: dict[int, str] = {}
         self.dropped: dict[str, str] = {}  # the Federation's record of dropped clients, once it exists
-        self.nodes = self._wait_for_nodes(len(participants))
+        self.nodes = self._wait_for_nodes(len(sizes))
         self.clients = self._register()
 
     def _wait_for_nodes(self, expected: int) -> list[int]:
@@ -71,8 +75,8 @@ class Nodes:
         infos = {}
         for node, reply in self.exchange(MessageType.QUERY, None, 0).items():
             got = check_registration(reply.content["config"]) if "config" in reply.content else "no config"
-            if isinstance(got, str) or got[0] in infos:
-                why = got if isinstance(got, str) else f"client {got[0]} is already node {self._node_of(got[0])}"
+            why = got if isinstance(got, str) else self._not_usable(*got, infos)
+            if why:
                 log.warning("node %s is not a client of this run: %s", node, why)
                 self.nodes.remove(node)
                 continue
@@ -81,6 +85,18 @@ class Nodes:
             self.client_of[node] = name
         self._check_enough(len(infos), f"only {len(infos)} Flower client(s) said which client they are")
         return sorted(infos.values(), key=lambda c: (-c.sizes["train"], c.name))  # the in-process order
+
+    def _not_usable(self, name: str, domain: str, sizes: dict[str, int], infos: dict) -> str | None:
+        """Why a registered client cannot take part (another node is it, or the run's splits do not give it
+        these sizes), or None."""
+        if name in infos:
+            return f"client {name} is already node {self._node_of(name)}"
+        if name not in self.sizes:
+            return f"client {name} is not one of this run's clients ({', '.join(self.sizes)})"
+        if sizes != self.sizes[name]:
+            return (f"client {name} has split sizes {sizes}, this run's splits give it {self.sizes[name]} (does "
+                    "its cache-file hold the server's cache?)")
+        return None
 
     def _node_of(self, client: str) -> int | None:
         return next((n for n, c in self.client_of.items() if c == client), None)
@@ -134,6 +150,8 @@ class FlowerBackend:
         self.nodes, self.federation = nodes, federation
         self.adapter, self.target_set, self.text, self.scale = adapter, target_set, text, scale
         nodes.dropped = federation.dropped
+        # a resumed run: the clients dropped before its checkpoint stay out, as they would have
+        nodes.nodes = [n for n in nodes.nodes if nodes.client_of.get(n) not in federation.dropped]
         self.sizes = {c.name: c.sizes for c in federation.clients}
         self.round = 0
 
@@ -153,7 +171,8 @@ class FlowerBackend:
         glob = federation.global_state
         replies = self.nodes.exchange(MessageType.TRAIN, glob, round_, names)
         updates, counts, losses = [], [], {}
-        for node, reply in replies.items():
+        # in the order of the sampled clients, not of the nodes' random ids: the sums' float order is fixed
+        for node, reply in sorted(replies.items(), key=lambda item: names.index(self.nodes.client_of[item[0]])):
             name = self.nodes.client_of[node]
             arrays = {}
 
@@ -213,17 +232,22 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     adapter, server = adapters.build(cfg.adapter, text_tower=cfg.text_adapter), strategy.build(cfg.strategy, cfg.aggregation)
     header = load_cache(cfg.cache_file, cfg.model.name, domains=())
     target, participants = target_and_participants(list(header.all_domains), cfg.target_domain, header.path)
-    # the server holds the held-out domain only
+    # the clients' splits, made as the in-process runner makes them (federate/run.py), for splits.json
+    clients_cache = load_cache(cfg.cache_file, cfg.model.name, domains=tuple(participants))
+    splits = make_clients(clients_cache, participants, cfg)
+    sizes = {c.name: {p: len(c.rows[p]) for p in ("train", "val", "test")} for c in splits}
+    # the server trains nothing: it evaluates the held-out domain only
     cache = load_cache(cfg.cache_file, cfg.model.name, domains=(target,) if target is not None else ())
     adapter.prepare(cache, cfg.model)
     target_set = domain_rows(cache, target, pooled_embeddings(cache, device)) if target is not None else None
     text = class_text(cache, device)
     global_state = {k: v.to(device) for k, v in adapters.init_params(adapter, cache.embed_dim, cfg.seed, text).items()}
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
-    nodes = Nodes(grid, cfg, participants)
+    nodes = Nodes(grid, cfg, participants, sizes)
     cost = cost_figures(method, adapters.num_parameters(global_state), trained_per_round(cfg, len(nodes.clients)),
                         cache.model_num_parameters, cfg.rounds)
     federation = Federation(cfg, method, nodes.clients, global_state, server, output_dir, target=target)
+    (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, clients_cache)))
     stopped = None
     try:
         federation.run(FlowerBackend(nodes, federation, adapter, target_set, text, cache.logit_scale))
@@ -234,8 +258,8 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
             raise
         stopped = str(e)
         log.error("%s", e)
-    identity = {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
-                "splits_sha256": None}  # the clients make their splits; the server holds none
+    identity = identity_of(cache, output_dir / "splits.json")
+    identity["cache_checksums"] = {**clients_cache.checksums, **cache.checksums}  # what the splits came from too
     summary = summarize(cfg, method, cache.dataset_name, cache.model_name, federation, cost,
                         len(target_set) if target_set is not None else None, adapter, server, identity)
     summary["backend"] = "flower"

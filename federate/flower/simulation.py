@@ -5,12 +5,20 @@ Flower 1.41 recommends `flwr run` for simulations, which starts a managed local 
 running in the background, builds and installs the app as a FAB, and runs the ServerApp in another
 process; this Python entry point stays in one process and returns the summary, so it keeps Flower's
 `run_simulation` (deprecated there, still supported). `flwr run . <connection>` works as well (README).
+
+Flower runs the ServerApp in a thread of its own and its simulation engine in the main thread, which is
+where Ctrl-C and SIGTERM arrive. They stop the engine (and Ray); the ServerApp's thread then stops at its
+next wait for replies, as the in-process rounds stop (federate/federation.py: one line saying how to
+resume, the checkpoint of the last completed round on disk).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 from omegaconf import open_dict
@@ -18,6 +26,7 @@ from omegaconf import open_dict
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..experiment import target_and_participants
+from ..federation import sigterm_as_interrupt
 from ..partition import make_clients
 
 
@@ -42,9 +51,10 @@ def quiet_console():
     chatter = FlowerChatter()
     for h in consoles:
         h.addFilter(chatter)
-    set_env = "FLWR_LOG_LEVEL" not in os.environ
-    if set_env:
-        os.environ["FLWR_LOG_LEVEL"] = "ERROR"  # read by Flower in each Ray actor at import
+    # FLWR_LOG_LEVEL: read by Flower in each Ray actor at import; RAY_DISABLE_FAILURE_SIGNAL_HANDLER: no
+    # C++ stack dump from Ray when SIGTERM stops the run (its one line says how to resume)
+    set_env = [k for k in ("FLWR_LOG_LEVEL", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER") if k not in os.environ]
+    os.environ.update({k: {"FLWR_LOG_LEVEL": "ERROR"}.get(k, "1") for k in set_env})
     logging.captureWarnings(True)
     try:
         from flwr.common.logger import console_handler as flwr_console
@@ -59,10 +69,45 @@ def quiet_console():
         if flwr_console:
             flwr_console.setLevel(level)
         logging.captureWarnings(False)
-        if set_env:
-            del os.environ["FLWR_LOG_LEVEL"]
+        for k in set_env:
+            del os.environ[k]
         for h in consoles:
             h.removeFilter(chatter)
+
+
+class StoppableGrid:
+    """The simulation's Grid as the ServerApp's thread uses it: once `stop` is set, a wait for replies raises
+    KeyboardInterrupt instead of waiting out flower.round_timeout for an engine that is gone (and instead of
+    dropping the clients whose replies it then gets as errors)."""
+
+    PULL_INTERVAL = 0.1  # seconds, as Flower's InMemoryGrid
+
+    def __init__(self, grid, stop: threading.Event):
+        self.grid, self.stop = grid, stop
+
+    def get_node_ids(self):
+        self._check()
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, timeout: float | None = None) -> list:
+        """Flower's Grid.send_and_receive: push the messages, then pull until every reply is in or `timeout`
+        seconds have passed."""
+        self._check()
+        pending = set(self.grid.push_messages(messages))
+        replies, deadline = [], time.monotonic() + (timeout or 0.0)
+        while pending and (timeout is None or time.monotonic() < deadline):
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            self._check()
+            if pending:
+                time.sleep(self.PULL_INTERVAL)
+        self._check()
+        return replies
+
+    def _check(self) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
 
 
 def run_simulation(cfg, cache_file: Path, output_dir: Path) -> dict:
@@ -87,14 +132,36 @@ def simulate(cfg, cache_file: Path, output_dir: Path) -> dict:
     clients = len(participants) if cfg.partition.name == "domain" else \
         len(make_clients(load_cache(cfg.cache_file, cfg.model.name, domains=tuple(participants)), participants, cfg))
     result, server_app = {}, ServerApp()
+    stop = threading.Event()
 
     @server_app.main()
     def main(grid: Grid, context) -> None:
-        result.update(serve(grid, cfg, output_dir))
+        result["thread"] = threading.current_thread()
+        try:
+            result["summary"] = serve(StoppableGrid(grid, stop), cfg, output_dir)
+        except BaseException as e:  # noqa: BLE001 (the main thread raises it: Flower would lose a KeyboardInterrupt)
+            result["error"] = e
 
-    flower_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
-                      backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                      "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    if not result:
+    try:
+        with sigterm_as_interrupt():
+            flower_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
+                              backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                              "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Ray's driver turns SIGTERM into sys.exit(SIGTERM) once it has started
+        if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
+            raise
+        stop.set()
+        if "thread" not in result:
+            raise KeyboardInterrupt from None
+        result["thread"].join()  # the ServerApp's thread stops at its next wait for replies
+        if "summary" in result:  # it had just finished: its outputs are complete
+            return result["summary"]
+        if isinstance(result.get("error"), KeyboardInterrupt):  # before the rounds: nothing to resume
+            raise KeyboardInterrupt from None
+        raise result["error"] from None  # Interrupted: the line that says how to resume
+    if "error" in result:
+        raise result["error"]
+    if "summary" not in result:
         raise ConfigError("the Flower simulation ended without a result; see the log above")
-    return result
+    return result["summary"]

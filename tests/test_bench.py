@@ -37,6 +37,6 @@ def test_partition_speed_times_the_rounds_of_a_tiny_run(planted_cache, tmp_path)
     import partition_speed
 
     cfg = partition_speed.compose(planted_cache, ["target_domain=target", "rounds=2"])
-    whole, train, point = partition_speed.timed_rounds(cfg, tmp_path / "run", 2)
+    whole, train, point, _ = partition_speed.timed_rounds(cfg, tmp_path / "run", 2)
     assert whole > 0 and train > 0 and point.federation.done == 2
     assert partition_speed.round_flops(point) > 0

@@ -393,7 +393,7 @@ def test_deployment_on_loopback_matches_in_process_and_survives_a_killed_client(
     same_results(json.loads((out / "summary.json").read_text()), in_process(cache_file, tmp_path / "local"))
 
     out = tmp_path / "killed"
-    flwr_run(deployment, out, f"cache_file={cache_file}", "rounds=4", "flower.round_timeout=45",
+    flwr_run(deployment, out, f"cache_file={cache_file}", "rounds=3", "flower.round_timeout=30",
              "flower.min_clients=2")
     history = out / "history.jsonl"
     wait_for(lambda: history.exists() and history.read_text().count("\n") >= 1, 240, "the first round")
@@ -401,7 +401,7 @@ def test_deployment_on_loopback_matches_in_process_and_survives_a_killed_client(
     wait_for(lambda: (out / "summary.json").exists(), 400, "the run to finish without gamma")
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(x) for x in history.read_text().splitlines()]
-    assert len(rows) == 4 and "stopped" not in summary
+    assert len(rows) == 3 and "stopped" not in summary
     assert "gamma" in rows[0]["val_acc"] and all("gamma" not in r["val_acc"] for r in rows[2:])
 
 

@@ -126,7 +126,10 @@ def measure(args) -> dict[str, dict]:
         adapter = attai.AttAI()
         torch.manual_seed(0)
         state = {k: v[None].clone() for k, v in adapter.init(d, text).items()}
-        trainer = engine.make_trainer("sequential", adapter, engine.ClientSets([x], [y]), text, 100.0,
+        # (ClientSets.of_tensors: the current API; a revision before pooled rows takes the tensors themselves)
+        sets = engine.ClientSets.of_tensors([x], [y]) if hasattr(engine.ClientSets, "of_tensors") else \
+            engine.ClientSets([x], [y])
+        trainer = engine.make_trainer("sequential", adapter, sets, text, 100.0,
                                       engine.TrainSettings(lr=5e-5, precision=args.precision))
 
         def run(trainer=trainer, state=state, engine=engine) -> float:

@@ -180,17 +180,11 @@ def capped_batch(settings: TrainSettings, rows: int) -> TrainSettings:
     return replace(settings, batch_size=rows)
 
 
-def trained_per_round(cfg, clients: int) -> int:
-    """How many clients train, and communicate, each round (`clients_per_round`; all by default)."""
-    value = cfg.get("clients_per_round")
-    return clients if value is None else max(1, min(int(value), clients))  # (out of range: refused by Federation)
-
-
 def cost_figures(method: Method, adapter_params: int, clients: int, clip_params: int, rounds: int,
                  sent_bytes: int | None = None) -> dict:
     """What crosses the wire, against FedAvg fine-tuning the whole CLIP: `sent_bytes` per client and
     direction (default: the trainable parameters as float32), when the method communicates; `clients`:
-    those that train each round (`trained_per_round`)."""
+    those that train each round (`Federation.trained_per_round`)."""
     per_client = (4 * adapter_params if sent_bytes is None else sent_bytes) if method.aggregates else 0
     per_round = {"up": clients * per_client, "down": clients * per_client}
     full = {"up": clients * 4 * clip_params, "down": clients * 4 * clip_params}

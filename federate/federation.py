@@ -160,6 +160,11 @@ class Federation:
         finally:
             self.runlog.close()
 
+    @property
+    def trained_per_round(self) -> int:
+        """How many clients train, and communicate, each round (`clients_per_round`; all by default)."""
+        return self.per_round or len(self.clients)
+
     def sample(self, round_: int) -> list[int]:
         """Indices of the units that train in this round (clients the server dropped never do)."""
         alive = [i for i, u in enumerate(self.units) if u not in self.dropped]

@@ -26,7 +26,7 @@ from .engine import ClientSets, TrainSettings, client_generator, make_trainer
 from .evaluate import accuracies, pick
 from .experiment import (cache_path, capped_batch, check_settings, class_text, cost_figures, describe_clients, domain_rows,
                          finish, identity_of, make_client, mean, pooled_embeddings, resolve_device, save_adapters,
-                         summarize, target_and_participants, train_settings, trained_per_round)
+                         summarize, target_and_participants, train_settings)
 from .federation import ClientInfo, Federation, Update
 from .partition import check_runner, make_clients, restrict_classes, splits_json
 
@@ -102,13 +102,12 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     global_state = {k: v.to(device) for k, v in
                     adapters.init_params(adapter, cache.embed_dim, int(cfg.seed), text).items()}
     trainable = adapters.num_parameters(global_state)
-    cost = cost_figures(method, trainable, trained_per_round(cfg, len(clients)), cache.model_num_parameters,
-                        int(cfg.rounds))
     log.info("%s on %s: target %s, %s, adapter %s, %s trainable parameters", method.name, cache.dataset_name,
              target, describe_clients(clients), adapter.name, f"{trainable:,}")
 
     infos = [ClientInfo(c.name, c.domain, c.sizes()) for c in clients]
     federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, progress=progress)
+    cost = cost_figures(method, trainable, federation.trained_per_round, cache.model_num_parameters, int(cfg.rounds))
     (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, cache)))
     point = Point(cfg, method, output_dir, adapter, server, cache, target, clients, target_set, text, cost,
                   federation, identity_of(cache, output_dir / "splits.json"))

@@ -23,8 +23,7 @@ from safetensors.torch import save_file
 
 from .. import adapters, strategy
 from ..errors import ConfigError
-from ..experiment import (cost_figures, finish, mean, resolve_device, summarize, target_and_participants, train_settings,
-                          trained_per_round)
+from ..experiment import cost_figures, finish, mean, resolve_device, summarize, target_and_participants, train_settings
 from ..federation import ClientInfo, Federation, Update
 from ..splits import splits_to_ids
 from . import ADAPTER_METHODS
@@ -96,8 +95,6 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sent = state_bytes(global_state)
     clip_params = (sum(p.numel() for p in model.clip.parameters()) if backbone == "clip" else vit_b32_params())
-    costs = cost_figures(method, trainable, trained_per_round(cfg, len(clients)), clip_params, int(cfg.rounds),
-                         sent_bytes=sent)
     log.info("%s (backbone %s) on %s images: target %s (%d images), clients %s (train images %s), %s trainable "
              "parameters, %.1f MB sent per client and direction per round, device %s, %d loader workers",
              method.name, backbone, source.name, target, len(target_keys), ", ".join(clients), num_examples,
@@ -106,6 +103,7 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     # 3. rounds (federate/federation.py)
     infos = [ClientInfo(d, d, {p: len(splits[d][p]) for p in ("train", "val", "test")}) for d in clients]
     federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, every_round=False)
+    costs = cost_figures(method, trainable, federation.trained_per_round, clip_params, int(cfg.rounds), sent_bytes=sent)
     ids_of = {d: tuple(by_name[d].ids) for d in participants}
     (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
     backend = ImageBackend(cfg, model, loader, settings, device, server, splits, index, keys, target_keys, eval_size)

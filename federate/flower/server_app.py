@@ -32,8 +32,7 @@ from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
 from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_rows, finish, identity_of,
-                          pooled_embeddings, resolve_device, save_adapters, summarize, target_and_participants,
-                          trained_per_round)
+                          pooled_embeddings, resolve_device, save_adapters, summarize, target_and_participants)
 from ..federation import ClientInfo, Federation, Interrupted, Update
 from ..partition import make_clients, splits_json
 from .task import (check_arrays, check_eval_metrics, check_registration, check_train_metrics, check_update,
@@ -244,9 +243,9 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     global_state = {k: v.to(device) for k, v in adapters.init_params(adapter, cache.embed_dim, cfg.seed, text).items()}
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
     nodes = Nodes(grid, cfg, participants, sizes)
-    cost = cost_figures(method, adapters.num_parameters(global_state), trained_per_round(cfg, len(nodes.clients)),
-                        cache.model_num_parameters, cfg.rounds)
     federation = Federation(cfg, method, nodes.clients, global_state, server, output_dir, target=target)
+    cost = cost_figures(method, adapters.num_parameters(global_state), federation.trained_per_round,
+                        cache.model_num_parameters, cfg.rounds)
     (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, clients_cache)))
     stopped = None
     try:

@@ -70,9 +70,15 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size + (n % batch_size >= 2)
 
 
+def trimmed_batch(batch_size: int, largest: int) -> int:
+    """The batch size, or the largest client's rows when fewer (at least 2): a client smaller than a batch
+    trains on one batch of all its rows either way, and needs no padding rows."""
+    return min(batch_size, max(2, largest))
+
+
 def one_step(n: int, batch_size: int, epochs: int) -> bool:
     """Whether a client of n rows trains one step a round (a client smaller than a batch, one epoch)."""
-    return epochs * batches_per_epoch(n, min(batch_size, max(2, n))) == 1
+    return epochs * batches_per_epoch(n, trimmed_batch(batch_size, n)) == 1
 
 
 def client_generator(seed: int, client: str, round_: int | str) -> torch.Generator:
@@ -223,11 +229,6 @@ class LockstepTrainer:
         (ok [k, B]: valid rows, or None when no row is padding); `step` indexes the chunk given to `prepare`."""
         raise NotImplementedError
 
-    def batch_size(self) -> int:
-        """The settings' batch size, or the largest client's rows when fewer (at least 2): a client smaller
-        than a batch trains on one batch of all its rows either way, and needs no padding rows."""
-        return min(self.settings.batch_size, max(2, max(self.clients.sizes)))
-
     @torch.inference_mode()  # no autograd bookkeeping outside the gradient functions: ~10% faster
     def train(self, state: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
               anchor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -236,7 +237,7 @@ class LockstepTrainer:
         or stacked [K, ...] like `state`: one per client, as a grouped sweep trains several points)."""
         s, c = self.settings, self.clients
         device = c.device
-        idx, valid, active, steps = make_schedule(c.sizes, self.batch_size(), epochs, generators)
+        idx, valid, active, steps = make_schedule(c.sizes, trimmed_batch(s.batch_size, max(c.sizes)), epochs, generators)
         padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
         idx = c.global_rows(idx)
         valid = valid.to(device)
@@ -330,7 +331,6 @@ class BatchedTrainer(LockstepTrainer):
         attai.backward(W[2], saved, d_image, attai.layers(grads, "image"))
         return loss, grads
 
-
     def folds_first_steps(self) -> bool:
         """Whether `fold_first_steps` serves this adapter and loss (AttAI's image tower)."""
         return self.adapter.towers == ("image",)
@@ -345,20 +345,19 @@ class BatchedTrainer(LockstepTrainer):
         `total` as `fold_first_adam_step` does (less their weight times `start`, which the caller adds).
         The weights being the same for all, the activations and loss gradients of a few clients' rows are
         computed together, without padding; then, one client at a time, its weight gradients (two
-        products) and its step go into `total`: no client's adapter
-        is ever written, and 300 small clients cost about what their rows cost. Returns their losses."""
+        products) and its step go into `total`: no client's adapter is ever written, and 300 small clients
+        cost about what their rows cost. Returns their losses."""
         s, K, low = self.settings, len(clients), low_dtype(self.settings.precision)
-        B = min(s.batch_size, max(2, max(clients.sizes)))
+        B = trimmed_batch(s.batch_size, max(clients.sizes))
         idx, valid, _, _ = make_schedule(clients.sizes, B, 1, generators)  # [1, K, B]: each its one batch
         rows, valid = clients.global_rows(idx)[0], valid[0].to(clients.device)
         used = valid.sum(1).tolist()
         # one flat buffer per quantity, every tensor a view of it: a client's step is four kernels, not sixteen
-        flat = lambda parts: torch.cat([p.flatten() for p in parts])  # noqa: E731
-        g, scratch, sum_ = flat(start.values()), torch.empty(sum(v.numel() for v in start.values())), flat(total.values())
-        decay = flat(start.values()).mul_(s.weight_decay)  # L2 weight decay: each client's gradient adds it
-        grads, at = {}, 0
-        for q, v in start.items():
-            grads[q], at = g[at:at + v.numel()].view_as(v), at + v.numel()
+        sizes = [v.numel() for v in start.values()]
+        g, scratch = (torch.empty(sum(sizes), device=clients.device) for _ in range(2))
+        sum_ = torch.cat([v.flatten() for v in total.values()])
+        decay = torch.cat([v.flatten() for v in start.values()]).mul_(s.weight_decay)  # L2: each gradient adds it
+        grads = {q: part.view_as(v) for (q, v), part in zip(start.items(), g.split(sizes))}
         pieces = [t.split(self.FOLD_PIECE) for t in (g, decay, scratch, sum_)]
         W = [t.unsqueeze(0) for t in attai.layers(start, "image")]
         losses, first = [], 0
@@ -387,10 +386,8 @@ class BatchedTrainer(LockstepTrainer):
                 fold_first_adam_step(*pieces, weights[k], s)
                 at += used[k]
             first = last
-        at = 0
-        for v in total.values():  # the folded sum back into the caller's tensors
-            v.copy_(sum_[at:at + v.numel()].view_as(v))
-            at += v.numel()
+        for v, part in zip(total.values(), sum_.split(sizes)):  # the folded sum back into the caller's tensors
+            v.copy_(part.view_as(v))
         return torch.cat(losses)
 
 

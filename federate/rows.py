@@ -1,7 +1,7 @@
 """`Rows`: some rows of the run's pooled embeddings (a client's split, a domain), held as indices.
 
 A run holds the cache's embeddings once (federate/cache.py reads every domain into one array, which
-`pooled_rows` puts on the device); a client's train/validation/test splits are index tensors into it,
+`experiment.pooled_embeddings` puts on the device); a client's train/validation/test splits are index tensors into it,
 and what trains or evaluates gathers a block of rows when it uses them. Copying each client's rows out
 of the cache would hold the embeddings twice (on a DomainNet-sized cache, 1.2 GB more).
 """

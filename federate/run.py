@@ -140,16 +140,16 @@ class CachedBackend:
     def train(self, federation: Federation, round_: int, sampled: list[int]) -> Update:
         p = self.point
         names = [federation.units[i] for i in sampled]
-        rows = [len(p.train_sets[i]) for i in sampled]
+        sizes = [len(p.train_sets[i]) for i in sampled]
         trainer, gens, epochs = self.trainer(sampled), generators(p, round_, names), int(p.cfg.local_epochs)
         anchor = federation.global_state if p.settings.mu else None
         if self.adds_up(federation, trainer):  # one pre-averaged update: the strategy reads only the mean
-            weights = strategy.client_weights(rows, p.server.aggregation).tolist()
+            weights = strategy.client_weights(sizes, p.server.aggregation).tolist()
             mean, losses = trainer.train_mean(federation.global_state, epochs, gens, weights, anchor)
             return Update({k: v.unsqueeze(0) for k, v in mean.items()}, [1], dict(zip(names, losses.tolist())))
         state = federation.start_states(sampled)
         losses = trainer.train(state, epochs, gens, anchor=anchor)
-        return Update(state, rows, dict(zip(names, losses.tolist())))
+        return Update(state, sizes, dict(zip(names, losses.tolist())))
 
     def adds_up(self, federation: Federation, trainer) -> bool:
         """Whether the clients' adapters can be added up as they train (SequentialTrainer.train_mean): every

@@ -125,15 +125,17 @@ def first_adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], m: li
         p.addcdiv_(g, denom, value=-s.lr)
 
 
-def fold_first_adam_step(grads: list[torch.Tensor], decay: list[torch.Tensor], scratch: list[torch.Tensor],
+def fold_first_adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], scratch: list[torch.Tensor],
                          total: list[torch.Tensor], weight: float, s: TrainSettings) -> None:
-    """A client whose round is one step: `total += weight * (its adapter after torch's first Adam step)`, less
-    `weight * (the adapter it started from)`, which the caller adds once for all such clients, without
-    writing the adapter: `g += decay` (L2 weight decay, `weight_decay * start`), then `total -= weight * lr
-    * g / (|g| + eps)`, `first_adam_step`'s closed form (`scratch` is overwritten). The lists are pieces of
-    the same tensors: each piece's four passes run while it is in the core's cache."""
-    for g, dcy, denom, t in zip(grads, decay, scratch, total):
-        t.addcdiv_(g.add_(dcy), torch.abs(g, out=denom).add_(s.eps), value=-weight * s.lr)
+    """A client whose round is one step from `params`: `total += weight * (its adapter after torch's first
+    Adam step)`, less `weight * params`, which the caller adds once for all such clients, without writing
+    the adapter: the L2 weight decay as `first_adam_step` adds it, then `total -= weight * lr * g / (|g| +
+    eps)`, its closed form (`scratch` is overwritten). The lists are pieces of the same tensors: each
+    piece's four passes run while it is in the core's cache."""
+    for p, g, denom, t in zip(params, grads, scratch, total):
+        if s.weight_decay:
+            g.add_(p, alpha=s.weight_decay)
+        t.addcdiv_(g, torch.abs(g, out=denom).add_(s.eps), value=-weight * s.lr)
 
 
 def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
@@ -356,9 +358,9 @@ class BatchedTrainer(LockstepTrainer):
         sizes = [v.numel() for v in start.values()]
         g, scratch = (torch.empty(sum(sizes), device=clients.device) for _ in range(2))
         sum_ = torch.cat([v.flatten() for v in total.values()])
-        decay = torch.cat([v.flatten() for v in start.values()]).mul_(s.weight_decay)  # L2: each gradient adds it
+        params = torch.cat([v.flatten() for v in start.values()])
         grads = {q: part.view_as(v) for (q, v), part in zip(start.items(), g.split(sizes))}
-        pieces = [t.split(self.FOLD_PIECE) for t in (g, decay, scratch, sum_)]
+        pieces = [t.split(self.FOLD_PIECE) for t in (params, g, scratch, sum_)]
         W = [t.unsqueeze(0) for t in attai.layers(start, "image")]
         losses, first = [], 0
         while first < K:

@@ -96,6 +96,18 @@ def load_cache(path: str | Path, model_name: str | None = None, domains: tuple[s
     return cache
 
 
+def derived(store: dict, cache: EmbeddingCache, key, make):
+    """`make()`, kept in `store` for this loaded cache and `key`, so that a sweep's points share what is built
+    from one cache (its tensors on a device, a class subset). The cache is held while kept, so its id names
+    it; two caches' worth at most, as a process works on one or two at a time."""
+    name = (id(cache.features), key)
+    if name not in store:
+        while len(store) >= 2:
+            store.pop(next(iter(store)))
+        store[name] = (cache, make())
+    return store[name][1]
+
+
 def folder_fingerprint(folder) -> str:
     """The content fingerprint of a local model folder (its weights and configs), or one line why not."""
     try:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from . import methods
 from .adapters import Adapter
-from .cache import EmbeddingCache, canonical_domain, default_cache_path
+from .cache import EmbeddingCache, canonical_domain, default_cache_path, derived
 from .engine import ENGINES, TrainSettings
 from .errors import ConfigError
 from .losses import LOSSES
@@ -117,20 +117,15 @@ class Client:
         return {p: len(getattr(self, p)) for p in ("train", "val", "test")}
 
 
-_POOLS: dict = {}  # (id of the cache's array, device) -> (the array, its tensors): a sweep's points share them
+_POOLS: dict = {}  # federate.cache.derived: the pooled tensors of a cache, per device
 
 
 def pooled_embeddings(cache: EmbeddingCache, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The cache's embeddings and labels (every loaded domain, federate/cache.py) on the device, once per
     process and device; on a CPU they are the loaded arrays themselves, not a copy."""
     device = torch.device(device)
-    key = (id(cache.features), str(device))
-    if key not in _POOLS:
-        while len(_POOLS) >= 2:  # a process works on one or two caches at a time
-            _POOLS.pop(next(iter(_POOLS)))
-        _POOLS[key] = (cache.features, (torch.from_numpy(cache.features).to(device),
-                                        torch.from_numpy(cache.labels).to(device)))
-    return _POOLS[key][1]
+    return derived(_POOLS, cache, str(device), lambda: (torch.from_numpy(cache.features).to(device),
+                                                         torch.from_numpy(cache.labels).to(device)))
 
 
 def make_client(cache: EmbeddingCache, split, pool: tuple[torch.Tensor, torch.Tensor]) -> Client:

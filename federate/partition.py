@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .cache import DomainData, EmbeddingCache
+from .cache import DomainData, EmbeddingCache, derived
 from .errors import ConfigError
 from .splits import MIN_ROWS, PARTS, read_client_splits, split_indices
 
@@ -233,15 +233,10 @@ def restrict_classes(cache, classes) -> EmbeddingCache:
     if classes is None:
         return cache
     classes = [str(c) for c in classes]
-    key = (id(cache.features), tuple(classes))
-    if key not in _RESTRICTED:
-        while len(_RESTRICTED) >= 2:
-            _RESTRICTED.pop(next(iter(_RESTRICTED)))
-        _RESTRICTED[key] = (cache, _restricted(cache, classes))
-    return _RESTRICTED[key][1]
+    return derived(_RESTRICTED, cache, tuple(classes), lambda: _restricted(cache, classes))
 
 
-_RESTRICTED: dict = {}  # (id of the cache's array, classes) -> (the cache, its restricted view)
+_RESTRICTED: dict = {}  # federate.cache.derived: a cache's class subsets
 
 
 def _restricted(cache, classes: list[str]) -> EmbeddingCache:

@@ -85,6 +85,8 @@ def test_points_that_cannot_be_grouped_still_run(cache_file, tmp_path):
                                                              "seed=1"]],
     [["method=local", "lr=1e-3"], ["method=local", "lr=3e-4", "target_domain=alpha"]],
     [["method=central", "precision=bf16"], ["method=central", "precision=bf16", "lr=3e-4", "seed=2"]],
+    [["dataset.classes=[class3,class1,class0]", "engine=batched"],  # one restricted copy serves the group
+     ["dataset.classes=[class3,class1,class0]", "engine=batched", "seed=1"]],
     [["partition=iid", "partition.clients_per_domain=3", "clients_per_round=4"],  # each point samples its own
      ["partition=iid", "partition.clients_per_domain=3", "clients_per_round=4", "seed=1", "lr=3e-4"]],
 ])

@@ -80,16 +80,21 @@ def corrupt(good, tmp_path, edit, name="bad.h5"):
     return path
 
 
-def refused(path, *match, **kw) -> str:
-    """federate's load_cache refuses `path` in one line holding every `match`; the line."""
+def one_line(error: type[Exception], fn, *match) -> str:
+    """`fn()` raises `error` in one line holding every `match`; the line."""
     import pytest
 
+    with pytest.raises(error) as e:
+        fn()
+    text = str(e.value)
+    assert "\n" not in text and all(m in text for m in match), text
+    return text
+
+
+def refused(path, *match, **kw) -> str:
+    """federate's load_cache refuses `path` in one line holding every `match`; the line."""
     from federate.cache import _load, load_cache
     from federate.errors import ConfigError
 
     _load.cache_clear()
-    with pytest.raises(ConfigError) as e:
-        load_cache(path, **kw)
-    text = str(e.value)
-    assert "\n" not in text and all(m in text for m in match), text
-    return text
+    return one_line(ConfigError, lambda: load_cache(path, **kw), *match)

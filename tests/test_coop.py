@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, config, draw_shapes
+from planted import one_line as planted_one_line
 from planted import planted, write_cache
 from safetensors.torch import load_file
 
@@ -180,12 +182,7 @@ def test_grouped_coop_points_equal_their_runs_alone(cache_file, tiny_model, tmp_
 
 # --- refusals ------------------------------------------------------------------------------------------------
 
-def one_line(fn, *match):
-    with pytest.raises(ConfigError) as e:
-        fn()
-    text = str(e.value)
-    assert "\n" not in text and all(m in text for m in match), text
-    return text
+one_line = partial(planted_one_line, ConfigError)
 
 
 def test_a_cache_of_other_weights_than_the_models_is_refused(tiny_model, tmp_path):

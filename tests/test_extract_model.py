@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 
 import h5py
 import pytest
 from conftest import config, draw_shapes
+from planted import one_line
 
 from extract import cache as cachefile
 from extract import pipeline
@@ -25,12 +27,7 @@ def run(root, model, tmp, *extra):
                                            f"cache_dir={tmp / 'cache'}", "num_workers=0", "batch_size=2", *extra]))
 
 
-def error(fn, *match):
-    with pytest.raises(ExtractError) as e:
-        fn()
-    text = str(e.value)
-    assert "\n" not in text and all(m in text for m in match), text
-    return text
+error = partial(one_line, ExtractError)
 
 
 def copy_model(src, dst):

@@ -6,6 +6,7 @@ import errno
 import json
 import subprocess
 import sys
+from functools import partial
 
 import h5py
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, config, draw_shapes, run_cli
 from hydra.errors import ConfigCompositionException
+from planted import one_line
 
 from extract import cache as cachefile
 from extract import pipeline
@@ -34,14 +36,7 @@ def run(root, model, tmp, *extra):
     return pipeline.run(config("extract", overrides(root, model, tmp, *extra)))
 
 
-def one_line_error(fn, *match):
-    with pytest.raises(ExtractError) as e:
-        fn()
-    text = str(e.value)
-    assert "\n" not in text, text
-    for m in match:
-        assert m in text, text
-    return text
+one_line_error = partial(one_line, ExtractError)
 
 
 def read(path):

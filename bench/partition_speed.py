@@ -93,7 +93,7 @@ def timed_rounds(cfg, out: Path, rounds: int):
     from federate.run import CachedBackend, setup
 
     out.mkdir(parents=True)
-    point = setup(cfg, methods.get(cfg.method.name), out, progress=False)
+    point = setup(cfg, methods.build(cfg.method), out, progress=False)
     backend = CachedBackend(point)
     t, cpu = time.perf_counter(), time.process_time()
     point.federation.run(backend)

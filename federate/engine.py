@@ -30,7 +30,7 @@ from torch.optim.adam import adam
 from .adapters import Adapter
 from .adapters import attai
 from .errors import ConfigError
-from .losses import ce_grad, contrastive_grad, in_batch_loss, masked_loss
+from .losses import ce_grad, contrastive_grad, head_ce_grad, in_batch_loss, masked_loss
 from .rows import Rows, concat, pooled
 from .strategy import WeightedSum
 
@@ -157,7 +157,7 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[tor
 
 def is_stacked(anchor, state) -> bool:
     """Whether a FedProx anchor holds one adapter per client ([K, ...], like the stacked state)."""
-    return anchor is not None and any(anchor[q].dim() == state[q].dim() for q in state)
+    return anchor is not None and any(q in anchor and anchor[q].dim() == state[q].dim() for q in state)
 
 
 class ClientSets:
@@ -233,20 +233,23 @@ class LockstepTrainer:
 
     @torch.inference_mode()  # no autograd bookkeeping outside the gradient functions: ~10% faster
     def train(self, state: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
-              anchor: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+              anchor: dict[str, torch.Tensor] | None = None, keys=None) -> torch.Tensor:
         """One round of local training, in place; returns each client's mean training loss (device).
         `generators` has one per client; `anchor` is the global adapter FedProx pulls towards (one state,
-        or stacked [K, ...] like `state`: one per client, as a grouped sweep trains several points)."""
+        or stacked [K, ...] like `state`: one per client, as a grouped sweep trains several points);
+        `keys`: the keys that train (the others stay as they are; all by default)."""
         s, c = self.settings, self.clients
         device = c.device
         idx, valid, active, steps = make_schedule(c.sizes, trimmed_batch(s.batch_size, max(c.sizes)), epochs, generators)
         padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
         idx = c.global_rows(idx)
         valid = valid.to(device)
-        keys = list(state)
+        every = list(state)
+        keys = every if keys is None else [q for q in every if q in set(keys)]
+        self.trained = frozenset(keys)  # gradients() may skip what no key needs
         m, v2 = self._moments(state)  # a fresh Adam every round (first_adam_step writes the moments)
         step_count = torch.zeros((), dtype=torch.float32, device=device)  # as fused Adam keeps it
-        prefix = {k: ({q: state[q][:k] for q in keys}, [m[q][:k] for q in keys], [v2[q][:k] for q in keys],
+        prefix = {k: ({q: state[q][:k] for q in every}, [m[q][:k] for q in keys], [v2[q][:k] for q in keys],
                       [state[q][:k] for q in keys]) for k in set(active)}
         loss_sum = torch.zeros(len(c), device=device)
         stacked_anchor = is_stacked(anchor, state)
@@ -259,9 +262,11 @@ class LockstepTrainer:
             params, m1, m2, weights = prefix[k]
             loss, grads = self.gradients(params, xs[j, :k], ys[j, :k], valid[step, :k] if padded[step] else None, j)
             if s.mu:
-                for q in keys:  # FedProx: gradient of (mu / 2) ||w - w_global||^2
+                for q in (q for q in keys if q in anchor):  # FedProx: gradient of (mu / 2) ||w - w_global||^2
                     grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
-            if step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
+            if not keys:
+                pass  # (nothing trains: the losses only)
+            elif step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
                 first_adam_step(weights, [grads[q] for q in keys], m1, m2, s, keep_moments=len(active) > 1)
                 step_count.fill_(1)
             else:
@@ -283,14 +288,16 @@ class GenericTrainer(LockstepTrainer):
 
         low = low_dtype(settings.precision)
 
-        def loss(params, x, y, ok):
-            logits = adapter_logits(adapter, params, x, text, scale, low)
+        def loss(trained, frozen, x, y, ok):
+            logits = adapter_logits(adapter, {**frozen, **trained}, x, text, scale, low)
             return masked_loss(logits.float(), y, ok, settings.loss)
 
-        self._grad = torch.func.vmap(torch.func.grad_and_value(loss))
+        self._grad = torch.func.vmap(torch.func.grad_and_value(loss))  # gradients of the trained keys only
 
     def gradients(self, params, x, y, ok, step):
-        grads, loss = self._grad(params, x, y, torch.ones_like(y, dtype=torch.bool) if ok is None else ok)
+        trained = {q: v for q, v in params.items() if q in self.trained}
+        frozen = {q: v for q, v in params.items() if q not in self.trained}
+        grads, loss = self._grad(trained, frozen, x, y, torch.ones_like(y, dtype=torch.bool) if ok is None else ok)
         return loss, grads
 
 
@@ -303,6 +310,8 @@ class BatchedTrainer(LockstepTrainer):
         return m, v2
 
     def prepare(self, state, xs, ys):
+        self.head = "head.weight" if "head.weight" in state else None
+        self.body_trains = any(q.startswith("image.") for q in self.trained)
         self.low = low_dtype(self.settings.precision)
         self.xs_low = xs.to(self.low) if self.low is not None else None  # cast once per chunk
         self.text_tower = "text" in self.adapter.towers
@@ -314,6 +323,14 @@ class BatchedTrainer(LockstepTrainer):
         grads = self._grad_views.get(k) or self._grad_views.setdefault(k, {q: g[:k] for q, g in self._grads.items()})
         W = attai.layers(params, "image")
         image, saved = attai.forward(*W, x, self.low, None if self.xs_low is None else self.xs_low[step, :k])
+        if self.head is not None:  # a linear head on the adapted embedding (federate/heads.py), cross-entropy
+            loss, d_image, d_weight, d_bias = head_ce_grad(image, params["head.weight"], params["head.bias"], y, ok,
+                                                           self.scale)
+            grads["head.weight"].copy_(d_weight)
+            grads["head.bias"].copy_(d_bias)
+            if self.body_trains:  # (FedRep's head epochs freeze the body: no backward through it)
+                attai.backward(W[2], saved, d_image, attai.layers(grads, "image"))
+            return loss, grads
         if self.rows_text is not None:
             loss, d_image, _ = contrastive_grad(image, self.rows_text[step, :k], ok, self.scale, text_grad=False)
         else:
@@ -334,8 +351,8 @@ class BatchedTrainer(LockstepTrainer):
         return loss, grads
 
     def folds_first_steps(self) -> bool:
-        """Whether `fold_first_steps` serves this adapter and loss (AttAI's image tower)."""
-        return self.adapter.towers == ("image",)
+        """Whether `fold_first_steps` serves this adapter and loss (AttAI's image tower, no head)."""
+        return self.adapter.towers == ("image",) and not hasattr(self.adapter, "heads")
 
     FOLD_ROWS = 512  # rows of one-step clients whose activations are computed together (they stay in cache)
     FOLD_PIECE = 65536  # parameters per piece of a client's step: 1.25x faster than whole 2 MB passes (CPU)
@@ -398,7 +415,7 @@ class PlainTrainer(LockstepTrainer):
     adapter's `logits` and torch.optim.Adam. Same schedule and results as the lock-step engines; the
     baseline they are measured against."""
 
-    def train(self, state, epochs, generators, anchor=None):
+    def train(self, state, epochs, generators, anchor=None, keys=None):
         from .matmul_precision import adapter_logits  # bf16: the adapter's matmuls only, as the fast path
 
         s, c = self.settings, self.clients
@@ -406,10 +423,11 @@ class PlainTrainer(LockstepTrainer):
         idx, valid, _, steps = make_schedule(c.sizes, s.batch_size, epochs, generators)
         losses = []
         stacked_anchor = is_stacked(anchor, state)
+        trained = set(state) if keys is None else set(keys) & set(state)
         for k in range(len(c)):
-            params = {key: v[k].clone().requires_grad_(True) for key, v in state.items()}
-            opt = torch.optim.Adam(params.values(), lr=s.lr, betas=s.betas, eps=s.eps,
-                                   weight_decay=s.weight_decay)
+            params = {key: v[k].clone().requires_grad_(key in trained) for key, v in state.items()}
+            opt = torch.optim.Adam([params[q] for q in state if q in trained], lr=s.lr, betas=s.betas, eps=s.eps,
+                                   weight_decay=s.weight_decay) if trained else None
             total = 0.0
             for step in range(steps[k]):
                 rows = c.sets[k].index[idx[step, k][valid[step, k]].to(c.device)]
@@ -418,9 +436,11 @@ class PlainTrainer(LockstepTrainer):
                 loss = in_batch_loss(logits[:, y]) if s.loss == "contrastive" \
                     else torch.nn.functional.cross_entropy(logits, y)
                 total += loss.item()  # the data loss, as the other engines report
+                if opt is None:
+                    continue
                 if s.mu:
                     loss = loss + s.mu / 2 * sum(((params[q] - (anchor[q][k] if stacked_anchor else anchor[q])) ** 2).sum()
-                                                 for q in params)
+                                                 for q in params if q in trained and q in anchor)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -444,21 +464,25 @@ class SequentialTrainer:
         self.trainer = inner(adapter, self.sets[0], text, scale, settings)
 
     def train_mean(self, start: dict[str, torch.Tensor], epochs: int, generators: list[torch.Generator],
-                   weights: list[float], anchor: dict[str, torch.Tensor] | None = None):
-        """Every client trains from the one adapter `start` in turn and is added to the weighted sum of the
-        clients' adapters as it finishes (`weights`: the strategy's client weights). One client's adapter is
-        held at a time, so 300 small clients stay in cache instead of writing 300 stacked copies. Returns
-        the sum (the weighted mean, for weights summing to 1) and each client's mean training loss."""
+                   weights: list[float], anchor: dict[str, torch.Tensor] | None = None,
+                   personal: dict[str, torch.Tensor] | None = None, keys=None):
+        """Every client trains from the one adapter `start` (with its own `personal` keys [K, ...], trained
+        in place) in turn and is added to the weighted sum of the clients' `start` keys as it finishes
+        (`weights`: the strategy's client weights). One client's adapter is held at a time, so 300 small
+        clients stay in cache instead of writing 300 stacked copies. Returns the sum (the weighted mean,
+        for weights summing to 1) and each client's mean training loss. `keys`: those that train."""
+        personal = personal or {}
         work = {q: torch.empty((1, *v.shape), dtype=v.dtype, device=v.device) for q, v in start.items()}
         one = {q: v[0] for q, v in work.items()}
         total, losses = WeightedSum(start), [None] * len(self.sets)
         # clients of one step go together (FedProx's pull towards `start` is nothing at a first step)
-        folds = getattr(self.trainer, "folds_first_steps", lambda: False)()
+        folds = getattr(self.trainer, "folds_first_steps", lambda: False)() and not personal and keys is None
         small = [i for i, n in enumerate(self.sizes) if folds and one_step(n, self.trainer.settings.batch_size, epochs)]
         for i in sorted(set(range(len(self.sets))) - set(small)):
             torch._foreach_copy_(list(one.values()), [start[q] for q in one])
             self.trainer.clients = self.sets[i]
-            losses[i] = self.trainer.train(work, epochs, [generators[i]], anchor)
+            state = {**work, **{q: v[i:i + 1] for q, v in personal.items()}}
+            losses[i] = self.trainer.train(state, epochs, [generators[i]], anchor, keys=keys)
             total.add(one, weights[i])
         if small:
             group = ClientSets([self.sets[i].sets[0] for i in small])
@@ -469,13 +493,14 @@ class SequentialTrainer:
             total.add(start, sum(weights[i] for i in small))  # their weight times the adapter they started from
         return total.sum, torch.cat(losses)
 
-    def train(self, state, epochs, generators, anchor=None):
+    def train(self, state, epochs, generators, anchor=None, keys=None):
         stacked_anchor = is_stacked(anchor, state)
         losses = []
         for i, client in enumerate(self.sets):
             self.trainer.clients = client
             losses.append(self.trainer.train({q: v[i:i + 1] for q, v in state.items()}, epochs, [generators[i]],
-                                             {q: v[i] for q, v in anchor.items()} if stacked_anchor else anchor))
+                                             {q: v[i] for q, v in anchor.items()} if stacked_anchor else anchor,
+                                             keys=keys))
         return torch.cat(losses)
 
 

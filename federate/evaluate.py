@@ -30,15 +30,37 @@ def correct(adapter: Adapter, params: dict[str, torch.Tensor], sets: list[Rows],
     return counts
 
 
+@torch.no_grad()
+def correct_with_heads(model, states: list[dict], sets: list[Rows], scale: float) -> torch.Tensor:
+    """Correct predictions of states that share their body (a heads model, federate/heads.py: FedPer's
+    clients) on each of `sets`: the features of all rows in one pass, then each state's own heads."""
+    rows = concat(sets)
+    bounds = torch.tensor([0, *[len(s) for s in sets]]).cumsum(0).tolist()
+    counts = torch.zeros(len(sets), dtype=torch.long, device=rows.device)
+    for i in range(0, len(rows), EVAL_ROWS):
+        x, y = rows.gather(i, i + EVAL_ROWS)
+        f = model.features(states[0], x)
+        for j, state in enumerate(states):  # the members whose rows fall in this block
+            lo, hi = max(bounds[j], i) - i, min(bounds[j + 1], i + len(x)) - i
+            if lo < hi:
+                counts[j] += (model.head_logits(state, f[lo:hi], scale).argmax(1) == y[lo:hi]).sum()
+    return counts
+
+
 def accuracies(adapter: Adapter, states: list, sets: list[Rows], text: torch.Tensor, scale: float = 1.0) -> list[float]:
     """Accuracy of states[i] on sets[i], with a single host synchronisation. Sets evaluated with the same
-    adapter object (every client with the global adapter) share one pass."""
-    by_state: dict[int, list[int]] = {}
+    adapter object (every client with the global adapter) share one pass; so do the states of a heads
+    model that share their body's tensors (each client's own head on the shared body)."""
+    by_state: dict = {}
     for i, state in enumerate(states):
-        by_state.setdefault(id(state), []).append(i)
+        key = tuple(id(state[k]) for k in adapter.body_keys(state)) if hasattr(adapter, "body_keys") else id(state)
+        by_state.setdefault(key, []).append(i)
     hits = [None] * len(sets)
     for members in by_state.values():
-        counts = correct(adapter, states[members[0]], [sets[i] for i in members], text, scale)
+        if len({id(states[i]) for i in members}) > 1:
+            counts = correct_with_heads(adapter, [states[i] for i in members], [sets[i] for i in members], scale)
+        else:
+            counts = correct(adapter, states[members[0]], [sets[i] for i in members], text, scale)
         for j, i in enumerate(members):
             hits[i] = counts[j]
     sizes = torch.tensor([max(1, len(s)) for s in sets], dtype=torch.float32)

@@ -33,17 +33,15 @@ round_log = logging.getLogger("federate.rounds")  # one line per round: the run'
 
 
 def check_settings(cfg) -> Method:
-    """The method of `cfg`, once its settings make sense (types are checked by the config schema)."""
-    method = methods.get(cfg.method.name)
-    optimizer = (cfg.get("optimizer") or {}).get("name", "adam_l2")  # the backbone methods' (backbone/optim.py)
+    """The method of `cfg` (federate/methods/), once its settings make sense (types are checked by the
+    config schema; the method checks what it cannot run with)."""
+    method = methods.build(cfg.method)
     problems = [
         (not (math.isfinite(cfg.lr) and cfg.lr > 0), f"lr must be > 0 and finite, not {cfg.lr}"),
         (cfg.rounds < 1, f"rounds must be >= 1, not {cfg.rounds}"),
         (cfg.local_epochs < 1, f"local_epochs must be >= 1, not {cfg.local_epochs}"),
         (cfg.batch_size < 2, f"batch_size must be >= 2 (the contrastive loss needs pairs), not {cfg.batch_size}"),
         (cfg.finetune_epochs < 0, f"finetune_epochs must be >= 0, not {cfg.finetune_epochs}"),
-        (not (math.isfinite(float(cfg.method.get("mu", 0.0))) and float(cfg.method.get("mu", 0.0)) >= 0),
-         f"method.mu must be >= 0 and finite, not {cfg.method.get('mu')}"),
         (not 0 <= cfg.seed < 2**63, f"seed must be an integer from 0 to 2^63 - 1, not {cfg.seed}"),
         (cfg.flower.min_clients < 1, f"flower.min_clients must be >= 1, not {cfg.flower.min_clients}"),
         (not (math.isfinite(cfg.flower.round_timeout) and cfg.flower.round_timeout > 0),
@@ -55,18 +53,12 @@ def check_settings(cfg) -> Method:
         (cfg.get("precision", "fp32") not in ("fp32", "bf16"),
          f"precision must be fp32 or bf16, not {cfg.get('precision')!r}"),
         (cfg.device not in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, not {cfg.device!r}"),
-        (not method.images and optimizer != "adam_l2",
-         f"optimizer={optimizer} is for the methods that train the backbone (fedavg_full, fedprox_full, "
-         f"fedclip_full; backbone=alexnet picks optimizer=sgd); method={method.name} trains its adapter with "
-         "FedCLIP's Adam (optimizer=adam_l2)"),
         (cfg.backend not in ("local", "flower"), f"backend must be local or flower, not {cfg.backend!r}"),
-        (cfg.backend == "flower" and not method.flower,
-         f"backend=flower runs the methods {', '.join(m.name for m in methods.METHODS.values() if m.flower)}, "
-         f"not {method.name}"),
     ]
     for bad, message in problems:
         if bad:
             raise ConfigError(message)
+    method.check(cfg)
     return method
 
 
@@ -158,12 +150,6 @@ def class_text(cache: EmbeddingCache, device) -> torch.Tensor:
     return torch.from_numpy(cache.text.mean(0)).to(device)
 
 
-def train_settings(cfg, method: Method) -> TrainSettings:
-    mu = float(cfg.method.get("mu", 0.0)) if method.proximal else 0.0
-    return TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss, mu=mu,
-                         precision=cfg.get("precision", "fp32"))
-
-
 def capped_batch(settings: TrainSettings, rows: int) -> TrainSettings:
     """A batch no larger than the largest training set: a client with fewer rows than batch_size trains on
     one batch of all its rows per epoch, as a data loader would give it (the engines pad every batch to
@@ -175,16 +161,19 @@ def capped_batch(settings: TrainSettings, rows: int) -> TrainSettings:
     return replace(settings, batch_size=rows)
 
 
-def cost_figures(method: Method, adapter_params: int, clients: int, clip_params: int, rounds: int,
-                 sent_bytes: int | None = None) -> dict:
-    """What crosses the wire, against FedAvg fine-tuning the whole CLIP: `sent_bytes` per client and
-    direction (default: the trainable parameters as float32), when the method communicates; `clients`:
-    those that train each round (`Federation.trained_per_round`)."""
-    per_client = (4 * adapter_params if sent_bytes is None else sent_bytes) if method.aggregates else 0
-    per_round = {"up": clients * per_client, "down": clients * per_client}
+def cost_figures(method: Method, federation, clip_params: int, rounds: int) -> dict:
+    """What crosses the wire (the method's `bytes_per_client` for each client that trains in a round,
+    `Federation.trained_per_round`), against FedAvg fine-tuning the whole CLIP; the trainable parameters
+    of a client's model, its shared and its personal part."""
+    clients = federation.trained_per_round
+    sent = method.bytes_per_client(federation.global_state)
+    per_round = {"up": clients * sent["up"], "down": clients * sent["down"]}
     full = {"up": clients * 4 * clip_params, "down": clients * 4 * clip_params}
+    shared = sum(v.numel() for v in federation.global_state.values())
+    personal = federation.personal_params
+    adapter_params = shared + personal
     return {
-        "trainable_params": adapter_params,
+        "trainable_params": adapter_params, "shared_params": shared, "personal_params": personal,
         "bytes_per_round": per_round,
         "bytes_total": {k: v * rounds for k, v in per_round.items()},
         "fedavg_full_clip": {
@@ -316,9 +305,9 @@ def summarize(cfg, method: Method, dataset: str, model: str, federation, cost: d
         "local_epochs": int(cfg.local_epochs), "batch_size": int(cfg.batch_size),
         "aggregation": cfg.aggregation, "loss": cfg.loss, "text_adapter": bool(cfg.text_adapter),
         "mu": float(cfg.method.get("mu", 0.0)), "engine": cfg.engine,
-        "precision": cfg.get("precision", "fp32"),
-        "adapter": adapter.describe() if adapter is not None and method.trains != "none" else None,
-        "strategy": strategy.describe() if strategy is not None and method.aggregates else None,
+        "precision": cfg.get("precision", "fp32"), "method_settings": method.describe(),
+        "adapter": adapter.describe() if adapter is not None and federation.rounds else None,
+        "strategy": strategy.describe() if strategy is not None and method.communicates else None,
         **federation.summary_fields(),
         **cost, "split_sizes": {c.name: c.sizes for c in clients}, "target_size": target_size,
         "partition": OmegaConf.to_container(cfg.partition, resolve=True) if OmegaConf.is_config(cfg.partition)
@@ -362,14 +351,12 @@ def finish(output_dir: Path, summary: dict, cfg, start: float) -> dict:
 
 def save_adapters(path: Path, method: Method, names: list[str], best: dict, dataset: str, model: str,
                   embed_dim: int, target: str, cfg) -> None:
-    """The adapter(s) of the selected round (`image.0.weight`, ... for AttAI); a method with personal
-    adapters saves one per client (`<client>/image.0.weight`, ...)."""
-    states = best["states"]
-    if method.personal:
-        tensors = {f"{n}/{k}": v.contiguous().cpu() for n, s in zip(names, states) for k, v in s.items()}
-    else:
-        tensors = {k: v.contiguous().cpu() for k, v in states[0].items()}
+    """The selected round's states: the shared state under its plain keys (`image.0.weight`, ... for AttAI)
+    and each client's personal state under `<client>/<key>`."""
+    tensors = {k: v.contiguous().cpu() for k, v in best["shared"].items()}
+    tensors.update({f"{n}/{k}": v[i].contiguous().cpu() for k, v in best["personal"].items() for i, n in enumerate(names)})
     config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     metadata = {"method": method.name, "model": model, "dataset": dataset, "target_domain": target or NO_TARGET,
-                "round": str(best["row"]["round"]), "embed_dim": str(embed_dim), "config": json.dumps(config)}
+                "round": str(best["row"]["round"]), "embed_dim": str(embed_dim), "config": json.dumps(config),
+                "shared": json.dumps(sorted(best["shared"])), "personal": json.dumps(sorted(best["personal"]))}
     save_file(tensors, str(path), metadata=metadata)

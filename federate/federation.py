@@ -1,20 +1,21 @@
 """The rounds of one federated run (`Federation`), whatever trains the clients.
 
-Each round r: a seeded sample of the clients trains (`clients_per_round`; all by default), starting from
-the global adapter (or, for a personal method, from their own); the server strategy combines the sampled
-clients' adapters; every client is evaluated (validation and test, and the target domain); the round's
-record goes to history.jsonl; the selection rule (`selection=`, federate/selection.py) keeps the best
-round so far; a checkpoint (federate/checkpoint.py) lets a killed run resume after its last round.
+Each round r: a seeded sample of the training units trains (`clients_per_round`; all by default) by the
+run's method (federate/methods/: its local update, from the shared state and each client's personal
+state); the method combines what they send through the server strategy; every client is evaluated
+(validation and test, with the model it deploys, and the target domain with the method's target models);
+the round's record goes to history.jsonl; the selection rule (`selection=`, federate/selection.py) keeps
+the best round so far; a checkpoint (federate/checkpoint.py) lets a killed run resume after its last round.
 
-What trains and evaluates is a backend: the cached tensors in process (federate/run.py, and a grouped
-sweep, federate/sweep.py, that trains many points' clients in one computation and then calls each
-point's `end_round`), the Flower apps (federate/flower/server_app.py) or the image backbones
-(federate/backbone/runner.py). A backend has
+The loop itself is `Federation.steps`, a generator: it yields (round, sampled units) when local training
+is due and takes the units' `Update` back. `Federation.run` answers it with a backend; a grouped sweep
+(federate/sweep.py) answers many runs' requests with one computation. A backend has
 
     train(federation, round, sampled) -> Update     # local training of the sampled units
-    evaluate(client_states, target_states, parts) -> {"val": {client: acc}, "test": {...}, "target": [...]}
+    evaluate(federation, parts) -> {"val": {client: acc}, "test": {...}, "target": [acc per target model]}
 
-and the loop does the rest.
+and is the cached tensors in process (federate/run.py), the Flower apps (federate/flower/server_app.py)
+or the image backbones (federate/backbone/runner.py).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import signal
 import threading
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,8 @@ from omegaconf import OmegaConf
 
 from . import checkpoint, selection
 from .errors import ConfigError
-from .evaluate import pick
 from .experiment import RunLog, check_finite, mean
+from .training import Update
 
 log = logging.getLogger("federate")
 PARTS = ("val", "test", "target")
@@ -52,13 +53,8 @@ class ClientInfo:
     sizes: dict  # "train" | "val" | "test" -> rows
 
 
-@dataclass
-class Update:
-    """The sampled units' adapters after local training ([M, ...] per tensor, in the order of `sampled`;
-    or one pre-averaged adapter [1, ...] with num_examples [1]), their training rows and mean losses."""
-    stacked: dict[str, torch.Tensor]
-    num_examples: list[int]
-    losses: dict[str, float] = field(default_factory=dict)
+def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def config_dict(cfg) -> dict:
@@ -112,31 +108,44 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-class Federation:
-    """One run's rounds and records. `clients`: every client, evaluated each round; the training units
-    are the clients (or one pooled unit for a method that trains on the pooled rows)."""
+def drive(steps, train) -> None:
+    """Answer a `Federation.steps` generator's requests with `train(round, sampled)` until its rounds end."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(train(*request))
+    except StopIteration:
+        return
 
-    def __init__(self, cfg, method, clients: list[ClientInfo], global_state: dict, server, output_dir: Path, *,
-                 target: str | None, progress: bool = True, every_round: bool = True, strategy_state=None):
+
+class Federation:
+    """One run's rounds and records. `clients`: every client, evaluated each round; the training units are
+    the method's (`method.units`: one per client, or one pooled unit). `init_state`: the model's initial
+    state, which the method splits into the shared state and each client's personal one (held here unless
+    the clients keep their own: `keeps_personal=False`, Flower)."""
+
+    def __init__(self, cfg, method, clients: list[ClientInfo], init_state: dict, server, output_dir: Path, *,
+                 target: str | None, progress: bool = True, every_round: bool = True, keeps_personal: bool = True):
         self.cfg, self.method, self.clients, self.server = cfg, method, clients, server
         self.output_dir, self.target, self.every_round = Path(output_dir), target, every_round
-        self.global_state = global_state
-        self.rounds = int(cfg.rounds) if method.trains != "none" else 0
+        self.rounds = method.rounds(cfg)
         self.rule = selection.check_rule(cfg.get("selection", "val_mean"))
         if self.rule == "oracle" and target is None:
             raise ConfigError("selection=oracle selects by the target domain's accuracy, and this run has no "
                               "target domain; use selection=val_mean")
-        pooled = method.trains == "pooled"
-        self.units = ["pooled"] if pooled else [c.name for c in clients]
-        self.unit_rows = ([sum(c.sizes["train"] for c in clients)] if pooled else
-                          [c.sizes["train"] for c in clients])
+        self.unit_members = method.units(clients)
+        self.units = [clients[m[0]].name if len(m) == 1 else "pooled" for m in self.unit_members]
+        self.unit_rows = [sum(clients[i].sizes["train"] for i in m) for m in self.unit_members]
         self.per_round = (check_clients_per_round(cfg.get("clients_per_round"), len(clients))
-                          if method.trains == "clients" else None)
-        self.personal = ({k: v.expand(len(clients), *v.shape).clone() for k, v in global_state.items()}
-                         if method.personal else None)
-        self.best = {"row": None, "score": -math.inf, "states": []}
+                          if self.rounds and len(self.units) == len(clients) else None)
+        self.global_state, personal = method.split(init_state)
+        self.personal_params = sum(v.numel() for v in personal.values())  # one client's
+        self.personal = {k: v.expand(len(clients), *v.shape).clone() for k, v in personal.items()} \
+            if keeps_personal else {}
+        self.best = {"row": None, "score": -math.inf, "shared": {}, "personal": {}}
         self.dropped: dict[str, str] = {}  # client -> why the server dropped it (Flower)
         self.done = 0  # the last completed round
+        self.current_round = 0  # the round being concluded
         self.config = config_dict(cfg)
         resumed = self._resume()
         self.runlog = RunLog(self.output_dir, max(self.rounds, 1), progress, resume_round=resumed)
@@ -145,15 +154,22 @@ class Federation:
 
     # --- the rounds
 
+    def steps(self, backend):
+        """The remaining rounds: yields (round, sampled units) when they must train and takes their Update
+        back (generator.send); evaluates, records and checkpoints each round. A method without rounds is
+        evaluated once (round 0)."""
+        if self.rounds == 0:
+            self.end_round(0, [], None, backend)
+        for r in range(self.done + 1, self.rounds + 1):
+            sampled = self.sample(r)
+            update = yield r, sampled
+            self.end_round(r, sampled, update, backend)
+
     def run(self, backend) -> None:
-        """Every remaining round (or, for a method that does not train, the one evaluation)."""
+        """Every remaining round, trained by `backend`."""
         try:
             with sigterm_as_interrupt():
-                if self.rounds == 0:
-                    self.end_round(0, [], None, backend)
-                for r in range(self.done + 1, self.rounds + 1):
-                    sampled = self.sample(r)
-                    self.end_round(r, sampled, backend.train(self, r, sampled), backend)
+                drive(self.steps(backend), lambda r, sampled: backend.train(self, r, sampled))
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted after round {self.done} of {self.rounds}; resume with: "
                               f"{resume_command(self.output_dir)}") from None
@@ -162,40 +178,40 @@ class Federation:
 
     @property
     def trained_per_round(self) -> int:
-        """How many clients train, and communicate, each round (`clients_per_round`; all by default)."""
-        return self.per_round or len(self.clients)
+        """How many units train, and communicate, each round (`clients_per_round`; all by default)."""
+        return self.per_round or len(self.units)
 
     def sample(self, round_: int) -> list[int]:
         """Indices of the units that train in this round (clients the server dropped never do)."""
         alive = [i for i, u in enumerate(self.units) if u not in self.dropped]
         return [alive[i] for i in sample(self.cfg.seed, round_, len(alive), self.per_round)]
 
-    def start_states(self, sampled: list[int]) -> dict[str, torch.Tensor]:
-        """The adapters the sampled units start the round from, stacked [M, ...]: the global one, or each
-        client's own for a personal method."""
-        if self.personal is not None:
-            if sampled == list(range(len(self.clients))):  # every client: trained in place, no copy
-                return self.personal
-            idx = torch.tensor(sampled, device=next(iter(self.personal.values())).device)
-            return {k: v.index_select(0, idx) for k, v in self.personal.items()}
-        return {k: v.expand(len(sampled), *v.shape).clone() for k, v in self.global_state.items()}
+    def personal_of(self, sampled: list[int]) -> dict[str, torch.Tensor]:
+        """The sampled clients' personal states [M, ...]: the held tensors themselves when every client is
+        sampled (trained in place), else a copy that `store_personal` writes back."""
+        if not self.personal or sampled == list(range(len(self.clients))):
+            return self.personal
+        idx = torch.tensor(sampled, device=next(iter(self.personal.values())).device)
+        return {k: v.index_select(0, idx) for k, v in self.personal.items()}
+
+    def store_personal(self, sampled: list[int], personal: dict[str, torch.Tensor]) -> None:
+        if not personal or all(personal[k] is v for k, v in self.personal.items()):
+            return
+        idx = torch.tensor(sampled, device=next(iter(self.personal.values())).device)
+        for k, v in self.personal.items():
+            v.index_copy_(0, idx, personal[k])
 
     def end_round(self, r: int, sampled: list[int], update: Update | None, backend) -> None:
-        """After round r's local training: the server strategy, evaluation, selection, records, checkpoint."""
+        """After round r's local training: the server's combination, evaluation, selection, records, checkpoint."""
+        self.current_round = r
         row = {"round": r, "sampled": [self.units[i] for i in sampled],
                "train_loss": dict(update.losses) if update else {}}
         if update is not None and update.num_examples:  # (Flower: every sampled client may have been dropped)
             check_finite(r, row["train_loss"], update.stacked, self.cfg.lr)
-            if self.method.aggregates:
-                self.global_state = self.server.aggregate_train(self.global_state, update.stacked, update.num_examples)
-                check_finite(r, {}, self.global_state, self.cfg.lr)
-            elif self.personal is not None:
-                if update.stacked is not self.personal:  # (trained in place when every client trains)
-                    idx = torch.tensor(sampled, device=next(iter(self.personal.values())).device)
-                    for k, v in self.personal.items():
-                        v.index_copy_(0, idx, update.stacked[k])
-            else:  # one pooled unit: its adapter is the model
-                self.global_state = pick(update.stacked, 0)
+            self.global_state = self.method.aggregate(self.server, self.global_state, update)
+            check_finite(r, {}, self.global_state, self.cfg.lr)
+            if self.personal:
+                check_finite(r, {}, self.personal, self.cfg.lr)
         self._evaluate(row, backend)
         row.update(getattr(backend, "row_timings", dict)())  # the image backbones: the round's seconds
         self.done = r
@@ -203,33 +219,24 @@ class Federation:
         if self.rounds:
             self._save_checkpoint()
 
-    def client_states(self) -> tuple[list[dict], list[dict]]:
-        """The adapter each client is evaluated with, and those evaluated on the target domain (a personal
-        method has no global adapter: the mean of its clients' accuracies on the target)."""
-        if self.personal is not None:
-            states = [pick(self.personal, i) for i in range(len(self.clients))]
-            return states, states
-        return [self.global_state] * len(self.clients), [self.global_state]
-
     def _evaluate(self, row: dict, backend) -> None:
-        client_states, target_states = self.client_states()
         wanted = set(PARTS) if self.every_round or self.rule == "last" else \
             {"val", *(["target"] if self.rule == "oracle" else [])}
         if self.target is None:
             wanted.discard("target")
-        self._record(row, backend.evaluate(client_states, target_states, wanted))
+        self._record(row, backend.evaluate(self, wanted))
         score = selection.score(row, self.rule)
         improved = score > self.best["score"]
         missing = {"test", *(["target"] if self.target is not None else [])} - wanted
         if improved and missing:  # a backend that evaluates only when needed: the selected round's numbers
-            self._record(row, backend.evaluate(client_states, target_states, missing))
+            self._record(row, backend.evaluate(self, missing))
         if improved:
             row["improved"] = True
-            self.best = {"row": row, "score": score,
-                         "states": [{k: v.detach().clone() for k, v in s.items()} for s in target_states]}
+            self.best = {"row": row, "score": score, "shared": clone(self.global_state),
+                         "personal": clone(self.personal)}
 
     def _record(self, row: dict, result: dict) -> None:
-        """`result`: {"val": {client: acc}, "test": {client: acc}, "target": [acc per target state]}."""
+        """`result`: {"val": {client: acc}, "test": {client: acc}, "target": [acc per target model]}."""
         if "val" in result:
             row["val_acc"] = dict(result["val"])
             row["val_mean"] = mean(row["val_acc"].values())
@@ -243,17 +250,17 @@ class Federation:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {f"global/{k}": v for k, v in self.global_state.items()}
-        out.update({f"personal/{k}": v for k, v in (self.personal or {}).items()})
+        out.update({f"personal/{k}": v for k, v in self.personal.items()})
         for name, state in self.server.moments().items():
             out.update({f"strategy/{name}/{k}": v for k, v in state.items()})
         if not self._best_is_current():
-            for i, s in enumerate(self.best["states"]):
-                out.update({f"best/{i}/{k}": v for k, v in s.items()})
+            out.update({f"best/global/{k}": v for k, v in self.best["shared"].items()})
+            out.update({f"best/personal/{k}": v for k, v in self.best["personal"].items()})
         return out
 
     def _best_is_current(self) -> bool:
-        """The selected round is the last one: its adapters are the global one (or the personal ones), saved
-        once (a backbone's state weighs hundreds of MB, 300 personal adapters 630 MB)."""
+        """The selected round is the last one: its states are the current ones, saved once (a backbone's
+        state weighs hundreds of MB, 300 personal adapters 630 MB)."""
         return self.best["row"] is not None and self.best["row"]["round"] == self.done
 
     def _save_checkpoint(self) -> None:
@@ -271,22 +278,21 @@ class Federation:
             raise ConfigError(f"{self.output_dir} holds an unfinished run of another config ({'; '.join(changed[:3])}"
                               f"{'; ...' if len(changed) > 3 else ''}); resume it with its own settings, or give this "
                               "run its own folder (hydra.run.dir=...)")
-        device = next(iter(self.global_state.values())).device
+        device = next(iter({**self.global_state, **self.personal}.values())).device
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
 
         self.global_state = part("global/")
-        if self.personal is not None:
+        if self.personal:
             self.personal = part("personal/")
         self.server.load_moments({name: part(f"strategy/{name}/") for name in self.server.MOMENTS
                                   if any(k.startswith(f"strategy/{name}/") for k in tensors)})
-        count = len({k.split("/")[1] for k in tensors if k.startswith("best/")})
-        if meta.get("best_is_current", meta.get("best_is_global")):  # (the key of checkpoints of an older fedclip)
-            states = [{k: v.clone() for k, v in s.items()} for s in self.client_states()[1]]
+        if meta["best_is_current"]:
+            shared, personal = clone(self.global_state), clone(self.personal)
         else:
-            states = [part(f"best/{i}/") for i in range(count)]
-        self.best = {"row": meta["best_row"], "score": meta["best_score"], "states": states}
+            shared, personal = part("best/global/"), part("best/personal/")
+        self.best = {"row": meta["best_row"], "score": meta["best_score"], "shared": shared, "personal": personal}
         self.dropped = dict(meta.get("dropped", {}))
         self.done = int(meta["round"])
         log.info("resuming %s after round %d of %d", self.output_dir, self.done, self.rounds)

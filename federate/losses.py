@@ -96,3 +96,21 @@ def ce_grad(image, class_text, labels, valid, scale: float):
     onehot = F.one_hot(labels, logits.shape[2]).to(image.dtype)
     dlogits = torch.where(valid[:, :, None], log_p.exp() - onehot, 0) * (scale / n)[:, None, None]
     return loss, torch.bmm(dlogits, class_text), torch.bmm(dlogits.transpose(1, 2), image)
+
+
+def head_ce_grad(image, weight, bias, labels, valid, scale: float):
+    """Batched cross-entropy of linear heads, logits = scale * (image @ weight^T + bias) (federate/heads.py).
+
+    image: [k, B, d]; weight: [k, C, d]; bias: [k, C]; labels: [k, B]; valid: [k, B] bool or None.
+    Returns (loss [k], d loss / d image [k, B, d], d loss / d weight [k, C, d], d loss / d bias [k, C]).
+    """
+    logits = torch.baddbmm(bias.unsqueeze(1), image, weight.transpose(1, 2)).mul_(scale)  # [k, B, C]
+    if valid is None:
+        valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    n = valid.sum(1).to(image.dtype)
+    log_p = torch.log_softmax(logits, dim=2)
+    nll = -log_p.gather(2, labels[:, :, None]).squeeze(2)
+    loss = torch.where(valid, nll, 0).sum(1) / n
+    onehot = F.one_hot(labels, logits.shape[2]).to(image.dtype)
+    dlogits = torch.where(valid[:, :, None], log_p.exp() - onehot, 0) * (scale / n)[:, None, None]
+    return loss, torch.bmm(dlogits, weight), torch.bmm(dlogits.transpose(1, 2), image), dlogits.sum(1)

@@ -50,6 +50,10 @@ def adapter_logits(adapter: Adapter, params, x: torch.Tensor, text: torch.Tensor
     """`adapter.logits(params, x, text, scale)` with the adapter's matmuls in `low` (None: fp32)."""
     if low is None:
         return adapter.logits(params, x, text, scale)
+    if hasattr(adapter, "head_logits"):  # a body with linear heads (federate/heads.py): the body's layers in bf16
+        with LowPrecisionMatmuls(low):
+            image = adapter.image(params, x)
+        return adapter.head_logits(params, F.normalize(image, dim=-1), scale)
     if type(adapter).logits is not Adapter.logits:  # its own logits: every matmul in it is one of its layers
         with LowPrecisionMatmuls(low):
             return adapter.logits(params, x, text, scale)

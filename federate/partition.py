@@ -206,19 +206,11 @@ def _fix(settings: PartitionSettings) -> str:
     return "lower partition.clients_per_domain or partition.classes_per_client"
 
 
-def check_runner(cfg, method) -> None:
-    """Refuse, in one line, what a runner would ignore: the image backbone runs one client per domain on
-    every class, and the Flower apps every class (their clients may be any partition)."""
-    runner = "backend=flower" if cfg.backend == "flower" else f"method={method.name}" if method.images else None
-    if runner is None:
-        return
-    name = (cfg.get("partition") or {}).get("name", "domain")
-    if method.images and name != "domain":
-        raise ConfigError(f"{runner} runs one client per domain, not partition={name}; use partition=domain, or "
-                          f"a method on the cached embeddings")
+def check_flower(cfg) -> None:
+    """Refuse, in one line, what the Flower apps would ignore: they train on every class."""
     if cfg.dataset.get("classes") is not None:
-        raise ConfigError(f"{runner} trains on every class of the dataset, so dataset.classes cannot name a subset; "
-                          f"use backend=local with a method on the cached embeddings")
+        raise ConfigError("backend=flower trains on every class of the dataset, so dataset.classes cannot name a "
+                          "subset; use backend=local with a method on the cached embeddings")
 
 
 def splits_json(clients: list[ClientSplit], cache) -> dict:

@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import methods, selection
+from . import selection
 from .errors import ConfigError
 from .report_plots import TARGET_NONE, target_label, write_plots
 from .report_runs import collect
@@ -100,14 +100,22 @@ def method_label(s: dict) -> str:
         extras[:0] = [f"{k}={v}" for k, v in adapter.items() if k not in ("name", "text_tower")]
     if server and server["name"] != "fedavg":
         extras.insert(0, "strategy=" + settings_label(server["name"], server, hidden=("name", "aggregation")))
-    if methods.METHODS.get(s["method"], methods.METHODS["fedclip"]).proximal:
-        extras.insert(0, f"mu={s.get('mu')}")
+    extras[:0] = [f"{k}={v}" for k, v in method_settings(s).items()]
     backbone = s.get("backbone")
     if isinstance(backbone, dict):
         name = s["method"] + "/" + settings_label(backbone.get("name", "?"), backbone, hidden=("name",))
     else:
         name = s["method"] + (f"/{backbone}" if backbone else "")
     return name + (f" ({', '.join(extras)})" if extras else "")
+
+
+def method_settings(s: dict) -> dict:
+    """The method's own settings (`method.*` less its name): each value makes another row."""
+    settings = s.get("method_settings")
+    if not isinstance(settings, dict):  # older runs: the config they recorded
+        config = s.get("config") if isinstance(s.get("config"), dict) else {}
+        settings = config.get("method") if isinstance(config.get("method"), dict) else {}
+    return {k: v for k, v in settings.items() if k != "name"}
 
 
 def slug(name: str) -> str:

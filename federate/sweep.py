@@ -30,12 +30,14 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from . import checkpoint, experiment, methods, prepared
+from . import checkpoint, experiment, prepared
 from .engine import ClientSets, make_trainer
 from .errors import ConfigError
 from .experiment import progress_bar
-from .federation import Update
-from .run import CachedBackend, conclude, generators, setup
+from .federation import sigterm_as_interrupt
+from .training import LocalTraining, Update
+from .lifecycle import conclude
+from .run import CachedBackend, setup
 
 log = logging.getLogger("federate")
 progress_log = logging.getLogger("federate_sweep")  # not under "federate": shown while a group's lines are held
@@ -45,11 +47,10 @@ FREE_KEYS = ("lr", "seed", "target_domain", "split_file")  # and method.mu: what
 def group_key(cfg) -> str | None:
     """Points with equal keys can train together; None: this point runs on its own."""
     try:
-        method = methods.get(cfg.method.name)
-        experiment.check_settings(cfg)
-    except (ConfigError, Exception):  # noqa: BLE001 - its own job reports the error
+        method = experiment.check_settings(cfg)
+    except Exception:  # noqa: BLE001 - its own job reports the error
         return None
-    if cfg.backend != "local" or method.trains == "none" or method.images:
+    if cfg.backend != "local" or not method.groupable(cfg):
         return None
     c = OmegaConf.to_container(cfg, resolve=True)
     for key in FREE_KEYS:
@@ -146,7 +147,7 @@ def train_group(cfgs: list, output_dirs: list) -> None:
                 continue
             with records.point(key):
                 try:
-                    results[key] = conclude(point, start)
+                    results[key] = conclude(point.experiment, start)
                 except (ConfigError, OSError) as e:
                     results[key] = e
     for key in keys:
@@ -155,62 +156,87 @@ def train_group(cfgs: list, output_dirs: list) -> None:
 
 
 def _rounds(points: dict, results: dict, records: _Records) -> None:
-    """The rounds of all points: one trainer per (lr, mu) over its slots, then each point's round end
-    (federate/federation.py: aggregation, evaluation, selection, records, checkpoint)."""
-    live = list(points)
-    if not live:
+    """Every point's rounds (`Federation.steps`, the loop a run alone runs), answered together: each round,
+    the sampled clients of all points whose method settings agree (same lr and mu) are one computation
+    (`_train_together`); each point then concludes its round (aggregation, evaluation, selection,
+    records, checkpoint) on its own."""
+    backends = {key: CachedBackend(points[key][0]) for key in points}
+    steps = {key: points[key][0].federation.steps(backends[key]) for key in points}
+    requests = {}
+    for key in list(steps):
+        _advance(key, steps, requests, results, records, None)
+    if not requests:
         return
-    first = points[live[0]][0]
-    cfg = first.cfg
-    # slots: (point key, client index), grouped by the settings a trainer takes as one scalar
-    by_settings = defaultdict(list)
-    for key in live:
-        point = points[key][0]
-        for i in range(len(point.train_sets)):
-            by_settings[point.settings].append((key, i))
-    # largest training set first (the lock-step order); a stable sort keeps the sweep's order otherwise
-    subgroups = [sorted(slots, key=lambda s: -len(points[s[0]][0].train_sets[s[1]])) for slots in by_settings.values()]
-    built: dict[int, tuple] = {}  # subgroup -> (the slots its trainer was built for, the trainer)
-    backends = {key: CachedBackend(points[key][0]) for key in live}
-    rounds, started = int(cfg.rounds), time.time()
-    bar = progress_bar(rounds, desc=f"{len(live)} points")
-    for r in range(1, rounds + 1):
-        sampled = {k: points[k][0].federation.sample(r) for k in live}  # clients_per_round: each point its own
-        chosen = {k: set(v) for k, v in sampled.items()}
-        for g, slots in enumerate(subgroups):
-            slots = [(k, i) for k, i in slots if i in chosen[k]]
-            settings = points[slots[0][0]][0].settings
-            if g not in built or built[g][0] != slots:  # all clients, by default: built once
-                sets = [points[k][0].train_sets[i] for k, i in slots]
-                built[g] = (slots, make_trainer(cfg.engine, first.adapter, ClientSets(sets), first.text,
-                                                first.cache.logit_scale, settings))
-            trainer = built[g][1]
-            rows = defaultdict(list)  # point -> its slots' rows in the trainer's state, in the point's client order
-            for row, (k, i) in sorted(enumerate(slots), key=lambda e: e[1][1]):
-                rows[k].append(row)
-            feds = {k: points[k][0].federation for k in rows}
-            starts = {k: f.start_states(sampled[k]) for k, f in feds.items()}  # [M, ...]: the sampled clients'
-            at = {k: {i: j for j, i in enumerate(sampled[k])} for k in rows}
-            state = {q: torch.stack([starts[k][q][at[k][i]] for k, i in slots]) for q in first.federation.global_state}
-            gens = [generators(points[k][0], r, [feds[k].units[i]])[0] for k, i in slots]
-            anchor = ({q: torch.stack([feds[k].global_state[q] for k, _ in slots]) for q in state}
-                      if settings.mu else None)
-            losses = trainer.train(state, int(cfg.local_epochs), gens, anchor=anchor).tolist()
-            for key, idx in rows.items():
-                if key in results:  # it failed in an earlier round; its slots train on, unread
-                    continue
-                point, fed = points[key][0], feds[key]
-                stacked = {q: v.index_select(0, torch.tensor(idx, device=v.device)) for q, v in state.items()}
-                update = Update(stacked, [len(point.train_sets[i]) for i in sampled[key]],
-                                {fed.units[i]: losses[j] for i, j in zip(sampled[key], idx)})
-                with records.point(key):
-                    try:
-                        fed.end_round(r, sampled[key], update, backends[key])
-                    except (ConfigError, OSError) as e:  # this point fails; the others go on
-                        results[key] = e
-        if bar is not None:
-            bar.update(1)
-        elif r == rounds or r % max(1, rounds // 10) == 0:  # without a terminal: a line every tenth round
-            progress_log.info("group of %d points: round %d/%d (%.0f s)", len(live), r, rounds, time.time() - started)
+    first = points[next(iter(points))][0]
+    rounds, started = first.federation.rounds, time.time()
+    bar = progress_bar(rounds, desc=f"{len(points)} points")
+    trainers: dict = {}  # settings -> (slots, engine): built once while the slots stay the same
+    with sigterm_as_interrupt():
+        while requests:
+            r = next(iter(requests.values()))[0]
+            updates = _train_together({k: (points[k][0], sampled) for k, (_, sampled) in requests.items()}, r, trainers)
+            for key, update in updates.items():
+                _advance(key, steps, requests, results, records, update)
+            if bar is not None:
+                bar.update(1)
+            elif r == rounds or r % max(1, rounds // 10) == 0:  # without a terminal: a line every tenth round
+                progress_log.info("group of %d points: round %d/%d (%.0f s)", len(points), r, rounds,
+                                  time.time() - started)
     if bar is not None:
         bar.close()
+
+
+def _advance(key, steps, requests, results, records, update) -> None:
+    """Hand a point's loop its update (None: start it); keep its next request, or its error."""
+    requests.pop(key, None)
+    with records.point(key):
+        try:
+            requests[key] = steps[key].send(update) if update is not None else next(steps[key])
+        except StopIteration:
+            pass
+        except (ConfigError, OSError) as e:  # this point fails; the others go on
+            results[key] = e
+
+
+def _train_together(requests: dict, round_: int, trainers: dict) -> dict:
+    """One round's local training of every point's sampled clients: the slots (point, client) of points with
+    the same train settings share one engine; each point's method runs its local update on them (every
+    point of a group has the same method settings but mu, which is part of the train settings)."""
+    by_settings = defaultdict(list)
+    for key, (point, sampled) in requests.items():
+        by_settings[point.settings].extend((key, i) for i in sampled)
+    updates = {}
+    for settings, slots in by_settings.items():
+        # largest training set first (the lock-step order); a stable sort keeps the sweep's order otherwise
+        slots.sort(key=lambda s: -len(requests[s[0]][0].train_sets[s[1]]))
+        first = requests[slots[0][0]][0]
+
+        def engine(s, slots=slots, first=first):  # one per settings (a method's phase may change them)
+            if s not in trainers or trainers[s][0] != slots:  # all clients, by default: built once
+                sets = ClientSets([requests[k][0].train_sets[i] for k, i in slots])
+                trainers[s] = (list(slots), make_trainer(first.cfg.engine, first.adapter, sets, first.text,
+                                                         first.cache.logit_scale, s))
+            return trainers[s][1]
+
+        feds = {k: requests[k][0].federation for k, _ in slots}
+        at = {k: {i: j for j, i in enumerate(requests[k][1])} for k in feds}
+        personal = {k: f.personal_of(requests[k][1]) for k, f in feds.items()}
+        shared = {q: torch.stack([feds[k].global_state[q] for k, _ in slots]) for q in first.federation.global_state}
+        mine = {q: torch.stack([personal[k][q][at[k][i]] for k, i in slots]) for q in first.federation.personal}
+        train = LocalTraining([(int(requests[k][0].cfg.seed), feds[k].units[i]) for k, i in slots],
+                              [len(requests[k][0].train_sets[i]) for k, i in slots], round_,
+                              int(first.cfg.local_epochs), settings, engine, weights=None, shared_is_common=False,
+                              labels=[str(j) for j in range(len(slots))])
+        update = first.method.local_update(train, shared, mine)
+        row_of = {slot: j for j, slot in enumerate(slots)}
+        for key, fed in feds.items():
+            sampled = requests[key][1]
+            rows = [row_of[(key, i)] for i in sampled]
+            idx = torch.tensor(rows, device=next(iter({**shared, **mine}.values())).device)
+            for q, v in personal[key].items():
+                v.copy_(mine[q].index_select(0, idx))
+            fed.store_personal(sampled, personal[key])
+            updates[key] = Update({q: v.index_select(0, idx) for q, v in update.stacked.items()},
+                                  [update.num_examples[j] for j in rows],
+                                  {fed.units[i]: update.losses[str(j)] for i, j in zip(sampled, rows)})
+    return updates

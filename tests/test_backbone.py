@@ -287,7 +287,8 @@ def test_report_lists_the_backbone_runs_beside_the_cached_ones(fedavg_run, tmp_p
 
     s, _ = fedavg_run
     assert method_label(s).startswith("fedavg_full/clip")
-    assert method_label({**s, "method": "fedprox_full", "mu": 0.01}).startswith("fedprox_full/clip (mu=0.01")
+    prox = {**s, "method": "fedprox_full", "mu": 0.01, "method_settings": {"name": "fedprox_full", "mu": 0.01}}
+    assert method_label(prox).startswith("fedprox_full/clip (mu=0.01")
 
 
 @pytest.mark.parametrize("overrides, message", [

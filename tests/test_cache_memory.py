@@ -41,7 +41,7 @@ def test_domains_are_views_of_one_array_that_runs_index_without_copying(planted_
         cfg = config("federate", [f"cache_file={planted_cache}", "model.name=fedclip/planted", "target_domain=target",
                                   f"method={method}", "partition=iid", "partition.clients_per_domain=2"])
         (tmp_path / method).mkdir()
-        point = setup(cfg, methods.get(method), tmp_path / method, progress=False)
+        point = setup(cfg, methods.build(cfg.method), tmp_path / method, progress=False)
         point.federation.runlog.close()
         pools = {id(r.x) for c in point.clients for r in (c.train, c.val, c.test)}
         pools |= {id(point.target_set.x)} | {id(s.x) for s in point.train_sets}

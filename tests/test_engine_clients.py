@@ -171,9 +171,10 @@ def test_a_strategy_that_reads_each_client_gets_them_stacked(planted_cache, tmp_
     for each, rows in ((False, 1), (True, 3)):
         monkeypatch.setattr(strategy.FedAvg, "reads_each_client", each)
         (tmp_path / str(each)).mkdir()
-        point = setup(cfg, methods.get("fedclip"), tmp_path / str(each), progress=False)
+        point = setup(cfg, methods.build(cfg.method), tmp_path / str(each), progress=False)
         point.federation.runlog.close()
         update = CachedBackend(point).train(point.federation, 1, [0, 1, 2])
         assert len(update.num_examples) == rows and update.stacked["image.0.weight"].shape[0] == rows
     with pytest.raises(ConfigError, match="strategy=fedavg reads each client's model; the image backbones"):
-        run_images(config("federate", ["method=fedavg_full"]), methods.get("fedavg_full"), tmp_path / "images", 0.0)
+        full = config("federate", ["method=fedavg_full"])
+        run_images(full, methods.build(full.method), tmp_path / "images", 0.0)

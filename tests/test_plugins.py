@@ -135,15 +135,6 @@ def test_settings_an_adapter_or_strategy_cannot_take_are_one_line_errors(biased_
         federate(biased_cache, tmp_path / "b", "strategy=fedadam", "+strategy.eta=1")
 
 
-def test_methods_describe_themselves_instead_of_being_named_in_the_runner():
-    fed, local, central, zero = (methods.get(n) for n in ("fedclip", "local", "central", "zeroshot"))
-    assert fed.aggregates and fed.flower and not fed.personal
-    assert local.personal and not local.aggregates and central.trains == "pooled" and zero.trains == "none"
-    assert methods.get("fedprox").proximal
-    with pytest.raises(ConfigError, match="method must be one of"):
-        methods.get("fedsgd")
-
-
 def test_adapters_and_strategies_are_separate_report_rows(biased_cache, tmp_path):
     for i, overrides in enumerate([[], ["adapter=clip_adapter"], ["strategy=fedavgm"], ["seed=1"]]):
         federate(biased_cache, tmp_path / str(i), "rounds=2", *overrides)

@@ -55,7 +55,7 @@ def test_a_checkpoint_holds_the_selected_rounds_adapters_once_when_they_are_the_
         run_federate(planted_cache, tmp_path, "method=local", "lr=1e-2", rounds=6)
     meta, tensors = checkpoint.load(tmp_path)
     assert meta["round"] == 2 and meta["best_row"]["round"] == 2 and meta["best_is_current"]
-    assert {k.split("/")[0] for k in tensors} == {"global", "personal"}
+    assert {k.split("/")[0] for k in tensors} == {"personal"}  # (local shares nothing)
 
 
 def test_another_config_in_an_unfinished_runs_folder_is_refused_naming_what_differs(planted_cache, tmp_path,

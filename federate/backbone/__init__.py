@@ -16,7 +16,6 @@ cross-entropy, plain SGD, trained from scratch.
 from __future__ import annotations
 
 BACKBONES = ("clip", "alexnet")
-ADAPTER_METHODS = ("fedclip_full",)  # methods that put the `adapter` on top of the backbone
 
 
 def run_images(cfg, method, output_dir, start: float) -> dict:

@@ -6,7 +6,7 @@ import torch
 
 from .. import adapters
 from ..errors import ConfigError
-from . import ADAPTER_METHODS, BACKBONES
+from . import BACKBONES
 from .alexnet import MIN_IMAGE_SIZE, AlexNetClassifier, AlexNetProcessor
 
 
@@ -15,7 +15,7 @@ def check(cfg, method) -> str:
     name = cfg.backbone.get("name") if hasattr(cfg.backbone, "get") else None
     if name not in BACKBONES:
         raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}, not {name!r}")
-    if name == "alexnet" and method.name in ADAPTER_METHODS:
+    if name == "alexnet" and method.adapter:
         raise ConfigError(f"method={method.name} trains FedCLIP's adapter on CLIP's embeddings; it needs "
                           "backbone=clip, not alexnet")
     if name == "alexnet" and cfg.loss != "contrastive":
@@ -23,7 +23,7 @@ def check(cfg, method) -> str:
     if name == "alexnet" and int(cfg.backbone.image_size) < MIN_IMAGE_SIZE:
         raise ConfigError(f"backbone.image_size must be >= {MIN_IMAGE_SIZE} for AlexNet (default 224), "
                           f"not {cfg.backbone.image_size}")
-    if method.name in ADAPTER_METHODS and cfg.adapter.name != "attai":
+    if method.adapter and cfg.adapter.name != "attai":
         raise ConfigError(f"method={method.name} trains the AttAI adapter with CLIP (paper Fig. 3b); "
                           f"use adapter=attai, not {cfg.adapter.name}")
     if name == "clip":
@@ -55,7 +55,7 @@ def build_model(cfg, method, source, seed: int):
 
     clip, processor, tokenizer = clip_parts(cfg.model, cfg.cache_dir)
     return clip_classifier(clip, tokenizer, list(cfg.backbone.prompt_templates), source.prompt_names, cfg.loss,
-                           method.name in ADAPTER_METHODS, cfg.adapter, bool(cfg.text_adapter), seed), processor
+                           method.adapter, cfg.adapter, bool(cfg.text_adapter), seed), processor
 
 
 def clip_classifier(clip, tokenizer, templates, prompt_names, loss, with_adapter: bool, adapter_cfg=None,

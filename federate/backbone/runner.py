@@ -23,10 +23,11 @@ from safetensors.torch import save_file
 
 from .. import adapters, strategy
 from ..errors import ConfigError
-from ..experiment import cost_figures, finish, mean, resolve_device, summarize, target_and_participants, train_settings
-from ..federation import ClientInfo, Federation, Update
+from ..experiment import cost_figures, mean, resolve_device, target_and_participants
+from ..lifecycle import Experiment, execute
+from ..federation import ClientInfo, Federation
+from ..training import Update
 from ..splits import splits_to_ids
-from . import ADAPTER_METHODS
 from .build import build_model, check
 from .data import Images, Loader, default_workers, domain_splits, load_images, probe
 from .optim import backbone_settings
@@ -69,7 +70,7 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     if server.reads_each_client:  # one model in memory: the clients are added up as they train
         raise ConfigError(f"strategy={server.name} reads each client's model; the image backbones hand the strategy "
                           "the weighted mean of the clients' models (pick a strategy that reads only that mean)")
-    settings = backbone_settings(cfg, train_settings(cfg, method))
+    settings = backbone_settings(cfg, method.train_settings(cfg))
 
     # 1. images and model
     source = load_images(cfg.dataset, method.name)
@@ -93,43 +94,47 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     model = model.to_device(device) if hasattr(model, "to_device") else model.to(device)
     global_state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sent = state_bytes(global_state)
     clip_params = (sum(p.numel() for p in model.clip.parameters()) if backbone == "clip" else vit_b32_params())
     log.info("%s (backbone %s) on %s images: target %s (%d images), clients %s (train images %s), %s trainable "
              "parameters, %.1f MB sent per client and direction per round, device %s, %d loader workers",
              method.name, backbone, source.name, target, len(target_keys), ", ".join(clients), num_examples,
-             f"{trainable:,}", sent / 1e6, device.type, workers)
+             f"{trainable:,}", state_bytes(global_state) / 1e6, device.type, workers)
 
     # 3. rounds (federate/federation.py)
     infos = [ClientInfo(d, d, {p: len(splits[d][p]) for p in ("train", "val", "test")}) for d in clients]
     federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, every_round=False)
-    costs = cost_figures(method, trainable, federation.trained_per_round, clip_params, int(cfg.rounds), sent_bytes=sent)
+    costs = cost_figures(method, federation, clip_params, federation.rounds)
+    costs["trainable_params"] = trainable  # (the state dict also holds buffers)
+    costs["shared_params"] = sum(v.numel() for v in global_state.values())
+    costs["fedavg_full_clip"]["param_ratio"] = clip_params / trainable if trainable else None
     ids_of = {d: tuple(by_name[d].ids) for d in participants}
     (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
     backend = ImageBackend(cfg, model, loader, settings, device, server, splits, index, keys, target_keys, eval_size)
-    try:
-        federation.run(backend)
-    finally:
-        loader.loader = None  # stops the persistent workers
 
     # 4. outputs
-    adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter) if method.name in ADAPTER_METHODS else None
     identity = {"cache_identity_sha256": None, "cache_checksums": None,
                 "splits_sha256": hashlib.sha256((output_dir / "splits.json").read_bytes()).hexdigest()}
-    summary = summarize(cfg, method, source.name, cfg.model.name, federation, costs,
-                        len(target_keys) if target is not None else None, adapter, server, identity)
-    summary.update(backbone=backbone, engine=None, seconds_per_round=mean(backend.seconds) if backend.seconds else None,
-                   train_seconds_per_round=mean(backend.train_seconds) if backend.train_seconds else None,
-                   device=device.type,
-                   precision="bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
-                   image_size=(int(cfg.backbone.image_size) if backbone == "alexnet" else
-                               int(model.clip.config.vision_config.image_size)))
-    summary.update(optimizer=settings.describe())  # a variant key of the report
-    save_model(output_dir / "model.safetensors", federation.best, method, backbone, source.name, cfg.model.name, target,
-               cfg)
-    summary = finish(output_dir, summary, cfg, start)
-    federation.finished()
-    return summary
+
+    def extras() -> dict:
+        loader.loader = None  # stops the persistent workers
+        return dict(backbone=backbone, engine=None,
+                    seconds_per_round=mean(backend.seconds) if backend.seconds else None,
+                    train_seconds_per_round=mean(backend.train_seconds) if backend.train_seconds else None,
+                    device=device.type, precision="bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32",
+                    image_size=(int(cfg.backbone.image_size) if backbone == "alexnet" else
+                                int(model.clip.config.vision_config.image_size)),
+                    optimizer=settings.describe())  # a variant key of the report
+
+    adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter) if method.adapter else None
+    experiment = Experiment(cfg, method, federation, output_dir, source.name, cfg.model.name, adapter, server, costs,
+                            identity, len(target_keys) if target is not None else None,
+                            save=lambda best: save_model(output_dir / "model.safetensors", best, method, backbone,
+                                                         source.name, cfg.model.name, target, cfg),
+                            extras=extras)
+    try:
+        return execute(experiment, backend, start)
+    finally:
+        loader.loader = None  # stops the persistent workers
 
 
 class ImageBackend:
@@ -169,8 +174,8 @@ class ImageBackend:
     def _accuracy(self, keys) -> float:
         return accuracy(self.model, self.loader.batches(eval_batches(keys, self.eval_size)), self.device)
 
-    def evaluate(self, client_states: list, target_states: list, parts: set) -> dict:
-        self.model.load_state_dict(target_states[0])
+    def evaluate(self, federation, parts: set) -> dict:
+        self.model.load_state_dict(federation.global_state)
         out = {p: {d: self._accuracy(self.keys[d][p]) for d in self.keys} for p in ("val", "test") if p in parts}
         if "target" in parts:
             out["target"] = [self._accuracy(self.target_keys)]
@@ -184,7 +189,7 @@ class ImageBackend:
 
 def save_model(path: Path, best: dict, method, backbone: str, dataset: str, model: str, target: str, cfg) -> None:
     """The global state dict of the selected round in float32 (keys: the model's state dict)."""
-    tensors = {k: v.detach().float().contiguous().cpu().clone() for k, v in best["states"][0].items()}
+    tensors = {k: v.detach().float().contiguous().cpu().clone() for k, v in best["shared"].items()}
     target = target or "none"
     config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     save_file(tensors, str(path), metadata={

@@ -1,11 +1,13 @@
 """The Flower ClientApp: one SuperNode is one client of the run (federate/partition.py).
 
 Node config: `partition` (a client name) or `partition-id` and `num-partitions` (an index into the run's
-clients, as Flower's simulation sets them), and optionally `cache-file` (where this machine keeps the
-cache; by default the server's path). With partition=domain it reads only its own domain's embeddings.
-When queried it says which client it is and its split sizes; it trains the adapter it is sent with the
-same engine as the in-process runner and replies with the adapter weights and metrics; it evaluates its
-validation and test splits (in fp32) when asked.
+clients, as Flower's simulation sets them), optionally `cache-file` (where this machine keeps the cache;
+by default the server's path) and `state-dir` (a folder for the client's personal state, so a resumed run
+finds it: federate/flower/personal.py). With partition=domain it reads only its own domain's embeddings.
+When queried it says which client it is and its split sizes. Asked to train, it runs the run's method's
+local update (federate/methods/) on the shared state it is sent and its own personal state, with the same
+engine as the in-process runner, and replies with what the method sends and its metrics; asked to
+evaluate, it evaluates the model the method deploys on its validation and test splits (in fp32).
 """
 from __future__ import annotations
 
@@ -14,31 +16,63 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .. import strategy
-from ..engine import ClientSets, client_generator, make_trainer
+from .. import adapters, methods
+from ..engine import ClientSets, make_trainer
 from ..evaluate import accuracies
-from ..experiment import capped_batch, train_settings
-from .task import client_adapter, client_data, client_method, unship
+from ..experiment import capped_batch
+from ..training import LocalTraining
+from .personal import PersonalStore
+from .task import client_data, unship
 
 app = ClientApp()
 
 
-def client_of(msg: Message, context: Context):
-    cfg = unship(str(msg.content["config"]["settings"]))
-    participants = json.loads(str(msg.content["config"]["participants"]))
-    cache_file = context.node_config.get("cache-file") or cfg.cache_file
-    client, text, scale, cache = client_data(str(cache_file), cfg, participants, context.node_config)
-    return cfg, client, text, scale, cache
+class Client:
+    """This node's client in one message's run: its data, the method and its model, its personal state."""
 
+    def __init__(self, msg: Message, context: Context):
+        config = msg.content["config"]
+        self.settings_text = str(config["settings"])
+        self.cfg = cfg = unship(self.settings_text)
+        self.round = int(config["round"])
+        participants = json.loads(str(config["participants"]))
+        cache_file = context.node_config.get("cache-file") or cfg.cache_file
+        self.client, self.text, self.scale, cache = client_data(str(cache_file), cfg, participants, context.node_config)
+        self.method = methods.build(cfg.method)
+        self.model = self.method.model(adapters.build(cfg.adapter, text_tower=cfg.text_adapter))
+        self.model.prepare(cache, cfg.model)
+        self.device = self.client.train.device
+        init = adapters.init_params(self.model, cache.embed_dim, int(cfg.seed), self.text)
+        _, personal = self.method.split({k: v.to(self.device) for k, v in init.items()})
+        self.initial = {k: v.unsqueeze(0) for k, v in personal.items()}  # [1, ...], as the methods see M clients
+        folder = context.node_config.get("state-dir") or config.get("state-dir") or None
+        self.store = PersonalStore(context.state, folder, self.settings_text, self.client.name)
 
-def received_state(msg: Message, device):
-    return {k: v.to(device) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+    def received(self, msg: Message) -> dict:
+        return {k: v.to(self.device) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+
+    def personal(self, before: int) -> dict:
+        return self.store.state(before, self.initial, self.device) if self.initial else {}
+
+    def training(self, epochs=None) -> LocalTraining:
+        """This client's local training in the message's round (one client of the method's M)."""
+        c, cfg = self.client, self.cfg
+        settings = capped_batch(self.method.train_settings(cfg), len(c.train))
+        engines = {}
+
+        def engine(s):
+            if s not in engines:
+                engines[s] = make_trainer(cfg.engine, self.model, ClientSets([c.train]), self.text, self.scale, s)
+            return engines[s]
+
+        return LocalTraining([(int(cfg.seed), c.name)], [len(c.train)], self.round, int(cfg.local_epochs), settings,
+                             engine)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which client this node is, and its split sizes (the server checks later replies against them)."""
-    cfg, client, *_ = client_of(msg, context)
+    client = Client(msg, context).client
     reply = RecordDict({"config": ConfigRecord({"client": client.name, "domain": client.domain,
                                                 "sizes": json.dumps(client.sizes())})})
     return Message(reply, reply_to=msg)
@@ -46,29 +80,28 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, client, text, scale, cache = client_of(msg, context)
-    method, adapter = client_method(cfg), client_adapter(cfg, cache)
-    glob = received_state(msg, client.train.device)
-    state = strategy.stack(glob, 1)
-    settings = capped_batch(train_settings(cfg, method), len(client.train))
-    trainer = make_trainer(cfg.engine, adapter, ClientSets([client.train]), text, scale, settings)
-    loss = trainer.train(state, cfg.local_epochs, [client_generator(cfg.seed, client.name, int(msg.content["config"]["round"]))],
-                         anchor=glob if settings.mu else None)
+    me = Client(msg, context)
+    personal = me.personal(before=me.round)
+    update = me.method.local_update(me.training(), me.received(msg), personal)
+    if personal:
+        me.store.keep(me.round, {k: v for k, v in personal.items()})
+    loss = next(iter(update.losses.values()))
     reply = RecordDict({
-        "arrays": ArrayRecord.from_torch_state_dict({k: v[0] for k, v in state.items()}),
-        "metrics": MetricRecord({"num-examples": len(client.train), "train_loss": float(loss[0])}),
-        "config": ConfigRecord({"client": client.name}),
+        "arrays": ArrayRecord.from_torch_state_dict({k: v[0] for k, v in update.stacked.items()}),
+        "metrics": MetricRecord({"num-examples": len(me.client.train), "train_loss": float(loss)}),
+        "config": ConfigRecord({"client": me.client.name}),
     })
     return Message(reply, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, client, text, scale, cache = client_of(msg, context)
-    state = received_state(msg, client.train.device)
-    val, test = accuracies(client_adapter(cfg, cache), [state, state], [client.val, client.test], text, scale)  # fp32
+    me = Client(msg, context)
+    state = me.method.deployed(me.training(), me.received(msg), me.personal(before=me.round + 1))[0]
+    c = me.client
+    val, test = accuracies(me.model, [state, state], [c.val, c.test], me.text, me.scale)  # fp32
     reply = RecordDict({
-        "metrics": MetricRecord({"val_acc": val, "test_acc": test, "num-examples": client.sizes()["val"]}),
-        "config": ConfigRecord({"client": client.name}),
+        "metrics": MetricRecord({"val_acc": val, "test_acc": test, "num-examples": c.sizes()["val"]}),
+        "config": ConfigRecord({"client": c.name}),
     })
     return Message(reply, reply_to=msg)

@@ -31,9 +31,11 @@ from .. import adapters, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
-from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_rows, finish, identity_of,
-                          pooled_embeddings, resolve_device, save_adapters, summarize, target_and_participants)
-from ..federation import ClientInfo, Federation, Interrupted, Update
+from ..experiment import (cache_path, check_settings, class_text, cost_figures, domain_rows, identity_of,
+                          pooled_embeddings, resolve_device, save_adapters, target_and_participants)
+from ..federation import ClientInfo, Federation
+from ..lifecycle import Experiment, RoundsStopped, execute
+from ..training import Update
 from ..partition import make_clients, splits_json
 from .task import (check_arrays, check_eval_metrics, check_registration, check_train_metrics, check_update,
                    settings_from_run_config, ship)
@@ -44,9 +46,12 @@ log = logging.getLogger("federate")
 class Nodes:
     """The SuperNodes of one run: which client each is, which are still in, one exchange of messages."""
 
-    def __init__(self, grid: Grid, cfg, participants: list[str], sizes: dict[str, dict[str, int]]):
+    def __init__(self, grid: Grid, cfg, participants: list[str], sizes: dict[str, dict[str, int]],
+                 client_states: Path | None = None):
         self.grid, self.cfg, self.sizes = grid, cfg, sizes  # sizes: each client's split sizes (splits.json)
         self.shipped = {"settings": ship(cfg), "participants": json.dumps(participants)}
+        if client_states is not None:  # (the simulation: the clients share this machine's disk)
+            self.shipped["state-dir"] = str(client_states)
         self.client_of: dict[int, str] = {}
         self.dropped: dict[str, str] = {}  # the Federation's record of dropped clients, once it exists
         self.nodes = self._wait_for_nodes(len(sizes))
@@ -138,7 +143,7 @@ class Nodes:
             self.dropped[name] = f"round {round_}: {why}"
         remaining = len(self.nodes)
         if round_ and remaining < self.cfg.flower.min_clients:
-            raise ConfigError(f"round {round_}: only {remaining} client(s) left, fewer than flower.min_clients="
+            raise RoundsStopped(f"round {round_}: only {remaining} client(s) left, fewer than flower.min_clients="
                               f"{self.cfg.flower.min_clients}; stopping (the rounds so far are kept)")
 
 
@@ -152,7 +157,6 @@ class FlowerBackend:
         # a resumed run: the clients dropped before its checkpoint stay out, as they would have
         nodes.nodes = [n for n in nodes.nodes if nodes.client_of.get(n) not in federation.dropped]
         self.sizes = {c.name: c.sizes for c in federation.clients}
-        self.round = 0
 
     def _answer(self, node: int, reply: Message, check) -> str | None:
         """The reply's problem (it names another client, or breaks a rule), or None."""
@@ -165,7 +169,6 @@ class FlowerBackend:
             return f"sent a malformed reply ({type(e).__name__}: {e})"
 
     def train(self, federation: Federation, round_: int, sampled: list[int]) -> Update:
-        self.round = round_
         names = [federation.units[i] for i in sampled]
         glob = federation.global_state
         replies = self.nodes.exchange(MessageType.TRAIN, glob, round_, names)
@@ -194,16 +197,18 @@ class FlowerBackend:
             return Update({k: v.unsqueeze(0) for k, v in glob.items()}, [], {})
         return Update({k: torch.stack([u[k] for u in updates]) for k in glob}, counts, dict(sorted(losses.items())))
 
-    def evaluate(self, client_states: list, target_states: list, parts: set) -> dict:
-        state = target_states[0]  # the global adapter: every client is evaluated with it
-        out = {}
+    def evaluate(self, federation: Federation, parts: set) -> dict:
+        """Each client evaluates the model it deploys (the shared state sent, with its personal one); the
+        server evaluates the method's target models on the held-out domain."""
+        out, state = {}, federation.global_state
         if parts & {"val", "test"}:
             val, test = {}, {}
-            for node, reply in self.nodes.exchange(MessageType.EVALUATE, state, self.round).items():
+            round_ = federation.current_round
+            for node, reply in self.nodes.exchange(MessageType.EVALUATE, state, round_).items():
                 sizes = self.sizes[self.nodes.client_of[node]]
                 problem = self._answer(node, reply, lambda r: check_eval_metrics(r.content["metrics"], sizes))
                 if problem:
-                    self.nodes.drop(node, self.round, f"sent metrics the server rejects: {problem}")
+                    self.nodes.drop(node, round_, f"sent metrics the server rejects: {problem}")
                     continue
                 name = self.nodes.client_of[node]
                 val[name] = float(reply.content["metrics"]["val_acc"])
@@ -211,24 +216,25 @@ class FlowerBackend:
             order = [c.name for c in self.federation.clients if c.name in val]
             out.update(val={n: val[n] for n in order}, test={n: test[n] for n in order})
         if "target" in parts:  # fp32, as the in-process runner evaluates
-            out["target"] = accuracies(self.adapter, [state], [self.target_set], self.text, self.scale)
+            models = federation.method.target_models(state, {})
+            out["target"] = accuracies(self.adapter, models, [self.target_set] * len(models), self.text, self.scale)
         return out
 
 
-def serve(grid: Grid, cfg, output_dir: Path) -> dict:
-    """The federated rounds on the server (what federate.run does in-process)."""
+def serve(grid: Grid, cfg, output_dir: Path, client_states: Path | None = None) -> dict:
+    """The federated rounds on the server (what federate.run does in process), through federate/lifecycle.py.
+    `client_states`: where the clients keep their personal states, when they share this machine's disk."""
     start = time.time()
     output_dir.mkdir(parents=True, exist_ok=True)
-    method = check_settings(cfg)
+    method = check_settings(cfg)  # (a method whose clients do not communicate is refused here)
     if not cfg.cache_file:  # deployed with `flwr run`: the default path, as the in-process runner finds it
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.cache_file = str(cache_path(cfg))
-    if not method.flower:
-        raise ConfigError(f"Flower runs the federated methods (fedclip, fedprox), not {method.name}")
     device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)
-    adapter, server = adapters.build(cfg.adapter, text_tower=cfg.text_adapter), strategy.build(cfg.strategy, cfg.aggregation)
+    model = method.model(adapters.build(cfg.adapter, text_tower=cfg.text_adapter))
+    server = strategy.build(cfg.strategy, cfg.aggregation)
     header = load_cache(cfg.cache_file, cfg.model.name, domains=())
     target, participants = target_and_participants(list(header.all_domains), cfg.target_domain, header.path)
     # the clients' splits, made as the in-process runner makes them (federate/run.py), for splits.json
@@ -237,38 +243,26 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     sizes = {c.name: {p: len(c.rows[p]) for p in ("train", "val", "test")} for c in splits}
     # the server trains nothing: it evaluates the held-out domain only
     cache = load_cache(cfg.cache_file, cfg.model.name, domains=(target,) if target is not None else ())
-    adapter.prepare(cache, cfg.model)
+    model.prepare(cache, cfg.model)
     target_set = domain_rows(cache, target, pooled_embeddings(cache, device)) if target is not None else None
     text = class_text(cache, device)
-    global_state = {k: v.to(device) for k, v in adapters.init_params(adapter, cache.embed_dim, cfg.seed, text).items()}
+    init = {k: v.to(device) for k, v in adapters.init_params(model, cache.embed_dim, cfg.seed, text).items()}
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
-    nodes = Nodes(grid, cfg, participants, sizes)
-    federation = Federation(cfg, method, nodes.clients, global_state, server, output_dir, target=target)
-    cost = cost_figures(method, adapters.num_parameters(global_state), federation.trained_per_round,
-                        cache.model_num_parameters, cfg.rounds)
+    nodes = Nodes(grid, cfg, participants, sizes, client_states)
+    # each client keeps its own personal state (federate/flower/client_app.py); the server the shared one
+    federation = Federation(cfg, method, nodes.clients, init, server, output_dir, target=target, keeps_personal=False)
     (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, clients_cache)))
-    stopped = None
-    try:
-        federation.run(FlowerBackend(nodes, federation, adapter, target_set, text, cache.logit_scale))
-    except Interrupted:
-        raise
-    except ConfigError as e:
-        if federation.best["row"] is None or "diverged" in str(e):
-            raise
-        stopped = str(e)
-        log.error("%s", e)
     identity = identity_of(cache, output_dir / "splits.json")
     identity["cache_checksums"] = {**clients_cache.checksums, **cache.checksums}  # what the splits came from too
-    summary = summarize(cfg, method, cache.dataset_name, cache.model_name, federation, cost,
-                        len(target_set) if target_set is not None else None, adapter, server, identity)
-    summary["backend"] = "flower"
-    if stopped:
-        summary["stopped"] = stopped
-    save_adapters(output_dir / "adapter.safetensors", method, [c.name for c in federation.clients], federation.best,
-                  cache.dataset_name, cache.model_name, cache.embed_dim, target, cfg)
-    summary = finish(output_dir, summary, cfg, start)
-    federation.finished()
-    return summary
+    names = [c.name for c in federation.clients]
+    experiment = Experiment(
+        cfg, method, federation, output_dir, cache.dataset_name, cache.model_name, model, server,
+        cost_figures(method, federation, cache.model_num_parameters, federation.rounds), identity,
+        len(target_set) if target_set is not None else None,
+        save=lambda best: save_adapters(output_dir / "adapter.safetensors", method, names, best, cache.dataset_name,
+                                        cache.model_name, cache.embed_dim, target, cfg),
+        extras=lambda: {"backend": "flower"})
+    return execute(experiment, FlowerBackend(nodes, federation, model, target_set, text, cache.logit_scale), start)
 
 
 app = ServerApp()

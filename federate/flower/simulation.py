@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -138,7 +139,7 @@ def simulate(cfg, cache_file: Path, output_dir: Path) -> dict:
     def main(grid: Grid, context) -> None:
         result["thread"] = threading.current_thread()
         try:
-            result["summary"] = serve(StoppableGrid(grid, stop), cfg, output_dir)
+            result["summary"] = serve(StoppableGrid(grid, stop), cfg, output_dir, output_dir / "client_states")
         except BaseException as e:  # noqa: BLE001 (the main thread raises it: Flower would lose a KeyboardInterrupt)
             result["error"] = e
 
@@ -164,4 +165,5 @@ def simulate(cfg, cache_file: Path, output_dir: Path) -> dict:
         raise result["error"]
     if "summary" not in result:
         raise ConfigError("the Flower simulation ended without a result; see the log above")
+    shutil.rmtree(output_dir / "client_states", ignore_errors=True)  # like the checkpoint, done with
     return result["summary"]

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import adapters, methods
 from ..cache import load_cache
 from ..cli import unknown_setting
 from ..config import FederateConfig
@@ -80,16 +79,6 @@ def _client_data(cache_file: str, version, settings: str, participants: str, nod
     split = clients[0] if own_domain else clients[client_index(node, [c.name for c in clients])]
     dev = device_of(cfg.device)
     return make_client(cache, split, pooled_embeddings(cache, dev)), class_text(cache, dev), cache.logit_scale, cache
-
-
-def client_adapter(cfg, cache) -> adapters.Adapter:
-    adapter = adapters.build(cfg.adapter, text_tower=cfg.text_adapter)
-    adapter.prepare(cache, cfg.model)
-    return adapter
-
-
-def client_method(cfg) -> methods.Method:
-    return methods.get(cfg.method.name)
 
 
 def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:

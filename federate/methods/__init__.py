@@ -1,0 +1,174 @@
+"""Methods (Hydra group `method`): a federated method is an object that owns its behaviour, as DomainBed's
+`Algorithm` owns its update.
+
+A method says
+- what a client's model is (`model`: the adapter, or the adapter with a linear head) and how its state
+  splits into a shared part, which clients send and the server combines, and a personal part that each
+  client keeps (`split`);
+- its local update (`local_update`): which keys train, in which phases, with which extra terms, and what
+  the clients send back;
+- how the server combines what was sent (`aggregate`: through the run's strategy by default);
+- which model each client deploys (`deployed`: evaluated on its validation and test rows) and which models
+  the held-out target domain is evaluated with (`target_models`: their mean accuracy is recorded);
+- its rounds and training units (`rounds`, `units`), what a client sends (`bytes_per_client`), which
+  settings it refuses (`check`) and which runner runs it (`run`: the cached embeddings by default).
+
+`federate.federation.Federation` drives the rounds and calls these hooks; no runner, engine, report or
+Flower app looks at a method's name. A local update works on M clients at once through a
+`federate.training.LocalTraining` (a round's sampled clients in process, the slots of a grouped sweep, or
+the one client of a Flower ClientApp), so the same code serves every backend.
+
+Add a method: subclass `Method` (or a built-in), decorate it with `@register("name")`, and give it a
+`conf/method/<name>.yaml` (`name` plus its settings, which reach `__init__` as keyword arguments); without a
+YAML file its defaults go to Hydra's ConfigStore (README: "Add your own method").
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from hydra.core.config_store import ConfigStore
+
+from ..errors import ConfigError
+
+State = dict[str, torch.Tensor]
+METHODS: dict[str, type["Method"]] = {}
+YAML_DIR = Path(__file__).resolve().parents[2] / "conf" / "method"  # the built-ins' configs
+
+
+class Method:
+    """FedAvg of the whole model (FedCLIP's adapter by default): every sampled client trains the shared
+    state for `local_epochs` and sends it back; the strategy combines the updates; every client deploys the
+    shared model, which the target domain is evaluated with too."""
+
+    name = "fedavg"
+    communicates = True  # the clients send their shared state every round (bytes_per_round, Flower)
+
+    def __init__(self, **settings):
+        self.settings = settings  # recorded in summary.json (`method_settings`) and the report's row name
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.settings}
+
+    # --- the run
+
+    def check(self, cfg) -> None:
+        """Refuse, in one line, settings this method cannot run with."""
+        optimizer = (cfg.get("optimizer") or {}).get("name", "adam_l2")
+        if optimizer != "adam_l2":
+            raise ConfigError(f"optimizer={optimizer} is for the methods that train the backbone (fedavg_full, "
+                              "fedprox_full, fedclip_full; backbone=alexnet picks optimizer=sgd); method="
+                              f"{self.name} trains its adapter with FedCLIP's Adam (optimizer=adam_l2)")
+        if cfg.backend == "flower" and not self.communicates:
+            raise ConfigError(f"backend=flower runs methods whose clients communicate; method={self.name} does not "
+                              "(use backend=local)")
+
+    def run(self, cfg, output_dir, start: float) -> dict:
+        """Run an experiment of this method (the in-process runner on the cached embeddings)."""
+        from ..run import run_cached
+
+        return run_cached(cfg, self, output_dir, start)
+
+    def groupable(self, cfg) -> bool:
+        """Whether a grouped sweep (hydra/launcher=batched) can train this method's points together."""
+        return self.rounds(cfg) > 0
+
+    def rounds(self, cfg) -> int:
+        return int(cfg.rounds)
+
+    def units(self, clients: list) -> list[list[int]]:
+        """The training units: lists of client indices whose training rows one model trains on (one per
+        client; `central` pools them all)."""
+        return [[i] for i in range(len(clients))]
+
+    def model(self, adapter):
+        """The model every client trains and evaluates (an `Adapter`: the run's adapter by default)."""
+        return adapter
+
+    def split(self, state: State) -> tuple[State, State]:
+        """The initial model state as (shared, personal): the server holds the shared part; each client
+        starts with its own copy of the personal part."""
+        return state, {}
+
+    def train_settings(self, cfg):
+        from ..engine import TrainSettings
+
+        return TrainSettings(lr=float(cfg.lr), batch_size=int(cfg.batch_size), loss=cfg.loss,
+                             precision=cfg.get("precision", "fp32"))
+
+    # --- a round
+
+    def local_update(self, train, shared: State, personal: State):
+        """The sampled clients' local training (`train`: a federate.training.LocalTraining over M clients;
+        `personal`: their personal states [M, ...], updated in place); returns what they send
+        (a federate.training.Update)."""
+        return train.train(shared, personal)
+
+    def aggregate(self, server, shared: State, update) -> State:
+        """The next shared state from the clients' update (the run's strategy, federate/strategy.py)."""
+        return server.aggregate_train(shared, update.stacked, update.num_examples)
+
+    # --- evaluation
+
+    def deployed(self, train, shared: State, personal: State) -> list[State]:
+        """The model each of `train`'s M clients is evaluated with (the same object for clients that share
+        one: they are evaluated in one pass)."""
+        return [shared] * len(train)
+
+    def target_models(self, shared: State, personal: State) -> list[State]:
+        """The models the target domain is evaluated with (the recorded accuracy is their mean)."""
+        return [shared]
+
+    # --- cost
+
+    def bytes_per_client(self, shared: State) -> dict[str, int]:
+        """What one training client sends and receives per round (float32)."""
+        n = 4 * sum(v.numel() for v in shared.values()) if self.communicates else 0
+        return {"up": n, "down": n}
+
+
+def register(name: str, **defaults):
+    """Class decorator: make a Method subclass available as `method=<name>`, with default settings (its
+    config node goes to Hydra's ConfigStore, unless conf/method/<name>.yaml configures it)."""
+    def add(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        if not (YAML_DIR / f"{name}.yaml").exists():
+            ConfigStore.instance().store(group="method", name=name, node={"name": name, **defaults})
+        return cls
+    return add
+
+
+def build(cfg_method) -> Method:
+    """The method named by the `method` config group (`name` plus its settings)."""
+    settings = {k: v for k, v in dict(cfg_method).items() if k != "name"}
+    name = cfg_method["name"]
+    if name not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(sorted(METHODS))}, not {name!r}")
+    try:
+        return METHODS[name](**settings)
+    except TypeError as e:
+        raise ConfigError(f"method {name}: {e}") from None
+
+
+def number(key: str, value, *, low: float = 0.0, high: float = math.inf, integer: bool = False,
+           open_low: bool = False) -> float | int:
+    """A method setting checked to be a finite number in [low, high] (or (low, high])."""
+    try:
+        x = int(value) if integer and float(value) == int(value) else float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if isinstance(value, bool) or (integer and not isinstance(x, int)) or not math.isfinite(x) or \
+            x < low or x > high or (open_low and x == low):
+        bounds = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+        what = f"an integer {bounds}" if integer else f"{bounds} and finite"
+        raise ConfigError(f"method.{key} must be {what}, not {value!r}")
+    return x
+
+
+def key_set(state: State, prefix: str) -> tuple[str, ...]:
+    return tuple(k for k in state if k.startswith(prefix))
+
+
+from . import central, fedavg, full, local, zeroshot  # noqa: E402,F401  (the built-ins register themselves)

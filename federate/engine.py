@@ -45,6 +45,8 @@ class TrainSettings:
     eps: float = 1e-6
     weight_decay: float = 0.2
     precision: str = "fp32"  # fp32 | bf16 (the adapter's matmuls)
+    sgd_keys: tuple[str, ...] = ()  # keys stepped by plain SGD at sgd_lr instead of Adam (APFL's mixing weight)
+    sgd_lr: float = 0.0
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -194,6 +196,12 @@ class ClientSets:
         """Pool rows (on the device) of a schedule's row numbers `local` [S, K, B] (each client's own)."""
         return self.order[(local + self.offsets.cpu()[None, :, None]).to(self.device)]
 
+    def label_counts(self, classes: int) -> torch.Tensor:
+        """Each client's training rows per class [K, C] (FedRoD's balanced softmax)."""
+        if getattr(self, "_counts", None) is None or self._counts.shape[1] != classes:
+            self._counts = torch.stack([torch.bincount(s.labels, minlength=classes) for s in self.sets]).float()
+        return self._counts
+
     def client(self, i: int) -> "ClientSets":
         return ClientSets([self.sets[i]])
 
@@ -247,6 +255,8 @@ class LockstepTrainer:
         every = list(state)
         keys = every if keys is None else [q for q in every if q in set(keys)]
         self.trained = frozenset(keys)  # gradients() may skip what no key needs
+        sgd = [q for q in keys if q in s.sgd_keys]
+        keys = [q for q in keys if q not in s.sgd_keys]  # Adam's
         m, v2 = self._moments(state)  # a fresh Adam every round (first_adam_step writes the moments)
         step_count = torch.zeros((), dtype=torch.float32, device=device)  # as fused Adam keeps it
         prefix = {k: ({q: state[q][:k] for q in every}, [m[q][:k] for q in keys], [v2[q][:k] for q in keys],
@@ -262,15 +272,19 @@ class LockstepTrainer:
             params, m1, m2, weights = prefix[k]
             loss, grads = self.gradients(params, xs[j, :k], ys[j, :k], valid[step, :k] if padded[step] else None, j)
             if s.mu:
-                for q in (q for q in keys if q in anchor):  # FedProx: gradient of (mu / 2) ||w - w_global||^2
+                for q in (q for q in [*keys, *sgd] if q in anchor):  # FedProx: gradient of (mu / 2) ||w - w_global||^2
                     grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
             if not keys:
-                pass  # (nothing trains: the losses only)
+                pass  # (nothing trains with Adam)
             elif step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
                 first_adam_step(weights, [grads[q] for q in keys], m1, m2, s, keep_moments=len(active) > 1)
                 step_count.fill_(1)
             else:
                 adam_step(weights, [grads[q] for q in keys], m1, m2, step_count, s, fused)
+            for q in sgd:
+                params[q].sub_(grads[q], alpha=s.sgd_lr)
+            if sgd and hasattr(self.adapter, "project"):
+                self.adapter.project(params)  # (APFL: the mixing weight back into [0, 1])
             loss_sum[:k] += loss
         return loss_sum / torch.tensor(steps, device=device).clamp_min(1)
 
@@ -288,8 +302,11 @@ class GenericTrainer(LockstepTrainer):
 
         low = low_dtype(settings.precision)
 
-        def loss(trained, frozen, x, y, ok):
-            logits = adapter_logits(adapter, {**frozen, **trained}, x, text, scale, low)
+        def loss(trained, frozen, x, y, ok, counts):
+            params = {**frozen, **trained}
+            if hasattr(adapter, "training_loss"):  # a method's own loss (FedRoD's, APFL's)
+                return adapter.training_loss(params, x, y, ok, counts, scale, low)
+            logits = adapter_logits(adapter, params, x, text, scale, low)
             return masked_loss(logits.float(), y, ok, settings.loss)
 
         self._grad = torch.func.vmap(torch.func.grad_and_value(loss))  # gradients of the trained keys only
@@ -297,7 +314,8 @@ class GenericTrainer(LockstepTrainer):
     def gradients(self, params, x, y, ok, step):
         trained = {q: v for q, v in params.items() if q in self.trained}
         frozen = {q: v for q, v in params.items() if q not in self.trained}
-        grads, loss = self._grad(trained, frozen, x, y, torch.ones_like(y, dtype=torch.bool) if ok is None else ok)
+        ok = torch.ones_like(y, dtype=torch.bool) if ok is None else ok
+        grads, loss = self._grad(trained, frozen, x, y, ok, self.clients.label_counts(len(self.text))[:len(x)])
         return loss, grads
 
 
@@ -470,20 +488,24 @@ class SequentialTrainer:
         in place) in turn and is added to the weighted sum of the clients' `start` keys as it finishes
         (`weights`: the strategy's client weights). One client's adapter is held at a time, so 300 small
         clients stay in cache instead of writing 300 stacked copies. Returns the sum (the weighted mean,
-        for weights summing to 1) and each client's mean training loss. `keys`: those that train."""
+        for weights summing to 1; None with weights=None: nothing is summed) and each client's mean training
+        loss. `keys`: those that train."""
         personal = personal or {}
         work = {q: torch.empty((1, *v.shape), dtype=v.dtype, device=v.device) for q, v in start.items()}
         one = {q: v[0] for q, v in work.items()}
-        total, losses = WeightedSum(start), [None] * len(self.sets)
+        total, losses = (WeightedSum(start) if weights is not None else None), [None] * len(self.sets)
         # clients of one step go together (FedProx's pull towards `start` is nothing at a first step)
-        folds = getattr(self.trainer, "folds_first_steps", lambda: False)() and not personal and keys is None
+        folds = getattr(self.trainer, "folds_first_steps", lambda: False)() and not personal and keys is None \
+            and total is not None
         small = [i for i, n in enumerate(self.sizes) if folds and one_step(n, self.trainer.settings.batch_size, epochs)]
         for i in sorted(set(range(len(self.sets))) - set(small)):
-            torch._foreach_copy_(list(one.values()), [start[q] for q in one])
+            if one:
+                torch._foreach_copy_(list(one.values()), [start[q] for q in one])
             self.trainer.clients = self.sets[i]
             state = {**work, **{q: v[i:i + 1] for q, v in personal.items()}}
             losses[i] = self.trainer.train(state, epochs, [generators[i]], anchor, keys=keys)
-            total.add(one, weights[i])
+            if total is not None:
+                total.add(one, weights[i])
         if small:
             group = ClientSets([self.sets[i].sets[0] for i in small])
             folded = self.trainer.fold_first_steps(start, group, [generators[i] for i in small],
@@ -491,7 +513,7 @@ class SequentialTrainer:
             for i, loss in zip(small, folded):
                 losses[i] = loss[None]
             total.add(start, sum(weights[i] for i in small))  # their weight times the adapter they started from
-        return total.sum, torch.cat(losses)
+        return (total.sum if total is not None else None), torch.cat(losses)
 
     def train(self, state, epochs, generators, anchor=None, keys=None):
         stacked_anchor = is_stacked(anchor, state)

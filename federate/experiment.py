@@ -221,13 +221,18 @@ class RunLog:
                                   "(hydra.run.dir=...) or move the old one away")
         path = output_dir / "history.jsonl"
         if resume_round is not None:  # rows after the checkpoint's round (or a half-written one) go
-            kept = []
+            kept, rounds_kept = [], []
             for line in (path.read_text().splitlines() if path.exists() else []):
                 try:
-                    if json.loads(line)["round"] <= resume_round:
+                    row = json.loads(line)
+                    if row["round"] <= resume_round:
                         kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):
+                        rounds_kept.append(row["round"])
+                except (ValueError, KeyError, TypeError, RecursionError):
                     pass
+            if rounds_kept != list(range(1, resume_round + 1)):  # the records of a completed round are gone
+                raise ConfigError(f"{path} does not hold rounds 1 to {resume_round}, which the checkpoint says were "
+                                  f"completed; remove {output_dir}/checkpoint* and history.jsonl to start the run over")
             tmp = output_dir / ".history.jsonl.tmp"
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
@@ -316,10 +321,10 @@ def summarize(cfg, method: Method, dataset: str, model: str, federation, cost: d
     }
 
 
-def identity_of(cache, splits_file: Path) -> dict:
-    """What a cached run computed on: the cache's identity and checksums, and the splits it wrote."""
+def identity_of(cache, splits_text: str) -> dict:
+    """What a cached run computed on: the cache's identity and checksums, and the splits (splits.json's text)."""
     return {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
-            "splits_sha256": hashlib.sha256(splits_file.read_bytes()).hexdigest()}
+            "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest()}
 
 
 def percent(value: float | None) -> str:

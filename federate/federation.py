@@ -108,6 +108,13 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def recorded(output_dir: Path) -> bool:
+    """Whether the folder holds a run's records: a summary, or a history with a complete round."""
+    history = output_dir / "history.jsonl"
+    return (output_dir / "summary.json").exists() or (history.is_file() and "\n" in history.read_text()) \
+        or history.is_symlink()
+
+
 def drive(steps, train) -> None:
     """Answer a `Federation.steps` generator's requests with `train(round, sampled)` until its rounds end."""
     try:
@@ -125,7 +132,8 @@ class Federation:
     the clients keep their own: `keeps_personal=False`, Flower)."""
 
     def __init__(self, cfg, method, clients: list[ClientInfo], init_state: dict, server, output_dir: Path, *,
-                 target: str | None, progress: bool = True, every_round: bool = True, keeps_personal: bool = True):
+                 target: str | None, progress: bool = True, every_round: bool = True, keeps_personal: bool = True,
+                 inputs: dict | None = None):
         self.cfg, self.method, self.clients, self.server = cfg, method, clients, server
         self.output_dir, self.target, self.every_round = Path(output_dir), target, every_round
         self.rounds = method.rounds(cfg)
@@ -147,10 +155,13 @@ class Federation:
         self.done = 0  # the last completed round
         self.current_round = 0  # the round being concluded
         self.config = config_dict(cfg)
+        self.inputs = dict(inputs or {})  # what the run computes on: a resume on anything else is refused
         resumed = self._resume()
-        self.runlog = RunLog(self.output_dir, max(self.rounds, 1), progress, resume_round=resumed)
-        if resumed is None and self.rounds:  # round 0: a run stopped during its first round restarts cleanly
+        if resumed is None and self.rounds and not recorded(self.output_dir):
+            # round 0, before history.jsonl exists: a run stopped before its first round resumes from here
             self._save_checkpoint()
+            resumed = 0
+        self.runlog = RunLog(self.output_dir, max(self.rounds, 1), progress, resume_round=resumed)
 
     # --- the rounds
 
@@ -264,36 +275,50 @@ class Federation:
         return self.best["row"] is not None and self.best["row"]["round"] == self.done
 
     def _save_checkpoint(self) -> None:
-        meta = {"config": self.config, "best_row": self.best["row"], "best_score": self.best["score"],
-                "best_is_current": self._best_is_current(), "dropped": self.dropped}
+        meta = {"config": self.config, "inputs": self.inputs, "best_row": self.best["row"],
+                "best_score": self.best["score"], "best_is_current": self._best_is_current(), "dropped": self.dropped}
         checkpoint.save(self.output_dir, self.done, self._tensors(), meta)
 
     def _resume(self) -> int | None:
-        """Restore the last completed round from the folder's checkpoint, if it has one of this config."""
+        """Restore the last completed round from the folder's checkpoint, if it has one of this run: the
+        same config and the same inputs (cache, splits); every field and tensor verified."""
         if (self.output_dir / "summary.json").exists() or not checkpoint.exists(self.output_dir):
             return None  # RunLog refuses a finished run's folder
         meta, tensors = checkpoint.load(self.output_dir)
-        changed = checkpoint.differences(meta["config"], self.config)
+        changed = checkpoint.differences(meta["config"], self.config) if isinstance(meta.get("config"), dict) else []
         if changed:
             raise ConfigError(f"{self.output_dir} holds an unfinished run of another config ({'; '.join(changed[:3])}"
                               f"{'; ...' if len(changed) > 3 else ''}); resume it with its own settings, or give this "
                               "run its own folder (hydra.run.dir=...)")
+        changed = checkpoint.differences(meta.get("inputs") or {}, self.inputs)
+        if changed:
+            raise ConfigError(f"{self.output_dir} holds an unfinished run on other inputs ({'; '.join(changed[:2])}"
+                              f"{'; ...' if len(changed) > 2 else ''}): the cache or the splits changed since; give "
+                              "this run its own folder (hydra.run.dir=...), or remove its checkpoint* to start it over")
+        checkpoint.check_record(self.output_dir, meta, self.rounds, [c.name for c in self.clients])
+        current = meta["best_is_current"] or meta["best_row"] is None
+        expected = {f"global/{k}": v for k, v in self.global_state.items()}
+        expected.update({f"personal/{k}": v for k, v in self.personal.items()})
+        if not current:
+            expected.update({f"best/{k}": v for k, v in expected.items()})
+        checkpoint.check_tensors(self.output_dir, tensors, expected,
+                                 optional=tuple(f"strategy/{name}/" for name in self.server.MOMENTS))
         device = next(iter({**self.global_state, **self.personal}.values())).device
 
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+        def part(prefix: str, like: dict) -> dict[str, torch.Tensor]:  # in the run's own key order
+            return {k: tensors[prefix + k].to(device) for k in like}
 
-        self.global_state = part("global/")
-        if self.personal:
-            self.personal = part("personal/")
-        self.server.load_moments({name: part(f"strategy/{name}/") for name in self.server.MOMENTS
+        self.global_state = part("global/", self.global_state)
+        self.personal = part("personal/", self.personal)
+        self.server.load_moments({name: part(f"strategy/{name}/", self.global_state) for name in self.server.MOMENTS
                                   if any(k.startswith(f"strategy/{name}/") for k in tensors)})
-        if meta["best_is_current"]:
+        if current:
             shared, personal = clone(self.global_state), clone(self.personal)
         else:
-            shared, personal = part("best/global/"), part("best/personal/")
-        self.best = {"row": meta["best_row"], "score": meta["best_score"], "shared": shared, "personal": personal}
-        self.dropped = dict(meta.get("dropped", {}))
+            shared, personal = part("best/global/", self.global_state), part("best/personal/", self.personal)
+        self.best = {"row": meta["best_row"], "score": meta["best_score"] if meta["best_row"] else -math.inf,
+                     "shared": shared, "personal": personal}
+        self.dropped = dict(meta["dropped"])
         self.done = int(meta["round"])
         log.info("resuming %s after round %d of %d", self.output_dir, self.done, self.rounds)
         return self.done
@@ -305,27 +330,16 @@ class Federation:
     # --- the summary
 
     def summary_fields(self) -> dict:
-        """summary.json's result fields: the selected round's accuracies, per client, per domain, spread."""
+        """summary.json's result fields: the selected round's accuracies, per client, per domain, spread
+        (federate.selection.results, which the report's re-selection uses too)."""
         best = self.best["row"]
         test = best.get("test_acc", {})
         clients = [c for c in self.clients if c.name in test]  # (Flower: less those dropped by then)
-        domains: dict[str, list[float]] = {}
-        for c in clients:
-            domains.setdefault(c.domain, []).append(test[c.name])
-        per_domain = {d: mean(v) for d, v in domains.items()}
-        target = best.get("target_acc")
-        values = list(test.values())
         return {
-            "best_round": best["round"], "val_mean": best["val_mean"], "val_acc": best["val_acc"],
-            "generalization": target, "personalization": test, "personalization_mean": mean(values),
-            "personalization_domains": per_domain,
-            "personalization_spread": {"mean": mean(values), "worst": min(values),
-                                       "p10": float(np.percentile(values, 10))},
-            "overall": mean(([target] if target is not None else []) + list(per_domain.values())),
+            **selection.results(best, {c.name: c.domain for c in clients}),
             "clients": {c.name: {"domain": c.domain, "val": best["val_acc"][c.name], "test": test[c.name],
                                  "sizes": c.sizes} for c in clients},
             "clients_per_round": self.per_round, "selection": self.rule,
             "selection_label": selection.LABELS[self.rule],
             **({"dropped_clients": dict(self.dropped)} if self.dropped else {}),
         }
-

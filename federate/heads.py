@@ -27,7 +27,9 @@ class WithHead(Adapter):
                               "text_adapter=true has no use there either")
         self.body, self.heads, self.predict = body, tuple(heads), tuple(predict or heads)
         self.name, self.settings, self.towers = body.name, body.settings, ("image",)
-        self.fast_path = body.fast_path and self.heads == ("head",)  # AttAI's gradients cover one linear head (engine.py)
+        # AttAI's hand-written gradients cover one linear head and cross-entropy (federate/engine.py), not a
+        # method's own loss (FedRoD's, APFL's), which trains through torch.func
+        self.fast_path = body.fast_path and self.heads == ("head",) and not hasattr(self, "training_loss")
 
     def prepare(self, cache, model_cfg) -> None:
         self.body.prepare(cache, model_cfg)
@@ -45,8 +47,15 @@ class WithHead(Adapter):
     def body_keys(self, state) -> tuple[str, ...]:
         return tuple(k for k in state if k not in self.head_keys())
 
-    def features(self, params, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.body.image(params, x), dim=-1)
+    def features(self, params, x: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
+        """normalise(body(x)); `low`: the body's matrix multiplies in that dtype (precision=bf16)."""
+        if low is None:
+            return F.normalize(self.body.image(params, x), dim=-1)
+        from .matmul_precision import LowPrecisionMatmuls
+
+        with LowPrecisionMatmuls(low):
+            image = self.body.image(params, x)
+        return F.normalize(image, dim=-1)
 
     def head_logits(self, params, f: torch.Tensor, scale: float, heads: tuple[str, ...] | None = None) -> torch.Tensor:
         """The summed logits of `heads` (the predicting ones by default) on features f [n, d]."""

@@ -69,12 +69,6 @@ def reselect(s: dict, rule: str) -> dict | None:
     if not full_history(rows) or (rule == "oracle" and any(r["target_acc"] is None for r in rows)):
         return None
     row = selection.select(rows, rule)
-    test, target = row["test_acc"], row["target_acc"]
     out = dict(s)
-    out.update(selection=rule, best_round=row["round"], val_mean=row["val_mean"], val_acc=row["val_acc"],
-               generalization=target, personalization=dict(test),
-               personalization_mean=statistics.fmean(test.values()),
-               overall=statistics.fmean([*([] if target is None else [target]), *test.values()]))
-    out["personalization_domains"] = per_domain(s, test)
-    out["personalization_spread"] = spread(test)
+    out.update(selection=rule, **selection.results(row, {c: domain_of(s, c) for c in row["test_acc"]}))
     return out

@@ -108,13 +108,16 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
              target, describe_clients(clients), model.name, f"{adapters.num_parameters(init):,}")
 
     infos = [ClientInfo(c.name, c.domain, c.sizes()) for c in clients]
-    federation = Federation(cfg, method, infos, init, server, output_dir, target=target, progress=progress)
-    (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, cache)))
+    splits_text = json.dumps(splits_json(splits, cache))
+    identity = identity_of(cache, splits_text)
+    federation = Federation(cfg, method, infos, init, server, output_dir, target=target, progress=progress,
+                            inputs=identity)
+    (output_dir / "splits.json").write_text(splits_text)
     point = Point(cfg, method, output_dir, model, server, cache, target, clients, target_set, text, federation)
     point.experiment = Experiment(
         cfg, method, federation, output_dir, cache.dataset_name, cache.model_name, model, server,
         cost_figures(method, federation, cache.model_num_parameters, federation.rounds),
-        identity_of(cache, output_dir / "splits.json"), len(target_set) if target_set is not None else None,
+        identity, len(target_set) if target_set is not None else None,
         save=lambda best: save_adapters(output_dir / "adapter.safetensors", method, [c.name for c in clients], best,
                                         cache.dataset_name, cache.model_name, cache.embed_dim, target, cfg),
         finetune=lambda best: finetune(point, best))

@@ -17,6 +17,9 @@ A history row: {"round": r, "sampled": [clients that trained], "train_loss": {cl
 from __future__ import annotations
 
 import math
+import statistics
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -62,3 +65,25 @@ def select(rows: list[dict], rule: str) -> dict:
     if best is None:
         raise ConfigError(f"no round of the history has a finite {rule} score")
     return best
+
+
+def results(row: dict, domain_of: dict[str, str]) -> dict:
+    """A round's reported numbers, the one rule the run's summary.json and the report's re-selection share:
+    each client's test accuracy (`personalization`), their mean and spread, the mean of each domain's
+    clients, the target accuracy (`generalization`), and `overall`, the mean of the target accuracy and
+    the per-domain means (with one client per domain, the paper's)."""
+    test, target = dict(row.get("test_acc", {})), row.get("target_acc")
+    by_domain: dict[str, list[float]] = {}
+    for client, acc in test.items():
+        by_domain.setdefault(domain_of.get(client, client), []).append(acc)
+    per_domain = {d: statistics.fmean(v) for d, v in by_domain.items()}
+    values = list(test.values())
+    return {
+        "best_round": row["round"], "val_mean": row["val_mean"], "val_acc": row["val_acc"],
+        "generalization": target, "personalization": test,
+        "personalization_mean": statistics.fmean(values) if values else math.nan,
+        "personalization_domains": per_domain,
+        "personalization_spread": {"mean": statistics.fmean(values), "worst": min(values),
+                                   "p10": float(np.percentile(values, 10))} if values else None,
+        "overall": statistics.fmean(([target] if target is not None else []) + list(per_domain.values())),
+    }

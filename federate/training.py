@@ -68,18 +68,22 @@ class LocalTraining:
         return [client_generator(seed, name, tag) for seed, name in self.clients]
 
     def train(self, shared: State, personal: State, *, keys=None, epochs: int | None = None, anchor: State | None = None,
-              settings=None, phase: str = "", send: bool = True) -> Update:
+              settings=None, phase: str = "", send: bool = True, each: bool = False) -> Update:
         """Train each client's model `{**shared, **personal_i}` (the `keys` that train: all by default) for
-        `epochs` (`local_epochs` by default) and return the shared keys as sent (none with send=False);
-        personal keys are updated in place. `anchor`: the state the proximal term (settings.mu) pulls to."""
+        `epochs` (`local_epochs` by default) and return the shared keys as sent: their weighted mean where
+        the strategy allows it, each client's with each=True, none with send=False. Personal keys are
+        updated in place. `anchor`: the state the proximal term (settings.mu) pulls towards."""
         settings = settings or self.settings
         epochs = self.epochs if epochs is None else int(epochs)
         trainer = self._trainer(settings)
         gens = self.generators(phase)
         own = [k for k in shared if k not in personal]  # the shared keys each client sends
-        if send and own and self.weights is not None and self.shared_is_common and hasattr(trainer, "train_mean"):
-            mean, losses = trainer.train_mean(shared, epochs, gens, self.weights, anchor, personal=personal, keys=keys)
-            return Update({k: mean[k].unsqueeze(0) for k in own}, [1], self.named(losses))
+        one_by_one = self.shared_is_common and hasattr(trainer, "train_mean") and not each
+        if one_by_one and (not send or not own or self.weights is not None):  # no M copies of the shared keys
+            mean, losses = trainer.train_mean({k: shared[k] for k in own}, epochs, gens,
+                                              self.weights if send and own else None, anchor, personal=personal, keys=keys)
+            return Update({k: mean[k].unsqueeze(0) for k in own} if send and own else {}, [1] if send and own else
+                          self.sizes, self.named(losses))
         m = len(self)
         state = {k: (shared[k].expand(m, *shared[k].shape) if self.shared_is_common else shared[k]).clone() for k in own}
         state.update(personal)  # trained in place

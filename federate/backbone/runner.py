@@ -102,18 +102,19 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
 
     # 3. rounds (federate/federation.py)
     infos = [ClientInfo(d, d, {p: len(splits[d][p]) for p in ("train", "val", "test")}) for d in clients]
-    federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, every_round=False)
+    splits_text = json.dumps(splits_to_ids(splits, {d: tuple(by_name[d].ids) for d in participants}))
+    identity = {"cache_identity_sha256": None, "cache_checksums": None,
+                "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest()}
+    federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, every_round=False,
+                            inputs=identity)
     costs = cost_figures(method, federation, clip_params, federation.rounds)
     costs["trainable_params"] = trainable  # (the state dict also holds buffers)
     costs["shared_params"] = sum(v.numel() for v in global_state.values())
     costs["fedavg_full_clip"]["param_ratio"] = clip_params / trainable if trainable else None
-    ids_of = {d: tuple(by_name[d].ids) for d in participants}
-    (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
+    (output_dir / "splits.json").write_text(splits_text)
     backend = ImageBackend(cfg, model, loader, settings, device, server, splits, index, keys, target_keys, eval_size)
 
     # 4. outputs
-    identity = {"cache_identity_sha256": None, "cache_checksums": None,
-                "splits_sha256": hashlib.sha256((output_dir / "splits.json").read_bytes()).hexdigest()}
 
     def extras() -> dict:
         loader.loader = None  # stops the persistent workers

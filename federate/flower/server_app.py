@@ -250,10 +250,12 @@ def serve(grid: Grid, cfg, output_dir: Path, client_states: Path | None = None) 
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
     nodes = Nodes(grid, cfg, participants, sizes, client_states)
     # each client keeps its own personal state (federate/flower/client_app.py); the server the shared one
-    federation = Federation(cfg, method, nodes.clients, init, server, output_dir, target=target, keeps_personal=False)
-    (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, clients_cache)))
-    identity = identity_of(cache, output_dir / "splits.json")
+    splits_text = json.dumps(splits_json(splits, clients_cache))
+    identity = identity_of(cache, splits_text)
     identity["cache_checksums"] = {**clients_cache.checksums, **cache.checksums}  # what the splits came from too
+    federation = Federation(cfg, method, nodes.clients, init, server, output_dir, target=target, keeps_personal=False,
+                            inputs=identity)
+    (output_dir / "splits.json").write_text(splits_text)
     names = [c.name for c in federation.clients]
     experiment = Experiment(
         cfg, method, federation, output_dir, cache.dataset_name, cache.model_name, model, server,

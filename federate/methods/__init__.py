@@ -45,8 +45,10 @@ class Method:
     name = "fedavg"
     communicates = True  # the clients send their shared state every round (bytes_per_round, Flower)
 
-    def __init__(self, **settings):
-        self.settings = settings  # recorded in summary.json (`method_settings`) and the report's row name
+    def __init__(self, settings: dict | None = None):
+        """A subclass with settings takes them as keyword arguments, checks them and hands them over here;
+        they are recorded in summary.json (`method_settings`) and make the report's rows."""
+        self.settings = dict(settings or {})
 
     def describe(self) -> dict:
         return {"name": self.name, **self.settings}
@@ -171,4 +173,4 @@ def key_set(state: State, prefix: str) -> tuple[str, ...]:
     return tuple(k for k in state if k.startswith(prefix))
 
 
-from . import central, fedavg, full, local, zeroshot  # noqa: E402,F401  (the built-ins register themselves)
+from . import apfl, central, ditto, fedavg, fedbabu, fedper, fedrep, fedrod, full, local, zeroshot  # noqa: E402,F401,I001

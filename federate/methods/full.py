@@ -40,7 +40,7 @@ class FedAvgFull(ImagesMethod):
 @register("fedprox_full", mu=0.01)
 class FedProxFull(ImagesMethod):
     def __init__(self, mu: float = 0.01):
-        super().__init__(mu=number("mu", mu))
+        super().__init__(dict(mu=number("mu", mu)))
 
     def train_settings(self, cfg):
         return replace(super().train_settings(cfg), mu=self.settings["mu"])

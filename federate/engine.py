@@ -368,22 +368,29 @@ class BatchedTrainer(LockstepTrainer):
         attai.backward(W[2], saved, d_image, attai.layers(grads, "image"))
         return loss, grads
 
-    def folds_first_steps(self) -> bool:
-        """Whether `fold_first_steps` serves this adapter and loss (AttAI's image tower, no head)."""
-        return self.adapter.towers == ("image",) and not hasattr(self.adapter, "heads")
+    def folds_first_steps(self, start: dict, personal: dict) -> bool:
+        """Whether `fold_first_steps` serves clients starting from `start` with their own `personal` keys:
+        AttAI's image tower shared, and a linear head (federate/heads.py) personal where the model has one."""
+        head = hasattr(self.adapter, "heads")
+        return self.adapter.towers == ("image",) and set(start) == {f"image.{k}" for k in attai.LAYER_KEYS} \
+            and set(personal) == ({"head.weight", "head.bias"} if head else set())
 
     FOLD_ROWS = 512  # rows of one-step clients whose activations are computed together (they stay in cache)
     FOLD_PIECE = 65536  # parameters per piece of a client's step: 1.25x faster than whole 2 MB passes (CPU)
 
     @torch.inference_mode()
     def fold_first_steps(self, start: dict[str, torch.Tensor], clients: ClientSets, generators: list[torch.Generator],
-                         weights: list[float], total: dict[str, torch.Tensor]) -> torch.Tensor:
+                         weights: list[float], total: dict[str, torch.Tensor] | None, heads: dict | None = None,
+                         trains_body: bool = True, trains_head: bool = True) -> torch.Tensor:
         """Clients whose round is one batch (`one_step`), all starting from the adapter `start`, added to
         `total` as `fold_first_adam_step` does (less their weight times `start`, which the caller adds).
         The weights being the same for all, the activations and loss gradients of a few clients' rows are
         computed together, without padding; then, one client at a time, its weight gradients (two
         products) and its step go into `total`: no client's adapter is ever written, and 300 small clients
-        cost about what their rows cost. Returns their losses."""
+        cost about what their rows cost. With `heads` (each client's linear head, [K, C, d] and [K, C]: a
+        FedPer client's own), the logits are those heads', and each head takes its first Adam step in place
+        (`trains_head`); `trains_body=False` leaves the adapter out (and `total` may be None). Returns their
+        losses."""
         s, K, low = self.settings, len(clients), low_dtype(self.settings.precision)
         B = trimmed_batch(s.batch_size, max(clients.sizes))
         idx, valid, _, _ = make_schedule(clients.sizes, B, 1, generators)  # [1, K, B]: each its one batch
@@ -391,11 +398,12 @@ class BatchedTrainer(LockstepTrainer):
         used = valid.sum(1).tolist()
         # one flat buffer per quantity, every tensor a view of it: a client's step is four kernels, not sixteen
         sizes = [v.numel() for v in start.values()]
-        g, scratch = (torch.empty(sum(sizes), device=clients.device) for _ in range(2))
-        sum_ = torch.cat([v.flatten() for v in total.values()])
-        params = torch.cat([v.flatten() for v in start.values()])
-        grads = {q: part.view_as(v) for (q, v), part in zip(start.items(), g.split(sizes))}
-        pieces = [t.split(self.FOLD_PIECE) for t in (params, g, scratch, sum_)]
+        if trains_body:
+            g, scratch = (torch.empty(sum(sizes), device=clients.device) for _ in range(2))
+            sum_ = torch.cat([v.flatten() for v in total.values()])
+            params = torch.cat([v.flatten() for v in start.values()])
+            grads = {q: part.view_as(v) for (q, v), part in zip(start.items(), g.split(sizes))}
+            pieces = [t.split(self.FOLD_PIECE) for t in (params, g, scratch, sum_)]
         W = [t.unsqueeze(0) for t in attai.layers(start, "image")]
         losses, first = [], 0
         while first < K:
@@ -409,12 +417,22 @@ class BatchedTrainer(LockstepTrainer):
             padded[ok.flatten()] = image[0]
             padded = padded.view(last - first, B, -1)
             mask, y = (None if bool(ok.all()) else ok), clients.y[rows[first:last]]
-            if s.loss == "contrastive":
+            if heads is not None:
+                weight, bias = heads["head.weight"][first:last], heads["head.bias"][first:last]
+                loss, d_image, d_weight, d_bias = head_ce_grad(padded, weight, bias, y, mask, self.scale)
+                if trains_head:  # each head's first Adam step, in closed form (first_adam_step)
+                    for p, grad in ((weight, d_weight), (bias, d_bias)):
+                        grad.add_(p, alpha=s.weight_decay)
+                        p.addcdiv_(grad, grad.abs().add_(s.eps), value=-s.lr)
+            elif s.loss == "contrastive":
                 loss, d_image, _ = contrastive_grad(padded, self.text_norm[y], mask, self.scale, text_grad=False)
             else:
                 text = self.text_norm.expand(last - first, *self.text_norm.shape)
                 loss, d_image, _ = ce_grad(padded, text, y, mask, self.scale)
             losses.append(loss)
+            if not trains_body:
+                first = last
+                continue
             dz1, dz2 = attai.row_gradients(W[2], saved, d_image.view(-1, d_image.shape[-1])[ok.flatten()].unsqueeze(0))
             inputs = attai.weight_gradient_inputs(saved, dz1, dz2)
             at = 0
@@ -423,8 +441,9 @@ class BatchedTrainer(LockstepTrainer):
                 fold_first_adam_step(*pieces, weights[k], s)
                 at += used[k]
             first = last
-        for v, part in zip(total.values(), sum_.split(sizes)):  # the folded sum back into the caller's tensors
-            v.copy_(part.view_as(v))
+        if trains_body:
+            for v, part in zip(total.values(), sum_.split(sizes)):  # the folded sum back into the caller's tensors
+                v.copy_(part.view_as(v))
         return torch.cat(losses)
 
 
@@ -495,8 +514,11 @@ class SequentialTrainer:
         one = {q: v[0] for q, v in work.items()}
         total, losses = (WeightedSum(start) if weights is not None else None), [None] * len(self.sets)
         # clients of one step go together (FedProx's pull towards `start` is nothing at a first step)
-        folds = getattr(self.trainer, "folds_first_steps", lambda: False)() and not personal and keys is None \
-            and total is not None
+        trains = set(start) | set(personal) if keys is None else set(keys)
+        trains_body, trains_head = bool(trains & set(start)), bool(trains & set(personal))
+        folds = hasattr(self.trainer, "folds_first_steps") and self.trainer.folds_first_steps(start, personal) \
+            and trains <= set(start) | set(personal) and (trains_body or trains_head) \
+            and (total is not None or not trains_body)
         small = [i for i, n in enumerate(self.sizes) if folds and one_step(n, self.trainer.settings.batch_size, epochs)]
         for i in sorted(set(range(len(self.sets))) - set(small)):
             if one:
@@ -508,11 +530,18 @@ class SequentialTrainer:
                 total.add(one, weights[i])
         if small:
             group = ClientSets([self.sets[i].sets[0] for i in small])
+            where = torch.tensor(small, device=group.device)
+            heads = {q: v.index_select(0, where) for q, v in personal.items()} or None
             folded = self.trainer.fold_first_steps(start, group, [generators[i] for i in small],
-                                                   [weights[i] for i in small], total.sum)
+                                                   [weights[i] for i in small] if total is not None else None,
+                                                   total.sum if total is not None else None, heads,
+                                                   trains_body, trains_head)
+            for q, v in (heads or {}).items():
+                personal[q].index_copy_(0, where, v)
             for i, loss in zip(small, folded):
                 losses[i] = loss[None]
-            total.add(start, sum(weights[i] for i in small))  # their weight times the adapter they started from
+            if total is not None:
+                total.add(start, sum(weights[i] for i in small))  # their weight times the adapter they started from
         return (total.sum if total is not None else None), torch.cat(losses)
 
     def train(self, state, epochs, generators, anchor=None, keys=None):

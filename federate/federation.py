@@ -40,6 +40,9 @@ from .training import Update
 
 log = logging.getLogger("federate")
 PARTS = ("val", "test", "target")
+# A method that evaluates the target domain with more models than this (`local`: every client's) does so in
+# the rounds the selection keeps only: 300 clients' models on a whole domain cost more than their training.
+MANY_TARGET_MODELS = 8
 
 
 class Interrupted(Exception):
@@ -233,6 +236,9 @@ class Federation:
     def _evaluate(self, row: dict, backend) -> None:
         wanted = set(PARTS) if self.every_round or self.rule == "last" else \
             {"val", *(["target"] if self.rule == "oracle" else [])}
+        if self.rule not in ("oracle", "last") and self.personal and \
+                len(self.method.target_models(self.global_state, self.personal)) > MANY_TARGET_MODELS:
+            wanted.discard("target")  # (many models on the whole target domain: only the selected rounds)
         if self.target is None:
             wanted.discard("target")
         self._record(row, backend.evaluate(self, wanted))

@@ -66,6 +66,7 @@ class FakeGrid:
 
     def __init__(self, tamper=None, node_order=PARTICIPANTS):
         self.nodes = {101 + i: d for i, d in enumerate(node_order)}
+        self.states = {n: RecordDict() for n in self.nodes}  # each node's context state, kept as Flower keeps it
         self.tamper = tamper
 
     def get_node_ids(self):
@@ -75,7 +76,7 @@ class FakeGrid:
         replies = []
         for m in messages:
             node = m.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, node_config={"partition": self.nodes[node]}, state=RecordDict(),
+            ctx = Context(run_id=1, node_id=node, node_config={"partition": self.nodes[node]}, state=self.states[node],
                           run_config={})
             kind = m.metadata.message_type
             reply = {MessageType.TRAIN: client_train, MessageType.EVALUATE: client_evaluate,
@@ -104,6 +105,20 @@ def test_the_flower_apps_reproduce_the_in_process_runner(cache_file, tmp_path):
     for name in ("summary.json", "history.jsonl", "adapter.safetensors"):
         assert (tmp_path / "f" / name).exists()
     same_splits(tmp_path / "f", tmp_path / "l")
+
+
+@pytest.mark.parametrize("method", ["fedper", "fedrep", "fedbabu", "fedrod", "ditto", "apfl"])
+def test_the_flower_apps_run_a_personal_method_as_the_in_process_runner(cache_file, tmp_path, method):
+    """Each client keeps its personal state (its head, its model) in its node's context; the server sees
+    only the shared part, and the numbers equal the in-process run's."""
+    flower = serve(FakeGrid(), flower_cfg(cache_file, tmp_path / "f", f"method={method}"), tmp_path / "f")
+    local = in_process(cache_file, tmp_path / "l", 3, f"method={method}")
+    same_results(flower, local)
+    assert flower["bytes_per_round"] == local["bytes_per_round"] and flower["personal_params"] == local["personal_params"]
+    from safetensors.torch import load_file
+
+    shared = load_file(tmp_path / "f" / "adapter.safetensors")
+    assert set(shared) == {k for k in load_file(tmp_path / "l" / "adapter.safetensors") if "/" not in k}
 
 
 def same_splits(flower_dir, local_dir):

@@ -218,3 +218,20 @@ def test_the_reports_reselection_gives_the_runs_own_overall(planted_cache, tmp_p
     again = reselect(read_run(tmp_path / "summary.json"), "val_mean")
     for key in ("overall", "personalization_mean", "generalization", "best_round", "personalization_domains"):
         assert again[key] == s[key], key
+
+
+def test_one_batch_clients_of_fedper_are_folded_as_they_train_alone(planted_cache, tmp_path, monkeypatch):
+    """Many small clients (one batch a round) train together on the CPU (engine=auto: their body's
+    activations at once, each head stepped in place): the same models as the lock-step engine gives them."""
+    from federate.engine import BatchedTrainer
+
+    calls, fold = [], BatchedTrainer.fold_first_steps
+    monkeypatch.setattr(BatchedTrainer, "fold_first_steps", lambda self, *a, **k: calls.append(1) or fold(self, *a, **k))
+    many = ("method=fedper", "partition=iid", "partition.clients_per_domain=12")
+    folded = run_federate(planted_cache, tmp_path / "auto", *many, rounds=3)
+    assert len(calls) == 3
+    lockstep = run_federate(planted_cache, tmp_path / "batched", *many, "engine=batched", rounds=3)
+    a, b = load_file(tmp_path / "auto" / "adapter.safetensors"), load_file(tmp_path / "batched" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert folded["val_acc"] == pytest.approx(lockstep["val_acc"], abs=1e-6)
+    assert min(c["sizes"]["train"] for c in folded["clients"].values()) <= 32  # (they are one-batch clients)

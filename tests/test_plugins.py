@@ -11,7 +11,7 @@ import torch
 from conftest import PLANTED_SIZES, run_federate
 from planted import planted, write_cache
 
-from federate import adapters, methods, strategy
+from federate import adapters, strategy
 from federate.adapters.clip_adapter import CLIPAdapter
 from federate.adapters.linear_head import LinearHead
 from federate.errors import ConfigError

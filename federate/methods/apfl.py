@@ -75,8 +75,13 @@ class APFL(HeadMethod):
         keys = None if self.settings["adaptive"] else [k for k in [*shared, *personal] if k != "alpha"]
         return train.train(shared, personal, keys=keys)
 
-    def deployed(self, train, shared, personal):
-        return [{**shared, **{k: v[i] for k, v in personal.items()}} for i in range(len(train))]
+    def deployed(self, train, shared, personal):  # each client's v_bar, mixed once per evaluation
+        return [self.mix(shared, {k: v[i] for k, v in personal.items()}) for i in range(len(train))]
+
+    @staticmethod
+    def mix(w, own):
+        a = own["alpha"]
+        return {k: a * own[LOCAL + k] + (1 - a) * v for k, v in w.items()}
 
     def target_models(self, shared, personal):
         return [shared]

@@ -329,6 +329,7 @@ class BatchedTrainer(LockstepTrainer):
 
     def prepare(self, state, xs, ys):
         self.head = "head.weight" if "head.weight" in state else None
+        self.feature_term = self.head is not None and hasattr(self.adapter, "feature_grad")
         self.body_trains = any(q.startswith("image.") for q in self.trained)
         self.low = low_dtype(self.settings.precision)
         self.xs_low = xs.to(self.low) if self.low is not None else None  # cast once per chunk
@@ -344,6 +345,9 @@ class BatchedTrainer(LockstepTrainer):
         if self.head is not None:  # a linear head on the adapted embedding (federate/heads.py), cross-entropy
             loss, d_image, d_weight, d_bias = head_ce_grad(image, params["head.weight"], params["head.bias"], y, ok,
                                                            self.scale)
+            if self.feature_term:  # a model's own term on the features (FedProto's pull towards the prototypes)
+                extra, d_features = self.adapter.feature_grad(params, image, y, ok)
+                loss, d_image = loss + extra, d_image + d_features
             grads["head.weight"].copy_(d_weight)
             grads["head.bias"].copy_(d_bias)
             if self.body_trains:  # (FedRep's head epochs freeze the body: no backward through it)
@@ -373,7 +377,8 @@ class BatchedTrainer(LockstepTrainer):
         AttAI's image tower shared, and a linear head (federate/heads.py) personal where the model has one."""
         head = hasattr(self.adapter, "heads")
         return self.adapter.towers == ("image",) and set(start) == {f"image.{k}" for k in attai.LAYER_KEYS} \
-            and set(personal) == ({"head.weight", "head.bias"} if head else set())
+            and set(personal) == ({"head.weight", "head.bias"} if head else set()) \
+            and not hasattr(self.adapter, "feature_grad")  # (the fold has no term of its own)
 
     FOLD_ROWS = 512  # rows of one-step clients whose activations are computed together (they stay in cache)
     FOLD_PIECE = 65536  # parameters per piece of a client's step: 1.25x faster than whole 2 MB passes (CPU)

@@ -163,11 +163,18 @@ def capped_batch(settings: TrainSettings, rows: int) -> TrainSettings:
 
 def cost_figures(method: Method, federation, clip_params: int, rounds: int) -> dict:
     """What crosses the wire (the method's `bytes_per_client` for each client that trains in a round,
-    `Federation.trained_per_round`), against FedAvg fine-tuning the whole CLIP; the trainable parameters
-    of a client's model, its shared and its personal part."""
+    `Federation.trained_per_round`, and for every client in the exchange after the rounds, if the method
+    has one), against FedAvg fine-tuning the whole CLIP; the trainable parameters of a client's model, its
+    shared and its personal part."""
     clients = federation.trained_per_round
     sent = method.bytes_per_client(federation.global_state)
     per_round = {"up": clients * sent["up"], "down": clients * sent["down"]}
+    total = {k: v * rounds for k, v in per_round.items()}
+    after = method.after_rounds() if rounds else None
+    if after:  # one more exchange with every client, once (CCVR's calibration)
+        once = method.bytes_per_client(federation.global_state, after)
+        after = {k: len(federation.units) * v for k, v in once.items()}
+        total = {k: v + after[k] for k, v in total.items()}
     full = {"up": clients * 4 * clip_params, "down": clients * 4 * clip_params}
     shared = sum(v.numel() for v in federation.global_state.values())
     personal = federation.personal_params
@@ -175,7 +182,8 @@ def cost_figures(method: Method, federation, clip_params: int, rounds: int) -> d
     return {
         "trainable_params": adapter_params, "shared_params": shared, "personal_params": personal,
         "bytes_per_round": per_round,
-        "bytes_total": {k: v * rounds for k, v in per_round.items()},
+        "bytes_total": total,
+        **({"bytes_after_rounds": after} if after else {}),
         "fedavg_full_clip": {
             "trainable_params": clip_params, "bytes_per_round": full,
             "param_ratio": clip_params / adapter_params if adapter_params else None,
@@ -306,7 +314,7 @@ def summarize(cfg, method: Method, dataset: str, model: str, federation, cost: d
     return {
         "method": method.name, "dataset": dataset, "model": model, "target_domain": federation.target,
         "participants": list(dict.fromkeys(c.domain for c in clients)),
-        "seed": int(cfg.seed), "lr": float(cfg.lr), "rounds": int(cfg.rounds),
+        "seed": int(cfg.seed), "lr": float(cfg.lr), "rounds": int(federation.rounds),  # (the method's: fedpft 1)
         "local_epochs": int(cfg.local_epochs), "batch_size": int(cfg.batch_size),
         "aggregation": cfg.aggregation, "loss": cfg.loss, "text_adapter": bool(cfg.text_adapter),
         "mu": float(cfg.method.get("mu", 0.0)), "engine": cfg.engine,

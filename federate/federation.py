@@ -155,6 +155,7 @@ class Federation:
             if keeps_personal else {}
         self.best = {"row": None, "score": -math.inf, "shared": {}, "personal": {}}
         self.dropped: dict[str, str] = {}  # client -> why the server dropped it (Flower)
+        self.before: dict | None = None  # the selected round's row, once an exchange after the rounds replaced it
         self.done = 0  # the last completed round
         self.current_round = 0  # the round being concluded
         self.config = config_dict(cfg)
@@ -178,6 +179,34 @@ class Federation:
             sampled = self.sample(r)
             update = yield r, sampled
             self.end_round(r, sampled, update, backend)
+        step = self.method.after_rounds() if self.rounds else None
+        if step and self.best["row"] is not None:
+            yield from self._after_rounds(step, backend)
+
+    def _after_rounds(self, step: str, backend):
+        """The method's exchange after the rounds (`Method.after_rounds`), on the selected round's states:
+        requested from the backend as a round tagged `step` with every client that is still in; the final
+        state it makes is evaluated and becomes what the summary reports (`self.before`: the selected
+        round's own row). It is not checkpointed: a resumed run does it again."""
+        selected = self.best["row"]
+        self.global_state, self.personal = clone(self.best["shared"]), clone(self.best["personal"])
+        sampled = [i for i, u in enumerate(self.units) if u not in self.dropped]
+        self.current_round = step
+        update = yield step, sampled
+        row = {"round": selected["round"], "after_rounds": step, "sampled": [self.units[i] for i in sampled],
+               "train_loss": dict(update.losses) if update else {}}
+        if update is not None and update.num_examples:
+            check_finite(self.done, {}, update.stacked, self.cfg.lr)
+            self.global_state = self.method.aggregate(self.server, self.global_state, update)
+            check_finite(self.done, {}, self.global_state, self.cfg.lr)
+        else:
+            row["skipped"] = "no client answered"
+        self._record(row, backend.evaluate(self, set(PARTS) if self.target is not None else {"val", "test"}))
+        log.info("%s after round %d (the selected round): validation %.4f, before %.4f", step, selected["round"],
+                 row["val_mean"], selected["val_mean"])
+        self.before = selected
+        self.best = {"row": row, "score": selection.score(row, self.rule), "shared": clone(self.global_state),
+                     "personal": clone(self.personal)}
 
     def run(self, backend) -> None:
         """Every remaining round, trained by `backend`."""
@@ -341,8 +370,14 @@ class Federation:
         best = self.best["row"]
         test = best.get("test_acc", {})
         clients = [c for c in self.clients if c.name in test]  # (Flower: less those dropped by then)
+        domains = {c.name: c.domain for c in self.clients}
+        after = {}
+        if self.before is not None:  # the exchange after the rounds made the reported state
+            before = self.before
+            after = {"after_rounds": best["after_rounds"],
+                     f"before_{best['after_rounds']}": selection.results(before, {c: domains[c] for c in before["test_acc"]})}
         return {
-            **selection.results(best, {c.name: c.domain for c in clients}),
+            **selection.results(best, {c.name: c.domain for c in clients}), **after,
             "clients": {c.name: {"domain": c.domain, "val": best["val_acc"][c.name], "test": test[c.name],
                                  "sizes": c.sizes} for c in clients},
             "clients_per_round": self.per_round, "selection": self.rule,

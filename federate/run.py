@@ -152,7 +152,8 @@ class CachedBackend:
         sizes = [len(sets[i]) for i in sampled]
         weights = None if p.server.reads_each_client else strategy.client_weights(sizes, p.server.aggregation).tolist()
         return LocalTraining([(int(p.cfg.seed), names[i]) for i in sampled], sizes, round_, int(p.cfg.local_epochs),
-                             p.settings, lambda settings: self.trainer(what, sampled, settings), weights)
+                             p.settings, lambda settings: self.trainer(what, sampled, settings), weights,
+                             rows=[sets[i] for i in sampled])
 
     def train(self, federation: Federation, round_: int, sampled: list[int]) -> Update:
         personal = federation.personal_of(sampled)
@@ -186,7 +187,7 @@ def finetune(point: Point, best: dict) -> dict[str, float]:
     trainer = make_trainer(cfg.engine, point.adapter, ClientSets([c.train for c in clients]), point.text,
                            point.cache.logit_scale, settings)
     train = LocalTraining([(int(cfg.seed), c.name) for c in clients], [len(c.train) for c in clients], "finetune",
-                          int(cfg.finetune_epochs), settings, lambda s: trainer)
+                          int(cfg.finetune_epochs), settings, lambda s: trainer, rows=[c.train for c in clients])
     states = fed.method.deployed(train, best["shared"], best["personal"])
     stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
     trainer.train(stacked, train.epochs, train.generators())

@@ -177,7 +177,9 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
             updates = _train_together({k: (points[k][0], sampled) for k, (_, sampled) in requests.items()}, r, trainers)
             for key, update in updates.items():
                 _advance(key, steps, requests, results, records, update)
-            if bar is not None:
+            if not isinstance(r, int):  # the method's exchange after the rounds (Method.after_rounds)
+                progress_log.info("group of %d points: %s (%.0f s)", len(points), r, time.time() - started)
+            elif bar is not None:
                 bar.update(1)
             elif r == rounds or r % max(1, rounds // 10) == 0:  # without a terminal: a line every tenth round
                 progress_log.info("group of %d points: round %d/%d (%.0f s)", len(points), r, rounds,
@@ -226,7 +228,8 @@ def _train_together(requests: dict, round_: int, trainers: dict) -> dict:
         train = LocalTraining([(int(requests[k][0].cfg.seed), feds[k].units[i]) for k, i in slots],
                               [len(requests[k][0].train_sets[i]) for k, i in slots], round_,
                               int(first.cfg.local_epochs), settings, engine, weights=None, shared_is_common=False,
-                              labels=[str(j) for j in range(len(slots))])
+                              labels=[str(j) for j in range(len(slots))],
+                              rows=[requests[k][0].train_sets[i] for k, i in slots])
         update = first.method.local_update(train, shared, mine)
         row_of = {slot: j for j, slot in enumerate(slots)}
         for key, fed in feds.items():

@@ -46,15 +46,18 @@ class LocalTraining:
         up as clients train); None when it reads each client's update.
     shared_is_common: the `shared` state given to `train` is one state for all clients (not stacked [M, ...]).
     labels: the keys of `Update.losses` (default: the unit names; a grouped sweep's slots share names).
+    rows: each client's training rows (federate/rows.py), for a local update that computes statistics of
+        them (FedProto's prototypes, CCVR's and FedPFT's class statistics) rather than training.
     """
 
     def __init__(self, clients: list[tuple[int, str]], sizes: list[int], round_, epochs: int, settings,
                  trainer: Callable, weights: list[float] | None = None, shared_is_common: bool = True,
-                 labels: list[str] | None = None):
+                 labels: list[str] | None = None, rows: list | None = None):
         self.clients, self.sizes, self.round, self.epochs = clients, list(sizes), round_, int(epochs)
         self.settings, self._trainer, self.weights = settings, trainer, weights
         self.shared_is_common = shared_is_common
         self.labels = labels or [name for _, name in clients]
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -89,6 +92,12 @@ class LocalTraining:
         state.update(personal)  # trained in place
         losses = trainer.train(state, epochs, gens, anchor=anchor, keys=keys)
         return Update({k: state[k] for k in own} if send else {}, self.sizes, self.named(losses))
+
+    def state_of(self, shared: State, personal: State, i: int) -> State:
+        """Client i's model: the shared state (its own row where `shared` is stacked per client) with its
+        personal state."""
+        mine = shared if self.shared_is_common else {k: v[i] for k, v in shared.items()}
+        return {**mine, **{k: v[i] for k, v in personal.items()}}
 
     def named(self, losses: torch.Tensor) -> dict[str, float]:
         return dict(zip(self.labels, losses.tolist()))

@@ -25,6 +25,7 @@ from .personal import PersonalStore
 from .task import client_data, unship
 
 app = ClientApp()
+LATEST = 2**62  # a round after every round: the latest personal state
 
 
 class Client:
@@ -34,7 +35,8 @@ class Client:
         config = msg.content["config"]
         self.settings_text = str(config["settings"])
         self.cfg = cfg = unship(self.settings_text)
-        self.round = int(config["round"])
+        round_ = config["round"]  # a round's number, or the name of the method's exchange after the rounds
+        self.round = round_ if isinstance(round_, str) else int(round_)
         participants = json.loads(str(config["participants"]))
         cache_file = context.node_config.get("cache-file") or cfg.cache_file
         self.client, self.text, self.scale, cache = client_data(str(cache_file), cfg, participants, context.node_config)
@@ -51,7 +53,9 @@ class Client:
     def received(self, msg: Message) -> dict:
         return {k: v.to(self.device) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
 
-    def personal(self, before: int) -> dict:
+    def personal(self, before) -> dict:
+        """The personal state before round `before` (the latest one in the exchange after the rounds)."""
+        before = before if isinstance(before, int) else LATEST
         return self.store.state(before, self.initial, self.device) if self.initial else {}
 
     def training(self, epochs=None) -> LocalTraining:
@@ -66,7 +70,7 @@ class Client:
             return engines[s]
 
         return LocalTraining([(int(cfg.seed), c.name)], [len(c.train)], self.round, int(cfg.local_epochs), settings,
-                             engine)
+                             engine, rows=[c.train])
 
 
 @app.query()
@@ -83,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
     me = Client(msg, context)
     personal = me.personal(before=me.round)
     update = me.method.local_update(me.training(), me.received(msg), personal)
-    if personal:
+    if personal and isinstance(me.round, int):
         me.store.keep(me.round, {k: v for k, v in personal.items()})
     loss = next(iter(update.losses.values()))
     reply = RecordDict({
@@ -97,7 +101,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     me = Client(msg, context)
-    state = me.method.deployed(me.training(), me.received(msg), me.personal(before=me.round + 1))[0]
+    after = me.round + 1 if isinstance(me.round, int) else me.round
+    state = me.method.deployed(me.training(), me.received(msg), me.personal(before=after))[0]
     c = me.client
     val, test = accuracies(me.model, [state, state], [c.val, c.test], me.text, me.scale)  # fp32
     reply = RecordDict({

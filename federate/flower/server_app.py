@@ -2,12 +2,13 @@
 
 At the start every SuperNode says which client it is and its split sizes (a query message). Each round
 the server sends the global adapter to the sampled clients and combines their updates with the run's
-strategy (federate/strategy.py); every client evaluates the new adapter on its validation and test
-splits; the server evaluates the held-out target domain itself, in fp32. The server makes the clients'
+strategy (federate/strategy.py), or as the method says (federate/methods/: clients that send statistics of
+their features, an exchange after the rounds such as CCVR's calibration); every client evaluates the new
+adapter on its validation and test splits; the server evaluates the held-out target domain itself, in fp32. The server makes the clients'
 splits as the in-process runner does and writes them to splits.json; a node whose client or split sizes
 are not in them takes no part. The server checks everything a
-client sends: weights of the expected keys, float32 and shapes (read from the headers before the data is
-deserialised) and finite; example counts positive integers no larger than the split the client
+client sends: arrays of the expected keys, dtypes (float32 for weights) and shapes, as the method's
+`update_like` gives them (read from the headers before the data is deserialised), and finite; example counts positive integers no larger than the split the client
 reported; losses finite; accuracies finite and in [0, 1]. A client that breaks a rule, fails or times out
 is dropped for the rest of the run (logged, and listed in summary.json's `dropped_clients`); the run goes
 on while at least `flower.min_clients` remain, and otherwise stops, keeping what it recorded.
@@ -168,9 +169,12 @@ class FlowerBackend:
         except (KeyError, TypeError, ValueError) as e:
             return f"sent a malformed reply ({type(e).__name__}: {e})"
 
-    def train(self, federation: Federation, round_: int, sampled: list[int]) -> Update:
+    def train(self, federation: Federation, round_, sampled: list[int]) -> Update:
+        """The sampled clients' local update in a round (or in the method's exchange after the rounds, whose
+        name `round_` is then): each reply checked against what the method says a client sends."""
         names = [federation.units[i] for i in sampled]
         glob = federation.global_state
+        like = federation.method.update_like(glob, round_)
         replies = self.nodes.exchange(MessageType.TRAIN, glob, round_, names)
         updates, counts, losses = [], [], {}
         # in the order of the sampled clients, not of the nodes' random ids: the sums' float order is fixed
@@ -180,11 +184,11 @@ class FlowerBackend:
 
             def check(r):
                 problem = check_train_metrics(r.content["metrics"], self.sizes[name]) or \
-                    check_arrays(r.content["arrays"], glob)
+                    check_arrays(r.content["arrays"], like)
                 if problem:
                     return problem
-                arrays.update({k: v.to(glob[k].device) for k, v in r.content["arrays"].to_torch_state_dict().items()})
-                return check_update(arrays, glob)
+                arrays.update({k: v.to(like[k].device) for k, v in r.content["arrays"].to_torch_state_dict().items()})
+                return check_update(arrays, like)
 
             problem = self._answer(node, reply, check)
             if problem:
@@ -195,7 +199,7 @@ class FlowerBackend:
             losses[name] = float(reply.content["metrics"]["train_loss"])
         if not updates:  # every sampled client was dropped: the global adapter stays
             return Update({k: v.unsqueeze(0) for k, v in glob.items()}, [], {})
-        return Update({k: torch.stack([u[k] for u in updates]) for k in glob}, counts, dict(sorted(losses.items())))
+        return Update({k: torch.stack([u[k] for u in updates]) for k in like}, counts, dict(sorted(losses.items())))
 
     def evaluate(self, federation: Federation, parts: set) -> dict:
         """Each client evaluates the model it deploys (the shared state sent, with its personal one); the

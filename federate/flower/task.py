@@ -81,6 +81,11 @@ def _client_data(cache_file: str, version, settings: str, participants: str, nod
     return make_client(cache, split, pooled_embeddings(cache, dev)), class_text(cache, dev), cache.logit_scale, cache
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """numpy's name of a torch dtype (what a Flower Array's header says): float32, float16, ..."""
+    return str(dtype).removeprefix("torch.")
+
+
 def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
     """Why a client's (deserialised) update cannot be aggregated, or None when it can."""
     if set(arrays) != set(reference):
@@ -88,8 +93,8 @@ def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     for k, v in arrays.items():
         if v.shape != reference[k].shape:
             return f"{k} has shape {tuple(v.shape)} instead of {tuple(reference[k].shape)}"
-        if v.dtype != torch.float32:
-            return f"{k} is {v.dtype}, not float32"
+        if v.dtype != reference[k].dtype:
+            return f"{k} is {dtype_name(v.dtype)}, not {dtype_name(reference[k].dtype)}"
         if not torch.isfinite(v).all():
             return f"{k} has non-finite values"
     return None
@@ -97,15 +102,15 @@ def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Ten
 
 def check_arrays(record, reference: dict[str, torch.Tensor]) -> str | None:
     """What is wrong with a reply's ArrayRecord, read from its headers before deserialising the data:
-    the keys, float32 and the shapes of the global adapter."""
+    the keys, dtypes (float32 for weights) and shapes of `reference` (what the method says a client sends)."""
     if not hasattr(record, "keys"):
         return "no adapter weights"
     if set(record.keys()) != set(reference):
         return f"keys {sorted(record.keys())} instead of {sorted(reference)}"
     for k, ref in reference.items():
         array = record[k]
-        if str(getattr(array, "dtype", "")) != "float32":
-            return f"{k} is {getattr(array, 'dtype', '?')}, not float32"
+        if str(getattr(array, "dtype", "")) != dtype_name(ref.dtype):
+            return f"{k} is {getattr(array, 'dtype', '?')}, not {dtype_name(ref.dtype)}"
         if tuple(getattr(array, "shape", ())) != tuple(ref.shape):
             return f"{k} has shape {tuple(getattr(array, 'shape', ()))} instead of {tuple(ref.shape)}"
     return None

@@ -10,8 +10,12 @@ A method says
 - how the server combines what was sent (`aggregate`: through the run's strategy by default);
 - which model each client deploys (`deployed`: evaluated on its validation and test rows) and which models
   the held-out target domain is evaluated with (`target_models`: their mean accuracy is recorded);
-- its rounds and training units (`rounds`, `units`), what a client sends (`bytes_per_client`), which
-  settings it refuses (`check`) and which runner runs it (`run`: the cached embeddings by default).
+- its rounds and training units (`rounds`, `units`), what a client sends back (`update_like`: its shared
+  state by default; statistics of its features for FedProto, CCVR and FedPFT) and the bytes of an exchange
+  (`bytes_per_client`), which settings it refuses (`check`) and which runner runs it (`run`: the cached
+  embeddings by default);
+- one more exchange after the last round, on the selected round's states (`after_rounds`: none by
+  default; CCVR's calibration).
 
 `federate.federation.Federation` drives the rounds and calls these hooks; no runner, engine, report or
 Flower app looks at a method's name. A local update works on M clients at once through a
@@ -122,12 +126,34 @@ class Method:
         """The models the target domain is evaluated with (the recorded accuracy is their mean)."""
         return [shared]
 
+    def update_like(self, shared: State, round_) -> State:
+        """What a training client sends back in `round_` (a round's number, or the name of the exchange
+        after the rounds): tensors with its keys, shapes and dtypes (their values are not read). The shared
+        state by default; a method that sends statistics of its features says which. The Flower server
+        checks every reply against it, and `bytes_per_client` counts it."""
+        return shared
+
+    # --- after the rounds
+
+    def after_rounds(self) -> str | None:
+        """The name of one more exchange with every client after the last round, or None (the default).
+
+        It runs on the selected round's states, as a round does: `Federation.steps` requests it from the
+        backend like a round tagged with this name (the clients' `local_update` sees `train.round` = the
+        name and returns what `update_like(shared, name)` describes; in Flower, a client's personal state
+        there is its latest), `aggregate` makes the final shared state, and that state is evaluated.
+        summary.json reports the final state's numbers, the selected round's own under `before_<name>`,
+        and `bytes_total` counts the exchange once (`bytes_after_rounds`). CCVR's calibration is one."""
+        return None
+
     # --- cost
 
-    def bytes_per_client(self, shared: State) -> dict[str, int]:
-        """What one training client sends and receives per round (float32)."""
-        n = 4 * sum(v.numel() for v in shared.values()) if self.communicates else 0
-        return {"up": n, "down": n}
+    def bytes_per_client(self, shared: State, round_=1) -> dict[str, int]:
+        """What one training client receives (the shared state) and sends back (`update_like`) in an
+        exchange, in bytes as the tensors are sent (float32, or the dtype `update_like` gives)."""
+        if not self.communicates:
+            return {"up": 0, "down": 0}
+        return {"up": nbytes(self.update_like(shared, round_)), "down": nbytes(shared)}
 
 
 def register(name: str, **defaults):
@@ -169,8 +195,13 @@ def number(key: str, value, *, low: float = 0.0, high: float = math.inf, integer
     return x
 
 
+def nbytes(state: State) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
 def key_set(state: State, prefix: str) -> tuple[str, ...]:
     return tuple(k for k in state if k.startswith(prefix))
 
 
-from . import apfl, central, ditto, fedavg, fedbabu, fedper, fedrep, fedrod, full, local, zeroshot  # noqa: E402,F401,I001
+from . import (apfl, ccvr, central, ditto, fedavg, fedbabu, fedper, fedpft, fedproto, fedrep, fedrod, full, local,  # noqa: E402,F401,I001
+               zeroshot)

@@ -196,16 +196,20 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+COUNTS = ".count"  # a state's key for rows per class (statistics of features: FedProto, CCVR, FedPFT), not weights
+
+
 def check_finite(round_: int, losses: dict[str, float], state: dict[str, torch.Tensor], lr: float) -> None:
     """A run whose losses or weights are no longer finite, or whose weights exploded, has diverged: stop,
-    never report its numbers (exploded weights saturate the adapter: accuracy falls to chance)."""
+    never report its numbers (exploded weights saturate the adapter: accuracy falls to chance). Tensors of
+    counts (keys ending in `.count`) are checked for finite values only."""
     exploded = 100.0  # root mean square of a weight tensor: trained weights stay near 1 or below; lr=1e3 gives ~500
     bad = [n for n, v in losses.items() if not math.isfinite(v)]
     # one pass per tensor, nothing allocated (300 personal adapters weigh 630 MB): a NaN or inf makes the norm one
-    norms = [(float(torch.linalg.vector_norm(v.float())), v.numel()) for v in state.values()
+    norms = [(float(torch.linalg.vector_norm(v.float())), v.numel(), k.endswith(COUNTS)) for k, v in state.items()
              if v.is_floating_point() and v.numel()]
-    if not bad and all(math.isfinite(n) for n, _ in norms):
-        rms = max((n / size ** 0.5 for n, size in norms), default=0.0)
+    if not bad and all(math.isfinite(n) for n, _, _ in norms):
+        rms = max((n / size ** 0.5 for n, size, counts in norms if not counts), default=0.0)
         if rms <= exploded:
             return
         bad_weights = f"exploding weights: root mean square {rms:.3g} > {exploded:g}"

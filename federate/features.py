@@ -9,7 +9,7 @@ weights, and a linear head trained on rows of features (CCVR's calibration, FedP
   same numbers.
 - `gaussian_rows`: samples of N(mean, covariance).
 - `train_linear`: shuffled mini-batches of cross-entropy on `scale * (x W^T + b)` with a torch optimiser
-  (every batch, the last partial one too, as a DataLoader gives them), the gradient written out.
+  (the batches a DataLoader with shuffle=True gives, the last partial one too), the gradient written out.
 """
 from __future__ import annotations
 
@@ -120,8 +120,10 @@ def train_linear(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: t
     """A linear head, logits = scale * (x W^T + b), trained from (weight, bias) on rows x [n, d] with labels
     y by cross-entropy, the mean over each batch: `epochs` passes, each over a fresh permutation of the
     rows (torch.randperm with `generator`) cut into batches of `batch_size` (the last one partial), one
-    optimiser step per batch. `optimizer(params)` makes the optimiser (a fresh one). Returns the trained
-    (weight, bias), new tensors."""
+    optimiser step per batch. `optimizer(params)` makes the optimiser (a fresh one). The batches are those of
+    a torch DataLoader(shuffle=True, generator=generator) over the rows, which draws from the generator, each
+    epoch, its iterator's base seed, the permutation, and a second, unused permutation as the epoch ends: so
+    does this. Returns the trained (weight, bias), new tensors."""
     W, b = weight.detach().clone().float(), bias.detach().clone().float()
     W.grad, b.grad = torch.zeros_like(W), torch.zeros_like(b)
     opt = optimizer([W, b])
@@ -129,6 +131,7 @@ def train_linear(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: t
     rows = torch.arange(batch_size, device=x.device)
     with torch.no_grad():
         for _ in range(epochs):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # (the DataLoader iterator's base seed)
             order = torch.randperm(n, generator=generator).to(x.device)
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
@@ -139,6 +142,7 @@ def train_linear(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: t
                 torch.mm(p.T, xb, out=W.grad)
                 torch.sum(p, 0, out=b.grad)
                 opt.step()
+            torch.randperm(n, generator=generator)  # (RandomSampler's unused last draw of the epoch)
     return W.detach(), b.detach()
 
 

@@ -382,6 +382,7 @@ def apply_selection(runs: list[dict], rule: str | None) -> tuple[list[dict], lis
     if kept_own:
         notes.append(f"{len(kept_own)} runs keep their own selection: their history does not record every "
                      "metric every round (older runs)" + (" or they have no target domain" if rule == "oracle" else "")
+                     + ", or their method changed the selected round's model after the rounds (ccvr)"
                      + ": " + ", ".join(kept_own))
     return out, notes
 

@@ -64,9 +64,11 @@ def full_history(rows: list[dict] | None) -> bool:
 
 def reselect(s: dict, rule: str) -> dict | None:
     """The run's summary with the numbers of the round `rule` selects, or None when its history cannot
-    tell (an older history, or oracle without a target domain)."""
+    tell (an older history, oracle without a target domain, or a run whose reported model comes from an
+    exchange after the rounds, which only the selected round had: CCVR's calibration)."""
     rows = s.get("_history")
-    if not full_history(rows) or (rule == "oracle" and any(r["target_acc"] is None for r in rows)):
+    if not full_history(rows) or (rule == "oracle" and any(r["target_acc"] is None for r in rows)) \
+            or s.get("after_rounds"):
         return None
     row = selection.select(rows, rule)
     out = dict(s)

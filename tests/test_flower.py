@@ -121,6 +121,34 @@ def test_the_flower_apps_run_a_personal_method_as_the_in_process_runner(cache_fi
     assert set(shared) == {k for k in load_file(tmp_path / "l" / "adapter.safetensors") if "/" not in k}
 
 
+@pytest.mark.parametrize("method", ["fedproto", "ccvr", "fedpft"])
+def test_the_flower_apps_run_a_statistics_method_as_the_in_process_runner(cache_file, tmp_path, method):
+    """Clients that send statistics of their features (prototypes, class moments in CCVR's calibration after
+    the rounds, float16 mixtures) over Flower: checked against what the method says a client sends, and the
+    numbers equal the in-process run's."""
+    extra = {"fedpft": ["method.head_epochs=5"], "fedproto": ["target_domain=none"]}.get(method, [])
+    nodes = [*PARTICIPANTS, "target"] if method == "fedproto" else PARTICIPANTS  # (no target: every domain a client)
+    flower = serve(FakeGrid(node_order=nodes), flower_cfg(cache_file, tmp_path / "f", f"method={method}", *extra),
+                   tmp_path / "f")
+    local = in_process(cache_file, tmp_path / "l", 3, f"method={method}", *extra)
+    same_results(flower, local)
+    if method == "ccvr":
+        same_results(flower["before_calibration"], local["before_calibration"])
+    for key in ("bytes_per_round", "bytes_total", "rounds", "personal_params"):
+        assert flower[key] == local[key], key
+
+
+def test_a_method_that_evaluates_the_target_with_the_clients_models_needs_no_target_over_flower(cache_file, tmp_path):
+    with pytest.raises(ConfigError, match="method=fedproto evaluates the target domain with each client's own model"):
+        serve(FakeGrid(), flower_cfg(cache_file, tmp_path, "method=fedproto"), tmp_path)
+
+
+def test_a_reply_of_another_dtype_than_the_method_sends_is_rejected():
+    reference = {"gmm.means": torch.zeros(2, 1, 3, dtype=torch.float16)}
+    assert check_update({"gmm.means": torch.zeros(2, 1, 3)}, reference) == "gmm.means is float32, not float16"
+    assert check_update({"gmm.means": torch.zeros(2, 1, 3, dtype=torch.float16)}, reference) is None
+
+
 def same_splits(flower_dir, local_dir):
     """The Flower server wrote the in-process run's splits.json, and the summaries say so."""
     assert (flower_dir / "splits.json").read_bytes() == (local_dir / "splits.json").read_bytes()

@@ -89,6 +89,9 @@ def test_points_that_cannot_be_grouped_still_run(cache_file, tmp_path):
      ["dataset.classes=[class3,class1,class0]", "engine=batched", "seed=1"]],
     [["partition=iid", "partition.clients_per_domain=3", "clients_per_round=4"],  # each point samples its own
      ["partition=iid", "partition.clients_per_domain=3", "clients_per_round=4", "seed=1", "lr=3e-4"]],
+    [["method=fedproto"], ["method=fedproto", "seed=1", "lr=3e-4"]],  # statistics sent instead of weights
+    [["method=ccvr"], ["method=ccvr", "seed=1", "target_domain=alpha"]],  # each point calibrates its own model
+    [["method=fedpft", "method.head_epochs=3"], ["method=fedpft", "method.head_epochs=3", "seed=1", "lr=3e-4"]],
 ])
 def test_grouped_points_equal_their_runs_alone(cache_file, tmp_path, overrides):
     cfgs = [config("federate", [f"cache_file={cache_file}", "target_domain=target", "lr=1e-3", *COMMON, *o])

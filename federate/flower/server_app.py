@@ -251,6 +251,9 @@ def serve(grid: Grid, cfg, output_dir: Path, client_states: Path | None = None) 
     target_set = domain_rows(cache, target, pooled_embeddings(cache, device)) if target is not None else None
     text = class_text(cache, device)
     init = {k: v.to(device) for k, v in adapters.init_params(model, cache.embed_dim, cfg.seed, text).items()}
+    if target is not None and not method.target_models(method.split(init)[0], {}):
+        raise ConfigError(f"method={method.name} evaluates the target domain with each client's own model, which "
+                          "stays on its client under Flower; use target_domain=none, or backend=local")
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
     nodes = Nodes(grid, cfg, participants, sizes, client_states)
     # each client keeps its own personal state (federate/flower/client_app.py); the server the shared one

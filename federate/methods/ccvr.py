@@ -86,8 +86,8 @@ class CCVR(HeadMethod):
         for i in range(len(train)):
             m = class_moments(self.net, train.state_of(shared, personal, i), train.rows[i], classes)
             wire = (m.count.float(), m.mean.float(), m.covariance().float())  # what a client sends
-            if not train.shared_is_common:  # (a grouped sweep: each slot its own point's)
-                sent.append(wire)
+            if not train.shared_is_common or len(train) == 1:  # each client's, as sent (a Flower client; the
+                sent.append(wire)  # slots of a grouped sweep, each its own point's)
                 continue
             received = Moments.of(*wire)  # one run's clients, pooled as the server pools them (`aggregate`)
             pooled = received if pooled is None else merge(pooled, received)

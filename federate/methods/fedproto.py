@@ -9,7 +9,8 @@ class, weighted by rows (`method.weighting=rows`, the issue's and the paper's we
 clients that hold the class (`uniform`, FL-bench's, PFLlib's and the official code's mean); a class no
 sampled client holds has no prototype that round (FL-bench resets them every round). A client predicts
 with its own head (FL-bench; PFLlib predicts the nearest global prototype). The target domain, which no
-client's model is for, is evaluated with every client's model (the mean accuracy, as `local`).
+client's model is for, is evaluated with every client's model (the mean accuracy, as `local`); under
+Flower those models stay on their clients, so a run there has no target domain (target_domain=none).
 
 What travels (`bytes_per_round`): the prototypes and counts, [C, d] + [C] float32, up and down.
 """
@@ -102,5 +103,5 @@ class FedProto(HeadMethod):
         return [{k: v[i] for k, v in personal.items()} for i in range(len(train))]
 
     def target_models(self, shared, personal):
-        n = len(next(iter(personal.values())))
+        n = len(next(iter(personal.values()))) if personal else 0  # (none where the clients keep them: Flower)
         return [{k: v[i] for k, v in personal.items()} for i in range(n)]

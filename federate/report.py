@@ -266,19 +266,24 @@ def tables(runs: list[dict], dataset: str, model: str) -> dict[str, tuple[list[s
         cells = [c for c in cells if c is not None]
         return statistics.fmean(c["mean"] for c in cells) if cells and len(cells) == len(targets) else None
 
+    def sent(method, target=None):  # MB up and down in the whole run, the mean over its runs
+        rs = [r for (m, t), group in groups.items() if m == method and target in (None, t) for r in group]
+        mb = [megabytes_sent(r) for r in rs]
+        return statistics.fmean(mb) if rs and None not in mb else None
+
     out = {}
-    header = ["method", *targets, "Avg"]
+    header = ["method", *targets, "Avg", SENT]
     rows = []
     for m in methods_:
         cells = [metric(m, t, lambda r: r["generalization"]) for t in targets]
-        rows.append([m, *cells, avg(cells)])
+        rows.append([m, *cells, avg(cells), sent(m)])
     if any(paper_value("generalization", dataset, model, t) for t in targets):
         rows.append(["FedCLIP (paper)", *[paper_value("generalization", dataset, model, t) for t in targets],
-                     paper_value("generalization", dataset, model, "Avg", targets)])
+                     paper_value("generalization", dataset, model, "Avg", targets), None])
     out["generalization"] = (header, rows, 1)
 
     spread_header = [name for name, _ in SPREAD] if with_spread else []
-    header = ["method", "target", *domains, "Avg", *spread_header]
+    header = ["method", "target", *domains, "Avg", *spread_header, SENT]
     rows = []
     for m in methods_:
         for t in targets:
@@ -287,7 +292,7 @@ def tables(runs: list[dict], dataset: str, model: str) -> dict[str, tuple[list[s
             per = [None if d == t else metric(m, t, lambda r, d=d: domain_accuracies(r).get(d)) for d in domains]
             spread = [metric(m, t, lambda r, k=k: (client_spread(r) or {}).get(k)) for _, k in SPREAD]
             rows.append([m, t, *per, metric(m, t, lambda r: r["personalization_mean"]),
-                         *(spread if with_spread else [])])
+                         *(spread if with_spread else []), sent(m, t)])
     out["personalization"] = (header, rows, 2)
 
     paper = [paper_value("overall", dataset, model, t, targets) for t in [*targets, "Avg"]]
@@ -298,8 +303,21 @@ def tables(runs: list[dict], dataset: str, model: str) -> dict[str, tuple[list[s
     if len(header) > 1 + len(methods_):
         for row, p in zip(rows, paper):
             row.append(p)
+    rows.append([SENT, *[sent(m) for m in methods_], *([None] if len(header) > 1 + len(methods_) else [])])
     out["overall"] = (header, rows, 1)
     return out
+
+
+SENT = "total MB sent per run"  # the tables' cost column (a row of the overall table, whose columns are methods)
+
+
+def megabytes_sent(s: dict) -> float | None:
+    """What a run sent, up and down, in MB (10^6 bytes): summary.json's bytes_total (the rounds, and the
+    method's exchange after them); None for runs that did not record it."""
+    total = s.get("bytes_total")
+    if not isinstance(total, dict) or not all(isinstance(total.get(k), (int, float)) for k in ("up", "down")):
+        return None
+    return (total["up"] + total["down"]) / 1e6
 
 
 def md_text(v: str) -> str:
@@ -400,7 +418,8 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
         kept, notes = select_lr(unique)
         text += ["", f"## {t.heading()}", "", f"Files: {folder}/", "",
                  "Accuracy in percent: mean ± standard error over seeds (number of seeds); "
-                 f"{NA}: no such number (no target domain)."]
+                 f"{NA}: no such number (no target domain). {SENT}: megabytes (10^6 bytes) the clients sent and "
+                 "received in a whole run, up + down (summary.json bytes_total), the mean over its runs."]
         if repeats:
             text += ["", "Runs repeated with the same settings and seed count once (the newest):"]
             text += [f"- {n}" for n in repeats]

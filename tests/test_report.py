@@ -144,7 +144,8 @@ def test_paper_numbers_appear_for_pacs_with_vit_b32_and_datasets_are_not_mixed(t
     paper = next(r for r in gen if r["method"] == "FedCLIP (paper)")
     assert paper["art_painting"] == "96.3400" and paper["sketch"] == "85.5900" and paper["Avg"] == "94.9000"
     overall = read_csv(tables_of(tmp_path, PACS) / "overall.csv")
-    assert overall[-1]["target"] == "Avg" and overall[-1]["FedCLIP (paper)"] == "95.1300"
+    assert overall[-2]["target"] == "Avg" and overall[-2]["FedCLIP (paper)"] == "95.1300"
+    assert overall[-1]["target"] == "total MB sent per run" and overall[-1]["FedCLIP (paper)"] == ""
     mine = read_csv(tables_of(tmp_path, "mine__fedclip--tiny-random-clip") / "generalization.csv")
     assert [r["method"] for r in mine] == ["fedclip"]  # no paper row for another model or dataset
 
@@ -462,3 +463,30 @@ def test_the_cost_plot_marks_an_unmeasured_bar_and_its_texts_do_not_overlap(tmp_
         for b, box_b in boxes[i + 1:]:
             assert not box_a.overlaps(box_b), (a, b)
     plt.close(fig)
+
+
+def test_every_table_has_the_megabytes_each_method_sent_per_run(tmp_path):
+    """A one-shot method and 200 rounds side by side: bytes_total (up + down) in MB, the mean over runs."""
+    fake_run(tmp_path, "a", bytes_total={"up": 3_000_000, "down": 1_000_000})
+    fake_run(tmp_path, "b", seed=1, bytes_total={"up": 5_000_000, "down": 1_000_000})
+    fake_run(tmp_path, "p", method="fedpft", rounds=1, bytes_total={"up": 20_000, "down": 40_000})
+    fake_run(tmp_path, "old", method="local")  # (recorded no bytes)
+    text = report(tmp_path, make_plots=False)
+    folder = tables_of(tmp_path, PACS)
+    gen = {r["method"]: r for r in read_csv(folder / "generalization.csv")}
+    assert gen["fedclip"]["total MB sent per run"] == "5.0000" and gen["fedpft (rounds=1)"]["total MB sent per run"] == "0.0600"
+    assert gen["local"]["total MB sent per run"] == ""
+    pers = {r["method"]: r for r in read_csv(folder / "personalization.csv")}
+    assert pers["fedclip"]["total MB sent per run"] == "5.0000"
+    overall = {r["target"]: r for r in read_csv(folder / "overall.csv")}
+    assert overall["total MB sent per run"]["fedpft (rounds=1)"] == "0.0600"
+    assert "| fedpft (rounds=1) | 50.00 (1) | 50.00 | 0.06 |" in text
+
+
+def test_a_run_whose_method_changed_its_selected_model_after_the_rounds_keeps_its_selection(tmp_path):
+    fake_run(tmp_path, "ccvr", method="ccvr", history=HISTORY, personalization={"cartoon": 0.9, "photo": 0.9},
+             generalization=0.95, best_round=2, after_rounds="calibration")
+    proc = run_cli("federate.report", str(tmp_path), "--no-plots", "--selection", "last", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    rows = {r["method"]: r for r in read_csv(tables_of(tmp_path, PACS) / "generalization.csv")}
+    assert rows["ccvr"]["art_painting"] == "95.0000" and "changed the selected round's model after the rounds" in proc.stdout

@@ -89,11 +89,11 @@ def compose(cache: Path, overrides: list[str]):
 def timed_rounds(cfg, out: Path, rounds: int):
     """(seconds per whole round, seconds per round of local training alone, the point, and both seconds
     in this process's CPU time) of a fresh run."""
-    from federate import methods
+    from federate.experiment import check_settings
     from federate.run import CachedBackend, setup
 
     out.mkdir(parents=True)
-    point = setup(cfg, methods.build(cfg.method), out, progress=False)
+    point = setup(cfg, check_settings(cfg), out, progress=False)
     backend = CachedBackend(point)
     t, cpu = time.perf_counter(), time.process_time()
     point.federation.run(backend)

@@ -316,6 +316,8 @@ class GenericTrainer(LockstepTrainer):
         frozen = {q: v for q, v in params.items() if q not in self.trained}
         ok = torch.ones_like(y, dtype=torch.bool) if ok is None else ok
         grads, loss = self._grad(trained, frozen, x, y, ok, self.clients.label_counts(len(self.text))[:len(x)])
+        if hasattr(self.adapter, "observe"):  # a model that keeps statistics of its batches (FedProto's prototypes)
+            self.adapter.observe(params, x, y, ok)
         return loss, grads
 
 
@@ -375,10 +377,12 @@ class BatchedTrainer(LockstepTrainer):
     def folds_first_steps(self, start: dict, personal: dict) -> bool:
         """Whether `fold_first_steps` serves clients starting from `start` with their own `personal` keys:
         AttAI's image tower shared, and a linear head (federate/heads.py) personal where the model has one."""
-        head = hasattr(self.adapter, "heads")
-        return self.adapter.towers == ("image",) and set(start) == {f"image.{k}" for k in attai.LAYER_KEYS} \
-            and set(personal) == ({"head.weight", "head.bias"} if head else set()) \
-            and not hasattr(self.adapter, "feature_grad")  # (the fold has no term of its own)
+        head, image, linear = hasattr(self.adapter, "heads"), {f"image.{k}" for k in attai.LAYER_KEYS}, {"head.weight", "head.bias"}
+        if self.adapter.towers != ("image",) or hasattr(self.adapter, "feature_grad"):  # (the fold has no term of its own)
+            return False
+        if head and getattr(self.adapter, "heads", ()) == ("head",) and set(start) == image | linear and not personal:
+            return True  # the head shared with the body (CCVR's FedAvg of both): folded into the sum as the body is
+        return set(start) == image and set(personal) == (linear if head else set())
 
     FOLD_ROWS = 512  # rows of one-step clients whose activations are computed together (they stay in cache)
     FOLD_PIECE = 65536  # parameters per piece of a client's step: 1.25x faster than whole 2 MB passes (CPU)
@@ -394,8 +398,9 @@ class BatchedTrainer(LockstepTrainer):
         products) and its step go into `total`: no client's adapter is ever written, and 300 small clients
         cost about what their rows cost. With `heads` (each client's linear head, [K, C, d] and [K, C]: a
         FedPer client's own), the logits are those heads', and each head takes its first Adam step in place
-        (`trains_head`); `trains_body=False` leaves the adapter out (and `total` may be None). Returns their
-        losses."""
+        (`trains_head`); `trains_body=False` leaves the adapter out (and `total` may be None). A head in
+        `start` (shared, as CCVR's) gives the logits of every client and is folded into `total` with the
+        body. Returns their losses."""
         s, K, low = self.settings, len(clients), low_dtype(self.settings.precision)
         B = trimmed_batch(s.batch_size, max(clients.sizes))
         idx, valid, _, _ = make_schedule(clients.sizes, B, 1, generators)  # [1, K, B]: each its one batch
@@ -403,6 +408,7 @@ class BatchedTrainer(LockstepTrainer):
         used = valid.sum(1).tolist()
         # one flat buffer per quantity, every tensor a view of it: a client's step is four kernels, not sixteen
         sizes = [v.numel() for v in start.values()]
+        shared_head = "head.weight" in start
         if trains_body:
             g, scratch = (torch.empty(sum(sizes), device=clients.device) for _ in range(2))
             sum_ = torch.cat([v.flatten() for v in total.values()])
@@ -422,8 +428,12 @@ class BatchedTrainer(LockstepTrainer):
             padded[ok.flatten()] = image[0]
             padded = padded.view(last - first, B, -1)
             mask, y = (None if bool(ok.all()) else ok), clients.y[rows[first:last]]
-            if heads is not None:
-                weight, bias = heads["head.weight"][first:last], heads["head.bias"][first:last]
+            if heads is not None or shared_head:
+                if shared_head:
+                    weight = start["head.weight"].expand(last - first, *start["head.weight"].shape)
+                    bias = start["head.bias"].expand(last - first, *start["head.bias"].shape)
+                else:
+                    weight, bias = heads["head.weight"][first:last], heads["head.bias"][first:last]
                 loss, d_image, d_weight, d_bias = head_ce_grad(padded, weight, bias, y, mask, self.scale)
                 if trains_head:  # each head's first Adam step, in closed form (first_adam_step)
                     for p, grad in ((weight, d_weight), (bias, d_bias)):
@@ -443,6 +453,9 @@ class BatchedTrainer(LockstepTrainer):
             at = 0
             for k in range(first, last):
                 attai.weight_gradients(inputs, slice(at, at + used[k]), attai.layers(grads, "image"))
+                if shared_head:
+                    grads["head.weight"].copy_(d_weight[k - first])
+                    grads["head.bias"].copy_(d_bias[k - first])
                 fold_first_adam_step(*pieces, weights[k], s)
                 at += used[k]
             first = last

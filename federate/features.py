@@ -1,12 +1,10 @@
-"""Statistics of features per class, what FedProto, CCVR and FedPFT clients send instead of (or besides)
-weights, and a linear head trained on rows of features (CCVR's calibration, FedPFT's server-side head).
+"""Statistics of features per class, what CCVR and FedPFT clients send besides (or instead of) weights, and
+a linear head trained on rows of features (CCVR's calibration, FedPFT's server-side head).
 
 - `features`: a model's features (`model.features`: what its head reads) of some rows, in blocks.
-- `class_means`: per-class row counts and mean features of each client (FedProto's prototypes).
-- `Moments` and `class_moments`: per-class count, mean and covariance of one client's features; `merge`
-  pools two sets of moments exactly (Chan et al.'s pairwise update), in the order given, so a server that
-  pools M clients' moments one after another and a runner that pools them as they are computed get the
-  same numbers.
+- `Moments`, `class_moments` and `pool`: per-class count, mean and covariance of features; `pool` pools
+  clients' moments exactly, as a server pools what each client sends, and `class_moments` computes the
+  same pooled moments of several clients' rows in one pass (a run in one process sends nothing).
 - `gaussian_rows`: samples of N(mean, covariance).
 - `train_linear`: shuffled mini-batches of cross-entropy on `scale * (x W^T + b)` with a torch optimiser
   (the batches a DataLoader with shuffle=True gives, the last partial one too), the gradient written out.
@@ -32,68 +30,60 @@ def features(model, state: State, rows: Rows, block: int = EVAL_ROWS):
         yield model.features(state, x).float(), y
 
 
-def class_means(model, states: list[State], rows: list[Rows], classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each client's training rows per class and mean feature per class, [M, C] and [M, C, d] (zeros
-    where a client has no row of the class): client i's features under `states[i]`."""
-    counts, means = [], []
-    for state, r in zip(states, rows):
-        total, n = None, torch.zeros(classes, device=r.device)
-        for f, y in features(model, state, r):
-            if total is None:
-                total = f.new_zeros(classes, f.shape[1])
-            total.index_add_(0, y, f)
-            n += torch.bincount(y, minlength=classes)
-        counts.append(n)
-        means.append(total / n.clamp_min(1)[:, None])
-    return torch.stack(counts), torch.stack(means)
-
-
 @dataclass
 class Moments:
-    """Per class: rows `count` [C], `mean` [C, d] and `m2` [C, d, d], the sum of the outer products of the
-    rows' deviations from their class mean (covariance = m2 / (count - 1)); float64."""
+    """Per class: rows `count` [..., C], `mean` [..., C, d] and `m2` [..., C, d, d], the sum of the outer
+    products of the rows' deviations from their class mean (covariance = m2 / (count - 1)); float64. A
+    leading dimension holds clients."""
     count: torch.Tensor
     mean: torch.Tensor
     m2: torch.Tensor
 
     def covariance(self) -> torch.Tensor:
-        """The unbiased covariance of each class, [C, d, d] (zeros for classes of fewer than two rows)."""
-        return torch.where((self.count >= 2)[:, None, None], self.m2 / (self.count - 1).clamp_min(1)[:, None, None], 0.0)
+        """The unbiased covariance of each class (zeros for classes of fewer than two rows)."""
+        return torch.where((self.count >= 2)[..., None, None], self.m2 / (self.count - 1).clamp_min(1)[..., None, None],
+                           0.0)
 
     @classmethod
     def of(cls, count: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor) -> "Moments":
-        """From what a client sends: count, mean and unbiased covariance per class (any float dtype)."""
+        """From what clients send: count, mean and unbiased covariance per class (any float dtype)."""
         count, mean, covariance = count.double(), mean.double(), covariance.double()
-        return cls(count, mean, covariance * (count - 1).clamp_min(0)[:, None, None])
+        return cls(count, mean, covariance * (count - 1).clamp_min(0)[..., None, None])
 
 
-def class_moments(model, state: State, rows: Rows, classes: int) -> Moments:
-    """One client's per-class moments of its features under `state` (the deviations from each class's
-    mean are summed directly, not as E[xx^T] - mean mean^T, which loses digits)."""
-    parts = list(features(model, state, rows))
-    f, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    d = f.shape[1]
-    count = torch.bincount(y, minlength=classes).double()
-    mean = torch.zeros(classes, d, dtype=torch.float64, device=f.device).index_add_(0, y, f.double())
-    mean /= count.clamp_min(1)[:, None]
-    m2 = torch.zeros(classes, d, d, dtype=torch.float64, device=f.device)
-    order = torch.argsort(y, stable=True)
-    ends = torch.cumsum(count.long(), 0).tolist()
-    for c, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
-        if end - start >= 2:
-            g = f[order[start:end]] - mean[c].float()
-            m2[c] = (g.T @ g).double()
-    return Moments(count, mean, m2)
+def pool(clients: Moments) -> Moments:
+    """The moments of all the clients' rows (leading dimension: clients), class by class, exactly: the
+    clients' own scatter plus the scatter of their means around the pooled one (the pooled covariance of
+    Luo et al. 2021, eq. 4, for unbiased client covariances)."""
+    count = clients.count.sum(0)
+    mean = (clients.count[..., None] * clients.mean).sum(0) / count.clamp_min(1)[:, None]
+    apart = clients.mean - mean
+    between = torch.einsum("kc,kci,kcj->cij", clients.count, apart, apart)
+    return Moments(count, mean, clients.m2.sum(0) + between)
 
 
-def merge(a: Moments, b: Moments) -> Moments:
-    """The moments of the union of two sets of rows, class by class (exact: Chan et al. 1979)."""
-    n = a.count + b.count
-    share = torch.where(n > 0, b.count / n.clamp_min(1), 0.0)
-    delta = b.mean - a.mean
-    mean = a.mean + delta * share[:, None]
-    m2 = a.m2 + b.m2 + torch.einsum("ci,cj->cij", delta, delta) * (a.count * share)[:, None, None]
-    return Moments(n, mean, m2)
+def class_moments(model, state: State, rows: list[Rows], classes: int) -> Moments:
+    """The per-class moments of the features of some clients' rows under one `state`, pooled (one client's
+    own, given its rows alone): each client's count and mean per class, then the deviations of every row
+    from its client's class mean in one product per class (summed directly, not as E[xx^T] - mean mean^T,
+    which loses digits), then `pool`'s scatter of the clients' means. What a server pools from the
+    clients' messages, computed in one pass over their rows."""
+    from .rows import concat
+
+    parts = list(features(model, state, concat(rows)))
+    f, y = torch.cat([p[0] for p in parts]).double(), torch.cat([p[1] for p in parts])
+    owner = torch.repeat_interleave(torch.arange(len(rows), device=y.device),
+                                    torch.tensor([len(r) for r in rows], device=y.device))
+    cell = owner * classes + y  # (client, class)
+    count = torch.bincount(cell, minlength=len(rows) * classes).double().view(len(rows), classes)
+    mean = torch.zeros(len(rows) * classes, f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, cell, f)
+    mean = (mean.view(len(rows), classes, -1) / count.clamp_min(1)[..., None])
+    g = f - mean.view(len(rows) * classes, -1)[cell]
+    m2 = torch.zeros(classes, f.shape[1], f.shape[1], dtype=f.dtype, device=f.device)
+    for c in torch.unique(y).tolist():
+        mine = g[y == c]
+        m2[c] = mine.T @ mine
+    return pool(Moments(count, mean, m2[None]))  # (m2: the clients' own scatters, summed)
 
 
 def gaussian_rows(mean: torch.Tensor, covariance: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

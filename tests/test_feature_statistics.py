@@ -74,7 +74,8 @@ def test_pooled_moments_equal_the_moments_of_all_rows():
         cov = torch.stack([torch.cov(x[y == c].T) if count[c] >= 2 else torch.zeros(3, 3, dtype=torch.float64)
                            for c in (0, 1)])
         moments.append(feats.Moments.of(count, mean, cov))
-    pooled = feats.merge(feats.merge(moments[0], moments[1]), moments[2])
+    stacked = feats.Moments(*(torch.stack([getattr(m, k) for m in moments]) for k in ("count", "mean", "m2")))
+    pooled = feats.pool(stacked)
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     for c in (0, 1):
         torch.testing.assert_close(pooled.mean[c], x[y == c].mean(0))
@@ -111,18 +112,21 @@ def attai_features(state, x):
 
 
 def test_fedprotos_prototypes_are_each_clients_class_means_and_the_server_weighs_them(planted_cache, tmp_path):
-    p, backend = point(planted_cache, tmp_path, "method=fedproto")
+    """A client's prototypes are the mean features of each class over its local epochs' batches (here lr is
+    so small that its model does not move, so they are the means of its rows' features under its model);
+    the server's are their mean weighted by rows."""
+    p, backend = point(planted_cache, tmp_path, "method=fedproto", "lr=1e-12", "local_epochs=2")
     fed = p.federation
     assert sorted(fed.global_state) == ["proto.count", "proto.mean"] and "head.weight" in fed.personal
+    before = {k: v.clone() for k, v in fed.personal.items()}
     update = backend.train(fed, 1, [0, 1, 2])
-    sums = torch.zeros(5, 64)
-    rows = torch.zeros(5)
+    sums, rows = torch.zeros(5, 64), torch.zeros(5)
     for i, client in enumerate(p.clients):
         x, y = client.train.gather()
-        f = attai_features({k: v[i] for k, v in fed.personal.items()}, x)  # its model after training
+        f = attai_features({k: v[i] for k, v in before.items()}, x)
         for c in range(5):
             mine = f[y == c]
-            assert float(update.stacked["proto.count"][i, c]) == len(mine)
+            assert float(update.stacked["proto.count"][i, c]) == len(mine)  # rows, not rows x epochs
             if len(mine):
                 torch.testing.assert_close(update.stacked["proto.mean"][i, c], mine.mean(0), atol=1e-6, rtol=1e-5)
                 sums[c] += mine.sum(0)
@@ -155,6 +159,13 @@ def test_the_fast_path_pulls_features_towards_the_prototypes_as_autograd_does(pl
         assert float(loss[k]) == pytest.approx(float(expected.detach()), rel=1e-6)
         (auto,) = torch.autograd.grad(expected, f)
         torch.testing.assert_close(grad[k], auto[k])
+    updates = []
+    for engine in ("auto", "generic"):  # the prototypes summed as each engine trains
+        p, backend = point(planted_cache, tmp_path / f"point_{engine}", "method=fedproto", f"engine={engine}")
+        p.federation.global_state = {"proto.mean": params["proto.mean"][0], "proto.count": params["proto.count"][0]}
+        updates.append(backend.train(p.federation, 1, [0, 1, 2]).stacked)
+    for key in ("proto.mean", "proto.count"):
+        torch.testing.assert_close(updates[0][key], updates[1][key], atol=1e-5, rtol=1e-4)
     a = run_federate(planted_cache, tmp_path / "fast", "method=fedproto", rounds=3)
     b = run_federate(planted_cache, tmp_path / "generic", "method=fedproto", "engine=generic", rounds=3)
     sa, sb = load_file(tmp_path / "fast" / "adapter.safetensors"), load_file(tmp_path / "generic" / "adapter.safetensors")
@@ -221,9 +232,14 @@ def test_ccvrs_virtual_features_follow_the_pooled_gaussians(planted_cache, tmp_p
     pooled = feats.Moments.of(*(update.stacked[k][0] for k in ("ccvr.count", "ccvr.mean", "ccvr.covariance")))
     f = torch.cat([attai_features(fed.global_state, c.train.gather()[0]) for c in p.clients])
     y = torch.cat([c.train.labels for c in p.clients])
+    sent = [feats.class_moments(p.adapter, fed.global_state, [c.train], 5) for c in p.clients]  # each client's
+    wire = feats.Moments.of(*(torch.stack([getattr(m, k)().float() if k == "covariance" else getattr(m, k).float()
+                                           for m in sent]) for k in ("count", "mean", "covariance")))
+    by_server = feats.pool(wire)  # what the server makes of the clients' float32 messages
     for c in range(5):
         torch.testing.assert_close(pooled.mean[c].float(), f[y == c].mean(0), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(pooled.covariance()[c].float(), torch.cov(f[y == c].T), atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(by_server.covariance()[c], pooled.covariance()[c], atol=1e-8, rtol=1e-5)
         x = feats.gaussian_rows(pooled.mean[c], pooled.covariance()[c], 4000, torch.Generator().manual_seed(c))
         assert float((x.mean(0) - pooled.mean[c]).abs().max()) < 0.01
 
@@ -391,6 +407,7 @@ def test_a_statistics_method_resumes_to_the_same_outputs(planted_cache, tmp_path
     (["method=fedpft", "loss=contrastive"], "method=fedpft trains its head with cross-entropy; use loss=ce"),
     (["method=fedproto", "method.weighting=counts"], "method.weighting must be rows or uniform, not 'counts'"),
     (["method=fedproto", "method.lambda=-1"], "method.lambda must be >= 0 and finite, not -1"),
+    (["method=fedproto", "engine=plain"], "method=fedproto adds a term to the loss, which engine=plain"),
     (["method=ccvr", "method.virtual_per_class=0"], "method.virtual_per_class must be an integer >= 1, not 0"),
     (["method=ccvr", "method.calibration_epochs=0"], "method.calibration_epochs must be an integer >= 1, not 0"),
 ])
@@ -398,3 +415,19 @@ def test_settings_a_statistics_method_cannot_take_are_one_line_errors(planted_ca
     with pytest.raises(ConfigError) as e:
         run_federate(planted_cache, tmp_path, *overrides, rounds=1)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_one_batch_clients_of_ccvr_fold_their_shared_head_as_they_train_alone(planted_cache, tmp_path, monkeypatch):
+    """CCVR's FedAvg of the body and the head: clients of one batch a round are folded into the sum, head
+    included, and give the models the lock-step engine gives them."""
+    from federate.engine import BatchedTrainer
+
+    calls, fold = [], BatchedTrainer.fold_first_steps
+    monkeypatch.setattr(BatchedTrainer, "fold_first_steps", lambda self, *a, **k: calls.append(1) or fold(self, *a, **k))
+    many = ("method=ccvr", "partition=iid", "partition.clients_per_domain=12")
+    folded = run_federate(planted_cache, tmp_path / "auto", *many, rounds=3)
+    assert len(calls) == 3
+    lockstep = run_federate(planted_cache, tmp_path / "batched", *many, "engine=batched", rounds=3)
+    a, b = load_file(tmp_path / "auto" / "adapter.safetensors"), load_file(tmp_path / "batched" / "adapter.safetensors")
+    assert a.keys() == b.keys() and "head.weight" in a and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert folded["before_calibration"]["val_acc"] == pytest.approx(lockstep["before_calibration"]["val_acc"], abs=1e-6)

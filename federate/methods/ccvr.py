@@ -10,7 +10,7 @@ summary.json reports the calibrated model and, under `before_calibration`, the s
 Deviations from FL-bench, each for a reason:
 - pooling: FL-bench's clients send biased covariances (divided by n) into the paper's formula, which
   assumes unbiased ones, and so underestimate the pooled covariance; here clients send unbiased
-  covariances and the server pools them exactly (federate/features.py `merge`).
+  covariances and the server pools them exactly (federate/features.py `pool`).
 - the calibration's optimiser: FL-bench's is the clients' (SGD at lr 0.01, one pass, batch 32); here too
   the clients' (the run's Adam at the run's lr, `calibration_epochs` passes of the run's batch size).
 - FL-bench calibrates at every test round and keeps the uncalibrated model; here the selected round's
@@ -25,7 +25,7 @@ import zlib
 
 import torch
 
-from ..features import Moments, class_moments, gaussian_rows, merge, train_linear
+from ..features import Moments, class_moments, gaussian_rows, pool, train_linear
 from ..heads import WithHead
 from ..training import Update
 from . import Method, number, register
@@ -82,19 +82,15 @@ class CCVR(HeadMethod):
         if train.round != CALIBRATION:
             return train.train(shared, personal)
         classes = shared["head.weight"].shape[-2]
-        sent, pooled = [], None
-        for i in range(len(train)):
-            m = class_moments(self.net, train.state_of(shared, personal, i), train.rows[i], classes)
-            wire = (m.count.float(), m.mean.float(), m.covariance().float())  # what a client sends
-            if not train.shared_is_common or len(train) == 1:  # each client's, as sent (a Flower client; the
-                sent.append(wire)  # slots of a grouped sweep, each its own point's)
-                continue
-            received = Moments.of(*wire)  # one run's clients, pooled as the server pools them (`aggregate`)
-            pooled = received if pooled is None else merge(pooled, received)
         zero = {n: 0.0 for n in train.labels}  # (no training, no loss)
-        if pooled is not None:
+        if train.shared_is_common and len(train) > 1:  # one run's clients in one process: pooled at once, as the
+            pooled = class_moments(self.net, shared, train.rows, classes)  # server pools what they send
             return Update({COUNT: pooled.count[None], MEAN: pooled.mean[None], COVARIANCE: pooled.covariance()[None]},
                           [sum(train.sizes)], zero)
+        sent = []  # each client's, as sent (a Flower client; the slots of a grouped sweep, each its own point's)
+        for i in range(len(train)):
+            m = class_moments(self.net, train.state_of(shared, personal, i), [train.rows[i]], classes)
+            sent.append((m.count.float(), m.mean.float(), m.covariance().float()))
         return Update({k: torch.stack([w[j] for w in sent]) for j, k in enumerate((COUNT, MEAN, COVARIANCE))},
                       train.sizes, zero)
 
@@ -102,10 +98,7 @@ class CCVR(HeadMethod):
         if COUNT not in update.stacked:
             return super().aggregate(server, shared, update)
         s = update.stacked
-        pooled = None
-        for i in range(len(s[COUNT])):  # in the clients' order
-            received = Moments.of(s[COUNT][i], s[MEAN][i], s[COVARIANCE][i])
-            pooled = received if pooled is None else merge(pooled, received)
+        pooled = pool(Moments.of(s[COUNT], s[MEAN], s[COVARIANCE]))
         weight, bias = self.calibrate(shared["head.weight"], shared["head.bias"], pooled)
         return {**shared, "head.weight": weight, "head.bias": bias}
 

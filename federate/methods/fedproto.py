@@ -3,23 +3,24 @@ FL-bench's src/client/fedproto.py: no weights are shared. Each client keeps its 
 with a linear head, federate/heads.py) and trains it with cross-entropy plus `method.lambda` times the mean
 squared error between each row's feature (the head's input: the normalised adapted embedding) and the
 global prototype of its class (rows of a class without one add nothing, as FL-bench's target f.detach();
-the mean is over every row and dimension). After training, a client's prototypes are its mean features per
-class under its trained model; it sends them with its rows per class, and the server averages them per
-class, weighted by rows (`method.weighting=rows`, the issue's and the paper's weights) or uniformly over the
-clients that hold the class (`uniform`, FL-bench's, PFLlib's and the official code's mean); a class no
-sampled client holds has no prototype that round (FL-bench resets them every round). A client predicts
-with its own head (FL-bench; PFLlib predicts the nearest global prototype). The target domain, which no
-client's model is for, is evaluated with every client's model (the mean accuracy, as `local`); under
-Flower those models stay on their clients, so a run there has no target domain (target_domain=none).
+the mean is over every row and dimension). A client's prototypes are the mean features of each class over
+the batches of its local epochs, as training computed them (FL-bench, PFLlib and the official code); it
+sends them with its rows per class, and the server averages them per class, weighted by rows
+(`method.weighting=rows`, the issue's and the paper's weights) or uniformly over the clients that hold the
+class (`uniform`, FL-bench's, PFLlib's and the official code's mean); a class no sampled client holds has
+no prototype that round (FL-bench resets them every round). A client predicts with its own head (FL-bench;
+PFLlib predicts the nearest global prototype). The target domain, which no client's model is for, is
+evaluated with every client's model (the mean accuracy, as `local`); under Flower those models stay on
+their clients, so a run there has no target domain (target_domain=none).
 
 What travels (`bytes_per_round`): the prototypes and counts, [C, d] + [C] float32, up and down.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..features import class_means
 from ..heads import WithHead
 from ..losses import masked_loss
 from ..training import Update
@@ -27,18 +28,38 @@ from . import number, register
 from .head import HeadMethod
 
 MEAN, COUNT = "proto.mean", "proto.count"  # the global prototypes [C, d] and the rows behind them [C] (0: none)
+SUM, ROWS = "proto.sum", "proto.rows"  # a round's sums of each class's training features, and their rows
 WEIGHTINGS = ("rows", "uniform")
 
 
 class ProtoModel(WithHead):
     """The adapter with one linear head, trained with cross-entropy plus the pull of each row's feature
-    towards its class's prototype (held in the state as MEAN and COUNT, never trained). AttAI's fast path
-    adds the pull's gradient by hand (`feature_grad`); other adapters train through `training_loss`."""
+    towards its class's prototype (held in the state as MEAN and COUNT, never trained). Training adds each
+    batch's features into SUM and ROWS where the state has them (the client's prototypes of the round).
+    AttAI's fast path adds the pull's gradient by hand and the features it computed (`feature_grad`); other
+    adapters train through `training_loss` and add the features in `observe`."""
 
     def __init__(self, body, lam: float):
         super().__init__(body, ("head",))
         self.lam = float(lam)
         self.fast_path = body.fast_path
+
+    @staticmethod
+    def accumulate(params, f: torch.Tensor, y: torch.Tensor, ok: torch.Tensor | None) -> None:
+        """Add k clients' batch features f [k, B, d] (labels y [k, B], valid rows ok) to their SUM and ROWS."""
+        if SUM not in params:
+            return
+        onehot = F.one_hot(y, params[SUM].shape[1]).to(f.dtype)  # [k, B, C]
+        if ok is not None:
+            onehot = onehot * ok[:, :, None]
+        params[SUM] += torch.bmm(onehot.transpose(1, 2), f)
+        params[ROWS] += onehot.sum(1)
+
+    def observe(self, params, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor | None) -> None:
+        """The generic engine's step: the batch's features (before the step, as the fast path sees them)."""
+        if SUM in params:
+            f = torch.func.vmap(self.features)({k: v for k, v in params.items() if k not in (SUM, ROWS)}, x)
+            self.accumulate(params, f, y, ok)
 
     def pull(self, params, f: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         """lambda * mean over rows and dimensions of (f - P_y)^2, rows of classes without a prototype 0
@@ -55,6 +76,7 @@ class ProtoModel(WithHead):
     def feature_grad(self, params, f: torch.Tensor, y: torch.Tensor, ok: torch.Tensor | None):
         """The pull on k clients' batches at once (f [k, B, d], y [k, B], ok [k, B] or None): its value [k]
         and its gradient with respect to f [k, B, d]."""
+        self.accumulate(params, f, y, ok)
         k, B, d = f.shape
         target = params[MEAN].gather(1, y[:, :, None].expand(k, B, d))
         has = params[COUNT].gather(1, y) > 0
@@ -86,11 +108,21 @@ class FedProto(HeadMethod):
         self.initial = {}
         return {MEAN: w.new_zeros(C, d), COUNT: w.new_zeros(C)}, state  # no prototype yet; each client its model
 
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if cfg.engine == "plain":
+            raise ConfigError("method=fedproto adds a term to the loss, which engine=plain (cross-entropy alone) "
+                              "leaves out; use engine=auto")
+
     def local_update(self, train, shared, personal):
-        trained = train.train(shared, personal, keys=list(personal), send=False)  # the prototypes stay frozen
-        states = [train.state_of({}, personal, i) for i in range(len(train))]
-        counts, means = class_means(self.net, states, train.rows, personal["head.weight"].shape[1])
-        return Update({MEAN: means, COUNT: counts}, trained.num_examples, trained.losses)
+        """Each client trains its model (the global prototypes frozen) and sums its training features per
+        class on the way; it sends their means and its rows per class."""
+        lead = shared[MEAN].shape[:-2]  # (stacked per client in a grouped sweep)
+        sums = {SUM: shared[MEAN].new_zeros(*lead, *shared[MEAN].shape[-2:]), ROWS: shared[COUNT].new_zeros(shared[COUNT].shape)}
+        trained = train.train({**shared, **sums}, personal, keys=list(personal), each=True)
+        total, rows = trained.stacked[SUM], trained.stacked[ROWS]
+        means = total / rows.clamp_min(1)[..., None]
+        return Update({MEAN: means, COUNT: rows / train.epochs}, trained.num_examples, trained.losses)
 
     def aggregate(self, server, shared, update):
         counts, means = update.stacked[COUNT], update.stacked[MEAN]

@@ -91,7 +91,7 @@ def gaussian_rows(mean: torch.Tensor, covariance: torch.Tensor, n: int, generato
     covariance from fewer rows than dimensions is singular: the smallest diagonal jitter that lets the
     factorisation through (from 1e-10 of its mean variance up) is added; a zero covariance gives the mean."""
     d = mean.shape[0]
-    z = torch.randn(n, d, generator=generator, dtype=torch.float64).to(mean.device)
+    z = torch.randn(n, d, generator=generator).double().to(mean.device)
     scale = float(covariance.diagonal().mean())
     if scale <= 0:
         return mean.expand(n, d).clone()

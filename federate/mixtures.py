@@ -10,7 +10,7 @@ scikit-learn's `GaussianMixture` fitted on the same float64 rows with the same s
   formulas in float64 on the rows' device.
 
 `sample` draws from a mixture as scikit-learn does (component counts from a multinomial on the weights,
-then mean + scale * z per component), with torch's generator.
+then mean + scale * z per component), with torch's generator (float32 normals).
 """
 from __future__ import annotations
 
@@ -171,6 +171,6 @@ def sample(mixture: Mixture, n: int, generator: torch.Generator) -> torch.Tensor
         if mixture.covariance == "full":
             parts.append(gaussian_rows(mean, cov, m, generator))
         else:
-            z = torch.randn(m, mean.shape[0], generator=generator, dtype=torch.float64).to(mean.device)
+            z = torch.randn(m, mean.shape[0], generator=generator).double().to(mean.device)
             parts.append(mean + z * cov.clamp_min(0).sqrt())
     return torch.cat(parts)

@@ -23,6 +23,7 @@ negative log-likelihood of its rows.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 
 import torch
@@ -108,11 +109,13 @@ class FedPFT(Method):
 
     def local_update(self, train, shared, personal):
         like = self.update_like(shared, train.round)
-        sent, losses = [], {}
+        sent, losses, start = [], {}, time.perf_counter()
         for i, rows in enumerate(train.rows):
             arrays, nll = self.fit_client(*rows.gather(), like, seed=train.clients[i][0], name=train.names[i])
             sent.append(arrays)
             losses[train.labels[i]] = nll
+        log.info("fedpft: %d client(s) fitted %d mixtures to %d rows in %.1f s", len(train),
+                 sum(int((a[COUNT] > 0).sum()) for a in sent), sum(train.sizes), time.perf_counter() - start)
         return Update({k: torch.stack([a[k] for a in sent]) for k in like}, train.sizes, losses)
 
     def fit_client(self, x: torch.Tensor, y: torch.Tensor, like: dict, seed: int, name: str = ""):
@@ -121,14 +124,49 @@ class FedPFT(Method):
         K, kind = self.settings["components"], self.settings["covariance"]
         out = {k: torch.zeros(v.shape, dtype=torch.float64, device=x.device) for k, v in like.items()}
         counts = torch.bincount(y, minlength=len(out[COUNT])).tolist()
+        skipped = [c for c, n in enumerate(counts) if n == 1]
+        if K == 1 and kind != "full":
+            nll, fitted = self.closed_forms(x, y, out)
+        else:
+            nll, fitted = self.fit_classes(x, y, counts, out, seed)
+        if skipped:  # (the baseline drops them too; their rows are left out of the synthetic set)
+            shown = ", ".join(map(str, skipped[:8])) + (", ..." if len(skipped) > 8 else "")
+            log.info("fedpft: client %s holds one training row of %d class(es) (%s): no mixture sent for them",
+                     name or "?", len(skipped), shown)
+        sent = {k: v.to(like[k].dtype) for k, v in out.items()}
+        if any(not bool(torch.isfinite(v).all()) for v in sent.values()):
+            raise ConfigError(f"fedpft: client {name}'s mixture parameters do not fit in float16 (embeddings beyond "
+                              "+-65504?); its embeddings cannot be sent as the baseline sends them")
+        return sent, nll / max(fitted, 1)
+
+    def closed_forms(self, x: torch.Tensor, y: torch.Tensor, out: dict) -> tuple[float, int]:
+        """One spherical or diagonal component per class of two or more rows, every class at once (what
+        `mixtures.closed_form` gives each class); returns the summed negative log-likelihood and the rows."""
+        C, x = len(out[COUNT]), x.double()
+        count = torch.bincount(y, minlength=C).double()
+        mean = torch.zeros(C, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x) / count.clamp_min(1)[:, None]
+        deviation = x - mean[y]
+        var = torch.zeros_like(mean).index_add_(0, y, deviation ** 2) / count.clamp_min(1)[:, None] + mixtures.REG_COVAR
+        if self.settings["covariance"] == "spherical":
+            var = var.mean(1, keepdim=True).expand_as(mean)
+        fit = count >= 2
+        out[MEANS][:, 0] = torch.where(fit[:, None], mean, 0.0)
+        out[COVARIANCES][:, 0] = torch.where(fit[:, None], var, 0.0) if out[COVARIANCES].dim() == 3 else \
+            torch.where(fit, var[:, 0], 0.0)
+        out[WEIGHTS][:, 0] = fit.double()
+        out[COUNT][:] = torch.where(fit, count, 0.0)
+        rows = fit[y]  # the rows of fitted classes: -log N(x | mean, var)
+        nll = 0.5 * ((deviation ** 2 / var[y]).sum(1) + torch.log(2 * torch.pi * var[y]).sum(1))
+        return float(nll[rows].sum()), int(rows.sum())
+
+    def fit_classes(self, x, y, counts: list[int], out: dict, seed: int) -> tuple[float, int]:
+        """Mixtures of several components (or full covariances), class after class."""
+        K, kind = self.settings["components"], self.settings["covariance"]
         order = torch.argsort(y, stable=True)
-        start, nll, fitted, skipped = 0, 0.0, 0, []
+        start, nll, fitted = 0, 0.0, 0
         for c, n in enumerate(counts):
             rows, start = x[order[start:start + n]], start + n
-            if n == 0:
-                continue
             if n < 2:
-                skipped.append(c)
                 continue
             mixture = self.fit_class(rows, min(K, n - 1), kind, seed)
             k = mixture.components
@@ -137,14 +175,7 @@ class FedPFT(Method):
             out[COUNT][c] = n
             nll -= float(mixtures.log_likelihood(rows, mixture)) * n
             fitted += n
-        if skipped:
-            log.info("fedpft: client %s holds one training row of class(es) %s: no mixture sent for them",
-                     name or "?", ", ".join(map(str, skipped)))
-        sent = {k: v.to(like[k].dtype) for k, v in out.items()}
-        if any(not bool(torch.isfinite(v).all()) for v in sent.values()):
-            raise ConfigError(f"fedpft: client {name}'s mixture parameters do not fit in float16 (embeddings beyond "
-                              "+-65504?); its embeddings cannot be sent as the baseline sends them")
-        return sent, nll / max(fitted, 1)
+        return nll, fitted
 
     @staticmethod
     def fit_class(rows: torch.Tensor, components: int, kind: str, seed: int) -> mixtures.Mixture:
@@ -180,8 +211,19 @@ class FedPFT(Method):
         per = self.allocation(s[COUNT])
         generator = sample_generator(self.seed)
         xs, ys = [], []
+        one = s[WEIGHTS].shape[-1] == 1 and kind != "full"
         for i in range(per.shape[0]):
-            for c in torch.nonzero(per[i]).flatten().tolist():
+            classes = torch.nonzero(per[i]).flatten().tolist()
+            if one and classes:  # one spherical or diagonal component: a client's classes at once, in float32
+                n = per[i, classes].tolist()
+                z = torch.cat([torch.randn(m, s[MEANS].shape[-1], generator=generator) for m in n]).to(device)
+                label = torch.repeat_interleave(torch.tensor(classes), torch.tensor(n)).to(device)
+                std = s[COVARIANCES][i, :, 0].float().clamp_min(0).sqrt()
+                std = std[:, None] if std.dim() == 1 else std  # (spherical: one variance per class)
+                xs.append(s[MEANS][i, :, 0].float().to(device)[label] + z * std.to(device)[label])
+                ys.append(label)
+                continue
+            for c in classes:
                 mixture = mixtures.Mixture(s[WEIGHTS][i, c].double(), s[MEANS][i, c].double(),
                                            s[COVARIANCES][i, c].double(), kind)
                 used = mixture.weights > 0  # (fewer components than K: the rest were sent empty)
@@ -195,7 +237,9 @@ class FedPFT(Method):
 
     def aggregate(self, server, shared, update):
         weight, bias = shared["head.weight"], shared["head.bias"]
+        start = time.perf_counter()
         x, y = self.synthetic(update, weight.device)
+        drawn = time.perf_counter()
         if not len(y):
             log.warning("fedpft: no client sent a mixture (every class it holds has one row); the head stays as "
                         "initialised")
@@ -207,4 +251,7 @@ class FedPFT(Method):
 
         weight, bias = train_linear(weight, bias, x, y, epochs=self.settings["head_epochs"], batch_size=s.batch_size,
                                     optimizer=adamw, generator=batch_generator(self.seed))
+        log.info("fedpft: %d synthetic embeddings drawn in %.1f s; the head trained on them for %d epochs of batch "
+                 "%d in %.1f s", len(y), drawn - start, self.settings["head_epochs"], s.batch_size,
+                 time.perf_counter() - drawn)
         return {"head.weight": weight, "head.bias": bias}

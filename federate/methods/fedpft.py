@@ -144,9 +144,11 @@ class FedPFT(Method):
         `mixtures.closed_form` gives each class); returns the summed negative log-likelihood and the rows."""
         C, x = len(out[COUNT]), x.double()
         count = torch.bincount(y, minlength=C).double()
-        mean = torch.zeros(C, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x) / count.clamp_min(1)[:, None]
-        deviation = x - mean[y]
-        var = torch.zeros_like(mean).index_add_(0, y, deviation ** 2) / count.clamp_min(1)[:, None] + mixtures.REG_COVAR
+        n = count.clamp_min(1)[:, None]
+        mean = torch.zeros(C, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, y, x) / n
+        squares = (x - mean[y]).pow_(2)
+        squares = torch.zeros_like(mean).index_add_(0, y, squares)  # per class: the summed squared deviations
+        var = squares / n + mixtures.REG_COVAR
         if self.settings["covariance"] == "spherical":
             var = var.mean(1, keepdim=True).expand_as(mean)
         fit = count >= 2
@@ -155,9 +157,9 @@ class FedPFT(Method):
             torch.where(fit, var[:, 0], 0.0)
         out[WEIGHTS][:, 0] = fit.double()
         out[COUNT][:] = torch.where(fit, count, 0.0)
-        rows = fit[y]  # the rows of fitted classes: -log N(x | mean, var)
-        nll = 0.5 * ((deviation ** 2 / var[y]).sum(1) + torch.log(2 * torch.pi * var[y]).sum(1))
-        return float(nll[rows].sum()), int(rows.sum())
+        # -log N(x | mean, var) summed over each class's rows, from its sums of squares
+        nll = 0.5 * ((squares / var).sum(1) + count * torch.log(2 * torch.pi * var).sum(1))
+        return float(nll[fit].sum()), int(count[fit].sum())
 
     def fit_classes(self, x, y, counts: list[int], out: dict, seed: int) -> tuple[float, int]:
         """Mixtures of several components (or full covariances), class after class."""

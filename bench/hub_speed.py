@@ -52,18 +52,26 @@ def make_cache(path: Path, rows: int, dtype: str) -> Path:
     sizes = {d: max(1, round(n * rows / total)) for d, n in DOMAINNET_SIZES.items()}
     domains, text = planted(sizes, classes=345, dim=512, style_dims=64, noise=1.0)
     domains = {k: (x.astype(np.float32), y) for k, (x, y) in domains.items()}
-    write_cache(path, domains, text, model_name="fedclip/planted", dataset_name="domainnet_sized")
-    if dtype != "float32":
-        import h5py
+    if dtype == "float32":
+        return write_cache(path, domains, text, model_name="fedclip/planted", dataset_name="domainnet_sized")
+    import h5py
 
-        with h5py.File(path, "a") as f:
-            for d, (x, _) in domains.items():
-                x = x.astype(dtype)
-                del f[f"domains/{d}/image_embeddings"]
-                f[f"domains/{d}/image_embeddings"] = x
-                f[f"domains/{d}/image_embeddings"].attrs["sha256"] = buffer_sha256(x)
-            f.attrs["image_dtype"] = dtype
-            f.attrs["identity_sha256"] = identity_sha256(f.attrs)
+    # float16: the same cache with its image embeddings stored in float16, written into a fresh file (a
+    # dataset deleted from an HDF5 file leaves its space behind)
+    full = write_cache(path.with_name("float32.h5"), domains, text, model_name="fedclip/planted",
+                       dataset_name="domainnet_sized")
+    with h5py.File(full, "r") as src, h5py.File(path, "w") as f:
+        f.attrs.update(src.attrs)
+        src.copy("text", f)
+        for d, (x, _) in domains.items():
+            for k in ("labels", "ids"):
+                src.copy(f"domains/{d}/{k}", f.require_group(f"domains/{d}"))
+            x = x.astype(dtype)
+            f[f"domains/{d}/image_embeddings"] = x
+            f[f"domains/{d}/image_embeddings"].attrs["sha256"] = buffer_sha256(x)
+        f.attrs["image_dtype"] = dtype
+        f.attrs["identity_sha256"] = identity_sha256(f.attrs)
+    full.unlink()
     return path
 
 

@@ -192,8 +192,7 @@ def test_the_card_names_the_source_datasets_citation_and_license(tmp_path):
 def test_a_large_domain_is_split_into_files_and_rebuilt_in_order(tmp_path, monkeypatch):
     from extract.hub import layout
 
-    monkeypatch.setattr(layout, "SHARD_BYTES", 8 * 4 * 7)  # 7 rows a file
-    monkeypatch.setattr("extract.hub.export.shard_rows", lambda d, i: layout.SHARD_BYTES // (d * i))
+    monkeypatch.setattr(layout, "SHARD_VALUES", 8 * 7)  # 7 rows of 8 values a file
     monkeypatch.setattr("extract.hub.rebuild.BLOCK_ROWS", 3)  # Parquet read in blocks across file ends
     cache = small_cache(tmp_path / "c.h5")
     folder = exported(cache, tmp_path)

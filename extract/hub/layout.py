@@ -29,7 +29,10 @@ IMAGES, PROMPTS = "images", "prompts"
 # What the hub or huggingface_hub add beside the exported files: allowed in a folder, never read.
 HUB_FILES = (".gitattributes",)
 HUB_FOLDERS = (".cache/huggingface/",)  # huggingface_hub's download metadata in a local_dir
-SHARD_BYTES = 128 * 2**20  # embedding bytes per Parquet file: bounded memory, files the hub handles well
+# Embedding values per Parquet file (65,536 rows of 512: 128 MiB in float32): export and import hold about one
+# file's rows at a time, and the hub handles files of this size well. Counted in values, not bytes: writing
+# float16 costs memory per value.
+SHARD_VALUES = 2**25
 MAX_CARD_BYTES = 64 * 2**20  # a card larger than this is not one export wrote (a DomainNet card is ~100 kB)
 SHA256 = re.compile(r"[0-9a-f]{64}")
 ATTR_TYPES = ("str", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32",
@@ -45,8 +48,8 @@ def domain_folder(domain: str) -> str:
     return "%" + f"{ord(name[0]):02X}" + name[1:] if name[0] in "._" else name
 
 
-def shard_rows(embed_dim: int, itemsize: int) -> int:
-    return max(1, SHARD_BYTES // (embed_dim * itemsize))
+def shard_rows(embed_dim: int) -> int:
+    return max(1, SHARD_VALUES // embed_dim)
 
 
 def shard_names(prefix: str, rows: int, per_shard: int) -> list[str]:

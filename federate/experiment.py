@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from . import methods
 from .adapters import Adapter
-from .cache import EmbeddingCache, canonical_domain, default_cache_path, derived
+from .cache import REBUILD, EmbeddingCache, canonical_domain, default_cache_path, derived, load_cache
 from .engine import ENGINES, TrainSettings
 from .errors import ConfigError
 from .losses import LOSSES
@@ -103,6 +103,11 @@ def hub_cache(uri: str, cache_dir: str) -> Path:
         pulled = local_cache(uri, cache_dir)
     except ExtractError as e:
         raise ConfigError(str(e)) from None
+    again = f"python -m extract.hub pull {pulled.repo_id}@{pulled.commit} cache_dir={cache_dir} overwrite=true"
+    try:  # verified here, so that a damaged local copy asks for a fresh pull (the run's own load reuses this one)
+        load_cache(pulled.path)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(REBUILD, again)) from None
     HUB_CACHES[str(pulled.path.resolve())] = pulled.source()
     return pulled.path
 

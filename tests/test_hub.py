@@ -200,6 +200,22 @@ def test_a_large_domain_is_split_into_files_and_rebuilt_in_order(tmp_path, monke
     assert_same_cache(cache, import_folder(folder, tmp_path / "back.h5").path)
 
 
+def test_domain_names_that_are_not_plain_file_names_round_trip(tmp_path):
+    """A domain folder is the domain's name, percent-encoded where `datasets` or a path would read it
+    otherwise (a leading '_' or '.', spaces, '%', non-ASCII)."""
+    import datasets
+
+    from extract.hub.layout import domain_folder
+
+    names = ["_private", ".dot", "Real World é", "100%"]
+    assert [domain_folder(n) for n in names] == ["%5Fprivate", "%2Edot", "Real%20World%20%C3%A9", "100%25"]
+    cache = small_cache(tmp_path / "c.h5", sizes={n: 6 + k for k, n in enumerate(names)})
+    folder = exported(cache, tmp_path)
+    images = datasets.load_dataset(str(folder), "images", split="train", cache_dir=str(tmp_path / "hf"))
+    assert list(images["domain"]) == [n for k, n in enumerate(names) for _ in range(6 + k)]
+    assert_same_cache(cache, import_folder(folder, tmp_path / "back.h5").path)
+
+
 # --- hostile folders -------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -239,6 +255,14 @@ def test_a_truncated_file_is_refused_naming_it(folder, tmp_path):
 def test_a_missing_file_is_refused_naming_it(folder, tmp_path):
     first_file(folder).unlink()
     refused(lambda: import_folder(folder, tmp_path / "x.h5"), str(first_file(folder)), "missing")
+
+
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(folder, tmp_path):
+    import os
+
+    first_file(folder).unlink()
+    os.mkfifo(first_file(folder))
+    refused(lambda: import_folder(folder, tmp_path / "x.h5"), str(first_file(folder)), "not a regular file")
 
 
 @pytest.mark.parametrize("extra", ["data/images/a/part-00001.parquet", "notes.txt"])
@@ -496,7 +520,25 @@ def test_pull_names_a_missing_repo_or_revision(hub, tmp_path):
     hub.publish(exported(small_cache(tmp_path / "c.h5"), tmp_path), "lab/x")
     refused(lambda: remote.pull("lab/y", cache_dir=tmp_path), "lab/y does not exist")
     refused(lambda: remote.pull("lab/x@v9", cache_dir=tmp_path), "has no revision 'v9'")
-    refused(lambda: remote.pull("not a repo", cache_dir=tmp_path), "not a hub dataset reference")
+
+
+def test_pull_into_a_given_file_never_replaces_a_foreign_one(hub, tmp_path):
+    cache = small_cache(tmp_path / "c.h5")
+    commit = hub.publish(exported(cache, tmp_path), "lab/x")
+    mine = tmp_path / "mine.h5"
+    mine.write_text("my notes")
+    refused(lambda: remote.pull("lab/x", cache_file=mine), str(mine), "is not a fedclip cache")
+    assert mine.read_text() == "my notes"
+    pulled = remote.pull(f"lab/x@{commit}", cache_dir=tmp_path / "cache", cache_file=tmp_path / "there.h5")
+    assert pulled.path == tmp_path / "there.h5" and not (tmp_path / "cache").exists()
+    assert_same_cache(cache, pulled.path)
+
+
+def test_references_are_checked_before_any_request(hub, tmp_path):
+    for ref in ("lab", "lab/x@", "lab/x@a b", "a--b/c", "../x/y", "lab/x@v1@v2"):
+        refused(lambda: remote.pull(ref, cache_dir=tmp_path), repr(ref), "not a hub dataset reference")
+    assert hub.calls == []
+    assert remote.parse_ref("hf://datasets/lab/x@refs/pr/1") == ("lab/x", "refs/pr/1")
 
 
 def test_push_then_pull_by_tag_gives_the_same_cache(hub, tmp_path, capsys):
@@ -579,6 +621,18 @@ def test_federate_reuses_the_local_copy_of_a_commit_offline(planted_cache, tmp_p
     errors = [line for line in proc.stdout.splitlines() if "ERROR" in line]
     assert proc.returncode == 2 and len(errors) == 1, proc.stdout
     assert f"hf://lab/planted@{commit}" in errors[0] and "python -m extract.hub import" in errors[0]
+
+
+def test_a_damaged_local_copy_asks_for_a_fresh_pull(planted_cache, tmp_path):
+    from federate.errors import ConfigError
+
+    copy = import_folder(exported(planted_cache, tmp_path), tmp_path / "cache" / "hub" / f"lab--planted--{SHA}.h5")
+    with h5py.File(copy.path, "a") as f:
+        f["domains/beta/image_embeddings"][0, 0] += 1
+    remote._local_cache.cache_clear()
+    one_line(ConfigError, lambda: run_federate(f"hf://lab/planted@{SHA}", tmp_path / "run", f"cache_dir={tmp_path / 'cache'}"),
+             "checksum mismatch in /domains/beta/image_embeddings",
+             f"python -m extract.hub pull lab/planted@{SHA} cache_dir={tmp_path / 'cache'} overwrite=true")
 
 
 # --- the command line ---------------------------------------------------------------------------------------------

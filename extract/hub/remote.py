@@ -60,8 +60,9 @@ def parse_ref(text: str) -> tuple[str, str]:
     ref = text[len(URI):] if text.startswith(URI) else text
     if ref.startswith("datasets/"):
         ref = ref[len("datasets/"):]
-    repo_id, _, revision = ref.partition("@")
-    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or (_ and not revision) or any(c in revision for c in " \t@"):
+    repo_id, sep, revision = ref.partition("@")
+    bad_repo = not REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id  # the hub forbids both
+    if bad_repo or (sep and not revision) or any(c.isspace() or c == "@" for c in revision):
         raise ExtractError(f"{text!r} is not a hub dataset reference; write <owner>/<name>@<revision> (a branch, tag "
                            "or commit), e.g. fedclip/pacs-vitb32@main")
     return repo_id, revision or "main"
@@ -134,7 +135,7 @@ def _no_copy(repo_id: str, revision: str, why: str, cache_dir, target: Path | No
     commits = local_copies(cache_dir, repo_id)
     have = (f"; local copies of this repo: {', '.join(f'{URI}{repo_id}@{c}' for c in commits)}"
             if commits else "")
-    into = target or Path(cache_dir) / "hub" / f"{repo_id.replace('/', '--')}--{revision}.h5"
+    into = target or Path(cache_dir) / "hub" / f"{repo_id.replace('/', '--')}--{revision.replace('/', '--')}.h5"
     return ExtractError(f"cannot pull {repo_id}@{revision}: {why}, and the local Hugging Face cache has no copy of "
                         f"that revision{have}; with a copy of the repo's folder (from a colleague, or downloaded on a "
                         f"machine online), run: python -m extract.hub import /path/to/folder {into}")
@@ -214,7 +215,8 @@ def pull(ref: str, cache_dir: str | Path = "cache", cache_file: str | Path | Non
     """Pull `owner/name[@revision]` into a verified local cache (see the module docstring)."""
     repo_id, revision = parse_ref(ref)
     target = Path(cache_file) if cache_file else None
-    if COMMIT.fullmatch(revision) and target is None and _reusable(local_copy(cache_dir, repo_id, revision)):
+    if COMMIT.fullmatch(revision) and target is None and not overwrite and \
+            _reusable(local_copy(cache_dir, repo_id, revision)):
         path = local_copy(cache_dir, repo_id, revision)
         log.info("%s@%s: using the local copy %s", repo_id, revision, path)
         return Pulled(path, repo_id, revision, revision, True)

@@ -6,13 +6,11 @@ and features it declares to `load_dataset` must agree.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from .layout import (CARD, IMAGES, MAX_CARD_BYTES, PROMPTS, TEXT, Damaged, Manifest, image_features,
                      prompt_features, read_manifest)
 
-log = logging.getLogger("extract.hub")
 TAGS = ["fedclip", "clip", "embeddings", "federated-learning", "domain-generalization"]
 
 
@@ -48,33 +46,32 @@ def _size_category(rows: int) -> str:
     return "10M<n<100M"
 
 
-def card_data(manifest_like: dict, class_names, embed_dim: int, image_dtype: str, text_dtype: str,
-              license: str | None = None, pretty_name: str | None = None):
-    """The card's YAML (without prose): the subsets and features `load_dataset` reads, and `fedclip`."""
+def card_data(images: dict, prompts: list, sizes: dict, class_names, embed_dim: int, image_dtype: str,
+              text_dtype: str, license: str | None = None, pretty_name: str | None = None):
+    """The card's YAML without the provenance: the subsets and features `load_dataset` reads. `images`:
+    each domain's files in row order; `sizes`: file -> (bytes, rows)."""
     from datasets.info import DatasetInfo, DatasetInfosDict
     from datasets.splits import SplitDict, SplitInfo
     from datasets.utils.metadata import MetadataConfigs
     from huggingface_hub import DatasetCardData
 
-    files = manifest_like["files"]
-    images = [p for paths in manifest_like["images"].values() for p in paths]
-    prompts = list(manifest_like["prompts"])
-    rows = {name: sum(files[p]["rows"] for p in paths) for name, paths in ((IMAGES, images), (PROMPTS, prompts))}
+    subsets = {IMAGES: [p for paths in images.values() for p in paths], PROMPTS: list(prompts)}
+    rows = {name: sum(sizes[p][1] for p in paths) for name, paths in subsets.items()}
     data = DatasetCardData(license=license or "unknown", pretty_name=pretty_name, tags=list(TAGS),
                            size_categories=[_size_category(rows[IMAGES])])
     MetadataConfigs({
-        IMAGES: {"data_files": [{"split": "train", "path": images}], "default": True},
-        PROMPTS: {"data_files": [{"split": "train", "path": prompts}]},
+        IMAGES: {"data_files": [{"split": "train", "path": subsets[IMAGES]}], "default": True},
+        PROMPTS: {"data_files": [{"split": "train", "path": subsets[PROMPTS]}]},
     }).to_dataset_card_data(data)
+    features = {IMAGES: image_features(class_names, embed_dim, image_dtype),
+                PROMPTS: prompt_features(class_names, embed_dim, text_dtype)}
     infos = {}
-    for name, features, paths in ((IMAGES, image_features(class_names, embed_dim, image_dtype), images),
-                                  (PROMPTS, prompt_features(class_names, embed_dim, text_dtype), prompts)):
+    for name, paths in subsets.items():
+        size = sum(sizes[p][0] for p in paths)  # Parquet written plain: about the size in Arrow too
         splits = SplitDict()
-        splits.add(SplitInfo(name="train", num_bytes=0, num_examples=rows[name]))
-        infos[name] = DatasetInfo(features=features, splits=splits,
-                                  download_size=sum(files[p]["bytes"] for p in paths))
+        splits.add(SplitInfo(name="train", num_bytes=size, num_examples=rows[name]))
+        infos[name] = DatasetInfo(features=features[name], splits=splits, download_size=size)
     DatasetInfosDict(infos).to_dataset_card_data(data)
-    data.fedclip = manifest_like
     return data
 
 
@@ -84,9 +81,11 @@ def final_card(block: dict, header, src, image_dtype: str, text_dtype: str, *, r
 
     attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in src.f.attrs.items()}
     known = source_dataset(header.dataset_name)
-    data = card_data(block, header.class_names, header.embed_dim, image_dtype, text_dtype,
-                     license=license or known.get("license"),
+    sizes = {p: (r["bytes"], r["rows"]) for p, r in block["files"].items()}
+    data = card_data(block["images"], block["prompts"], sizes, header.class_names, header.embed_dim, image_dtype,
+                     text_dtype, license=license or known.get("license"),
                      pretty_name=f"{header.dataset_name} CLIP embeddings ({header.model_name})")
+    data.fedclip = block
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n" + _prose(block, header, attrs, repo_id, known)))
 
 
@@ -195,10 +194,16 @@ def load_manifest(folder: Path) -> Manifest:
     if "fedclip" not in data:
         raise Damaged("has no fedclip provenance block (fedclip: in its YAML); it was not written by python -m "
                       "extract.hub export")
-    manifest = read_manifest(data["fedclip"])
-    image_dtype = manifest.datasets[f"/domains/{manifest.domains[0]}/image_embeddings"].dtype
-    expected = card_data(data["fedclip"], manifest.class_names, manifest.embed_dim, image_dtype,
-                         manifest.datasets[TEXT].dtype).to_dict()
+    try:
+        manifest = read_manifest(data["fedclip"])
+    except Damaged:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a shape no check foresaw
+        raise Damaged(f"has a fedclip block that cannot be read ({type(e).__name__}: {e})") from None
+    m = manifest
+    image_dtype = m.datasets[f"/domains/{m.domains[0]}/image_embeddings"].dtype
+    expected = card_data(m.image_files, m.prompt_files, {p: (r.size, r.rows) for p, r in m.files.items()},
+                         m.class_names, m.embed_dim, image_dtype, m.datasets[TEXT].dtype).to_dict()
     for key in ("configs", "dataset_info"):
         if _plain(data.get(key)) != _plain(expected.get(key)):
             raise Damaged(f"declares {key} (the subsets and features load_dataset reads) that differ from its "

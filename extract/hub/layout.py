@@ -35,6 +35,7 @@ HUB_FOLDERS = (".cache/huggingface/",)  # huggingface_hub's download metadata in
 SHARD_VALUES = 2**25
 MAX_CARD_BYTES = 64 * 2**20  # a card larger than this is not one export wrote (a DomainNet card is ~100 kB)
 SHA256 = re.compile(r"[0-9a-f]{64}")
+GROUP = re.compile(r"/|(/[^/\0]+)+")
 ATTR_TYPES = ("str", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32",
               "float64")
 EMBEDDING_DTYPES = ("float16", "float32", "float64")
@@ -139,6 +140,8 @@ class Check:
 
     def __getitem__(self, key) -> "Check":
         if isinstance(key, int):
+            if not isinstance(self.value, list) or not -len(self.value) <= key < len(self.value):
+                self.fail(f"a list of at least {key + 1} items")
             return Check(self.value[key], f"{self.path}[{key}]")
         if not isinstance(self.value, dict):
             self.fail("a mapping")
@@ -258,6 +261,8 @@ def read_manifest(block) -> Manifest:
     identity = cache["identity_sha256"].str(SHA256)
     groups = {}
     for path, attrs in cache["groups"].dict().items():
+        if not isinstance(path, str) or not GROUP.fullmatch(path) or any(p in (".", "..") for p in path.split("/")):
+            raise Damaged(f"fedclip.cache.groups names the group {path!r}, not an HDF5 path (/, /text, /domains/a)")
         groups[path] = check_attrs(Check(attrs, f"fedclip.cache.groups[{path!r}]"))
     if "/" not in groups:
         raise Damaged("fedclip.cache.groups has no root group '/'")

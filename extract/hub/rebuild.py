@@ -217,6 +217,9 @@ def import_folder(folder: str | Path, cache: str | Path, *, overwrite: bool = Fa
                 _build(tmp, folder, manifest, verifier, background)
     except files.UnsafePath as e:
         raise ExtractError(str(e)) from None
+    except (ValueError, TypeError, KeyError) as e:  # h5py refusing a name or value the checks let through
+        raise ExtractError(f"{folder / CARD} describes a cache that cannot be written ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:120]}); {fresh_copy(folder)}") from None
     except OSError as e:
         if e.errno in DISK_FULL:
             raise ExtractError(f"disk full while writing {cache} ({e.strerror}); free some space on that disk, then "

@@ -249,7 +249,7 @@ TEXT, SCALE = "/text/embeddings", "/text/logit_scale"
 
 def read_manifest(block) -> Manifest:
     """Check the card's `fedclip` block (raises Damaged naming the field) and return what it says."""
-    from ..cache_checks import CacheFormatError, read_header
+    from ..cache_checks import SCHEMA_VERSION, CacheFormatError, read_header
     from ..identity import identity_sha256
 
     c = Check(block)
@@ -270,6 +270,10 @@ def read_manifest(block) -> Manifest:
         header = read_header(groups["/"])
     except CacheFormatError as e:
         raise Damaged(f"fedclip.cache.groups['/'] {e}") from None
+    if header.schema_version != SCHEMA_VERSION or not header.complete:
+        what = "an incomplete cache" if not header.complete else f"a cache of schema version {header.schema_version}"
+        raise Damaged(f"fedclip.cache.groups['/'] describes {what}, not a complete cache of schema version "
+                      f"{SCHEMA_VERSION}")
     if identity_sha256(groups["/"]) != identity or groups["/"].get("identity_sha256") != identity:
         raise Damaged("fedclip.cache.groups['/'] holds root attributes whose identity is not "
                       f"fedclip.cache.identity_sha256 ({identity[:12]}): an attribute was changed")

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from . import methods
 from .adapters import Adapter
-from .cache import EmbeddingCache, canonical_domain, default_cache_path, derived
+from .cache import REBUILD, EmbeddingCache, canonical_domain, default_cache_path, derived, load_cache
 from .engine import ENGINES, TrainSettings
 from .errors import ConfigError
 from .losses import LOSSES
@@ -69,6 +69,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cache_path(cfg) -> Path:
+    if cfg.cache_file and str(cfg.cache_file).startswith(HUB_URI):
+        return hub_cache(str(cfg.cache_file), cfg.cache_dir)
     if cfg.cache_file:
         return Path(cfg.cache_file)
     name = cfg.dataset.name
@@ -77,6 +79,29 @@ def cache_path(cfg) -> Path:
     if not name:
         raise ConfigError("set dataset.name (or dataset.root) or cache_file to say which cache to read")
     return default_cache_path(cfg.cache_dir, name, cfg.model.name)
+
+
+HUB_URI = "hf://"
+HUB_CACHES: dict[str, dict] = {}  # a pulled cache's resolved path -> its repo and commit (summary.json records them)
+
+
+def hub_cache(uri: str, cache_dir: str) -> Path:
+    """`cache_file=hf://<repo_id>@<revision>`: the verified local copy of that revision under
+    `<cache_dir>/hub/`, pulled on first use (extract/hub/remote.py, docs/sharing.md)."""
+    from extract.errors import ExtractError
+    from extract.hub.remote import local_cache
+
+    try:
+        pulled = local_cache(uri, cache_dir)
+    except ExtractError as e:
+        raise ConfigError(str(e)) from None
+    again = f"python -m extract.hub pull {pulled.repo_id}@{pulled.commit} cache_dir={cache_dir} overwrite=true"
+    try:  # verified here, so that a damaged local copy asks for a fresh pull (the run's own load reuses this one)
+        load_cache(pulled.path)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(REBUILD, again)) from None
+    HUB_CACHES[str(pulled.path.resolve())] = pulled.source()
+    return pulled.path
 
 
 NO_TARGET = "none"  # target_domain=none: every domain takes part, no held-out domain (e.g. CIFAR split into clients)
@@ -322,9 +347,14 @@ def summarize(cfg, method: Method, dataset: str, model: str, federation, cost: d
 
 
 def identity_of(cache, splits_text: str) -> dict:
-    """What a cached run computed on: the cache's identity and checksums, and the splits (splits.json's text)."""
-    return {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
-            "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest()}
+    """What a cached run computed on: the cache's identity and checksums, the splits (splits.json's text),
+    and for cache_file=hf://... the repo and the commit the cache came from."""
+    out = {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
+           "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest()}
+    hub = HUB_CACHES.get(str(Path(cache.path).resolve()))
+    if hub:
+        out["cache_hub"] = hub
+    return out
 
 
 def percent(value: float | None) -> str:

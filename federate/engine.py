@@ -559,8 +559,8 @@ def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch
                  settings: TrainSettings):
     """engine=auto: AttAI's hand-written gradients, in lock step on CUDA (fewer, larger kernels) and one
     client at a time on a CPU (cache); torch.func for any other adapter."""
-    if engine == "auto" and adapter.trainer is not None:  # an adapter with its own trainer (adapter=coop)
-        return adapter.trainer(adapter, clients, text, scale, settings)
+    if engine == "auto" and adapter.engine is not None:  # an adapter with its own engine (adapter=coop)
+        return engine_class(adapter.engine)(adapter, clients, text, scale, settings)
     if engine == "auto":
         engine = ("batched" if clients.device.type == "cuda" else "sequential") if adapter.fast_path else "generic"
     if engine not in ENGINES:
@@ -569,6 +569,16 @@ def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch
         raise ConfigError(f"engine={engine} uses AttAI's hand-written gradients; adapter {adapter.name} trains "
                           "with engine=generic (or auto)")
     return ENGINES[engine](adapter, clients, text, scale, settings)
+
+
+def engine_class(name: str):
+    """An engine by name: the built-ins, and those of adapters that need their own (imported when asked for,
+    so that no model imports its trainer and no trainer module is loaded for nothing)."""
+    if name == "prompt":
+        from .prompt_trainer import PromptTrainer
+
+        return PromptTrainer
+    return ENGINES[name]
 
 
 ENGINES = {"batched": BatchedTrainer, "sequential": SequentialTrainer, "generic": GenericTrainer, "plain": PlainTrainer}

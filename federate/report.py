@@ -37,6 +37,7 @@ from pathlib import Path
 
 from . import methods, selection
 from .errors import ConfigError
+from .inputs import MiB, read_json
 from .report_plots import TARGET_NONE, target_label, write_plots
 from .report_runs import collect
 from .report_select import client_spread, domain_accuracies, has_several_clients_per_domain, reselect
@@ -535,7 +536,7 @@ def main(argv=None) -> int:
         print(f"error: {root} is not a folder", file=sys.stderr)
         return 2
     try:
-        cost_bench = json.loads(Path(args.cost).read_text()) if args.cost else None
+        cost_bench = read_json(args.cost, 16 * MiB) if args.cost else None
         if cost_bench is not None and not isinstance(cost_bench, dict):
             raise ValueError("it holds no JSON object")
     except (OSError, ValueError) as e:

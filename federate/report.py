@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import methods, selection
+from extract.files import UnsafePath, open_atomic, own_folder, write_text
+
 from .errors import ConfigError
 from .inputs import MiB, read_json
 from .report_plots import TARGET_NONE, target_label, write_plots
@@ -410,7 +413,7 @@ def markdown(header, rows, label_cols: int) -> str:
 
 def write_csv(path: Path, header, rows, label_cols: int) -> None:
     """Cells become three columns each: <name>, <name>_se, <name>_n; a number that does not exist is empty."""
-    with open(path, "w", newline="") as f:
+    with open_atomic(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*header[:label_cols], *[f"{h}{s}" for h in header[label_cols:] for s in ("", "_se", "_n")]])
         for row in rows:
@@ -443,22 +446,25 @@ def per_round_rows(runs: list[dict]):
 
 
 def report_folder(root: Path) -> Path:
-    """<root>/report: a folder this tool made (it holds report.md) or a new one; never someone else's."""
+    """<root>/report: a folder this tool made (it holds report.md) or a new one; never someone else's, never
+    a link (UnsafePath)."""
     out = root / "report"
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").exists():
+    if out.is_symlink():
+        own_folder(out)
+    if out.is_dir() and any(out.iterdir()) and not os.path.lexists(out / "report.md"):
         raise ConfigError(f"{out} exists and holds files that are not a report (no report.md); "
                           "move them away so that the report does not overwrite them")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file, not a folder; move it away so that the report can be written there")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return own_folder(out)
 
 
 def inside(folder: Path, name: str) -> Path:
+    """The folder <folder>/<name> (created), refused when it would lie elsewhere or is a link (UnsafePath)."""
     path = folder / name
-    if path.resolve().parent != folder.resolve():
+    if path.parent != folder or name in ("", ".", ".."):
         raise ConfigError(f"refusing to write {path}: outside {folder}")  # slug() never makes such a name
-    return path
+    return own_folder(path)
 
 
 def apply_selection(runs: list[dict], rule: str | None) -> tuple[list[dict], list[str]]:
@@ -485,11 +491,11 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
     found = collect(root)
     out_dir = report_folder(root)
     runs, selection_notes = apply_selection(found.summaries, rule)
-    text = [f"# Report for {root}", "", f"{len(runs)} runs with a summary.", *([""] if selection_notes else []),
-            *selection_notes]
+    text = [f"# Report for {root}", "", f"{len(runs)} runs with a summary.",
+            *([""] + [f"- {s.line()}" for s in found.sweeps] if found.sweeps else []),
+            *([""] if selection_notes else []), *selection_notes]
     for t in table_sets(runs):
         folder = inside(out_dir, t.folder)
-        folder.mkdir(exist_ok=True)
         unique, repeats = drop_repeats(t.runs)
         kept, notes = select_lr(unique)
         text += ["", f"## {t.heading()}", "", f"Files: {folder}/", "",
@@ -506,7 +512,7 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
         if make_plots:
             for p in write_plots(kept, folder, f"{t.dataset} / {t.model}", method_label, cost_bench):
                 text.append(f"\nplot: {p}")
-    with open(out_dir / "per_round.csv", "w", newline="") as f:
+    with open_atomic(out_dir / "per_round.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(PER_ROUND_HEADER)
         w.writerows(per_round_rows(runs))
@@ -518,7 +524,7 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
         text += ["", "## Runs that lost clients (counted in the tables)", "", *caveats]
     if found.broken:
         text += ["", "## Runs without results", ""] + [f"- {b.folder}: {b.why}" for b in found.broken]
-    (out_dir / "report.md").write_text("\n".join(text) + "\n")
+    write_text(out_dir / "report.md", "\n".join(text) + "\n")
     return "\n".join(text)
 
 
@@ -545,7 +551,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         print(report(root, make_plots=not args.no_plots, cost_bench=cost_bench, rule=args.selection))
-    except ConfigError as e:
+    except (ConfigError, UnsafePath) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nwrote {root / 'report'}")

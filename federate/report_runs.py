@@ -37,9 +37,25 @@ class Broken:
 
 
 @dataclass
+class Sweep:
+    """A sweep's folder (it holds Hydra's multirun.yaml): its jobs that finished, of those it plans."""
+    folder: Path
+    finished: int
+    planned: int | None  # None: multirun.yaml cannot tell (a glob sweep); `started` is then all we know
+    started: int
+
+    def line(self) -> str:
+        if self.planned is None:
+            return (f"sweep {self.folder}: {self.finished} of {self.started} started jobs finished (its multirun.yaml "
+                    "does not say how many it plans)")
+        return f"sweep {self.folder}: {self.finished} of {self.planned} jobs finished"
+
+
+@dataclass
 class Runs:
     summaries: list[dict] = field(default_factory=list)  # each with "_dir", "_mtime" and "_history"
     broken: list[Broken] = field(default_factory=list)
+    sweeps: list[Sweep] = field(default_factory=list)
 
 
 def is_number(v) -> bool:
@@ -241,4 +257,21 @@ def collect(root: Path) -> Runs:
             why += "; its .hydra folder has neither hydra.yaml nor a readable config.yaml"
         message = last_error(run_dir)
         runs.broken.append(Broken(run_dir, why + (f": {message}" if message else "")))
+    runs.sweeps = sweeps(root)
     return runs
+
+
+def sweeps(root: Path) -> list[Sweep]:
+    """The sweep folders under root (and root itself), with their jobs: planned (multirun.yaml), started (a
+    .hydra folder) and finished (a summary.json)."""
+    from .sweep_folder import MULTIRUN_YAML, planned_jobs
+
+    out = []
+    for path in sorted(root.rglob(MULTIRUN_YAML)):
+        if "report" in path.relative_to(root).parts[:-1]:
+            continue
+        folder = path.parent
+        jobs = {h.parent for h in folder.rglob(".hydra") if h.is_dir()}
+        finished = sum((j / "summary.json").is_file() for j in jobs)
+        out.append(Sweep(folder, finished, planned_jobs(folder), len(jobs)))
+    return out

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from extract.commands import extract_command
+from extract.files import own_folder, write_text
 
 from . import adapters, prepared, rows, strategy
 from .cache import load_cache
@@ -29,6 +30,7 @@ from .experiment import (cache_path, capped_batch, check_settings, class_text, c
                          summarize, target_and_participants, train_settings)
 from .federation import ClientInfo, Federation, Update
 from .partition import check_runner, make_clients, restrict_classes, splits_json
+from .sweep_folder import finished_run
 
 log = logging.getLogger("federate")
 
@@ -42,7 +44,10 @@ def run(cfg, output_dir: str | Path) -> dict:
     result = prepared.take(output_dir)
     if result is not None:
         return result()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    kept = finished_run(output_dir, cfg)  # a sweep finished in place keeps its finished jobs (federate/sweep_folder.py)
+    if kept is not None:
+        return kept
+    own_folder(output_dir)  # (a link is refused: nothing is written through it)
     method = check_settings(cfg)
     check_runner(cfg, method)  # partitions and class subsets: the in-process runner only
     if cfg.backend == "flower":
@@ -108,7 +113,7 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     infos = [ClientInfo(c.name, c.domain, c.sizes()) for c in clients]
     federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, progress=progress)
     cost = cost_figures(method, trainable, federation.trained_per_round, cache.model_num_parameters, int(cfg.rounds))
-    (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, cache)))
+    write_text(output_dir / "splits.json", json.dumps(splits_json(splits, cache)))
     point = Point(cfg, method, output_dir, adapter, server, cache, target, clients, target_set, text, cost,
                   federation, identity_of(cache, output_dir / "splits.json"))
     if method.trains != "none":

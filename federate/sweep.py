@@ -36,6 +36,7 @@ from .errors import ConfigError
 from .experiment import progress_bar
 from .federation import Update
 from .run import CachedBackend, conclude, generators, setup
+from .sweep_folder import finished_summary
 
 log = logging.getLogger("federate")
 progress_log = logging.getLogger("federate_sweep")  # not under "federate": shown while a group's lines are held
@@ -127,8 +128,8 @@ def train_group(cfgs: list, output_dirs: list) -> None:
     points: dict[str, object] = {}
     with _captured_logs() as records:
         for cfg, key in zip(cfgs, keys):
-            if checkpoint.exists(Path(key)):
-                continue  # an interrupted point resumes in its own job
+            if checkpoint.exists(Path(key)) or finished_summary(Path(key), cfg) is not None:
+                continue  # an interrupted point resumes in its own job; a finished one is kept by it
             with records.point(key):
                 try:
                     start = time.time()

@@ -21,6 +21,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from extract.files import atomic_path, write_text
+
 from .. import adapters, strategy
 from ..errors import ConfigError
 from ..experiment import cost_figures, finish, mean, resolve_device, summarize, target_and_participants, train_settings
@@ -105,7 +107,7 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, every_round=False)
     costs = cost_figures(method, trainable, federation.trained_per_round, clip_params, int(cfg.rounds), sent_bytes=sent)
     ids_of = {d: tuple(by_name[d].ids) for d in participants}
-    (output_dir / "splits.json").write_text(json.dumps(splits_to_ids(splits, ids_of)))
+    write_text(output_dir / "splits.json", json.dumps(splits_to_ids(splits, ids_of)))
     backend = ImageBackend(cfg, model, loader, settings, device, server, splits, index, keys, target_keys, eval_size)
     try:
         federation.run(backend)
@@ -187,6 +189,7 @@ def save_model(path: Path, best: dict, method, backbone: str, dataset: str, mode
     tensors = {k: v.detach().float().contiguous().cpu().clone() for k, v in best["states"][0].items()}
     target = target or "none"
     config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    save_file(tensors, str(path), metadata={
-        "method": method.name, "backbone": backbone, "model": model if backbone == "clip" else "alexnet",
-        "dataset": dataset, "target_domain": target, "round": str(best["row"]["round"]), "config": json.dumps(config)})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={
+            "method": method.name, "backbone": backbone, "model": model if backbone == "clip" else "alexnet",
+            "dataset": dataset, "target_domain": target, "round": str(best["row"]["round"]), "config": json.dumps(config)})

@@ -27,6 +27,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import open_dict
 
+from extract.files import own_folder, write_text
+
 from .. import adapters, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
@@ -218,7 +220,7 @@ class FlowerBackend:
 def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     """The federated rounds on the server (what federate.run does in-process)."""
     start = time.time()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    own_folder(output_dir)  # (a link is refused: nothing is written through it)
     method = check_settings(cfg)
     if not cfg.cache_file:  # deployed with `flwr run`: the default path, as the in-process runner finds it
         cfg = cfg.copy()
@@ -246,7 +248,7 @@ def serve(grid: Grid, cfg, output_dir: Path) -> dict:
     federation = Federation(cfg, method, nodes.clients, global_state, server, output_dir, target=target)
     cost = cost_figures(method, adapters.num_parameters(global_state), federation.trained_per_round,
                         cache.model_num_parameters, cfg.rounds)
-    (output_dir / "splits.json").write_text(json.dumps(splits_json(splits, clients_cache)))
+    write_text(output_dir / "splits.json", json.dumps(splits_json(splits, clients_cache)))
     stopped = None
     try:
         federation.run(FlowerBackend(nodes, federation, adapter, target_set, text, cache.logit_scale))

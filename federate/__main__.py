@@ -99,7 +99,7 @@ def federate_job(cfg: DictConfig) -> float | None:
 def main() -> None:
     """The command line's entry point; a script that registers its own adapters calls it (README)."""
     try:
-        exit_on_bad_override(GROUPS, ("text_adapter",), "federate")
+        exit_on_bad_override((*GROUPS, "experiment"), ("text_adapter",), "federate")
         federate_job()
     except KeyboardInterrupt:  # before or after a run: nothing of it is unfinished
         error_line("federate", interrupted_message(None))

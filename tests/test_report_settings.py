@@ -15,7 +15,7 @@ from federate import report
 from federate.cli import choices
 from federate.report import method_label
 
-GROUPS = ("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer", "partition")
+GROUPS = ("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer", "partition", "experiment")
 PACS = "pacs__openai--clip-vit-base-patch32"
 
 

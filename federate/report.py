@@ -126,17 +126,18 @@ def split_file(s: dict) -> str | None:
 
 
 def group_settings(s: dict, group: str) -> dict | None:
-    """The settings of a config group the run used (name included, the settings that do not change what is
-    measured left out): its recorded config node, else (older runs) the summary's record of the group;
-    None when the run did not use the group (zero-shot's adapter, a local run's strategy, the cached
-    methods' optimizer and backbone, which their summaries record as null)."""
+    """The settings of a config group the run used (name included; the settings that do not change what is
+    measured, and the lr, which is part of the identity, left out): the summary's record of the group when it
+    is one (the adapter's, strategy's and optimizer's own account of the settings they use), else the config
+    node the run recorded; None when the run did not use the group (zero-shot's adapter, a local run's
+    strategy, the cached methods' optimizer and backbone, which their summaries record as null)."""
     recorded = s.get(group)
     if group != "method" and not recorded:
         return None
-    node = config_of(s).get(group)
+    node = recorded if isinstance(recorded, dict) else config_of(s).get(group)
     if not isinstance(node, dict):
-        node = recorded if isinstance(recorded, dict) else {"name": recorded if group != "method" else s["method"]}
-    return {k: v for k, v in node.items() if f"{group}.{k}" not in NOT_MEASURED}
+        node = {"name": recorded if group != "method" else s["method"]}
+    return {k: v for k, v in node.items() if f"{group}.{k}" not in NOT_MEASURED and k != "lr"}
 
 
 def option_defaults(group: str, name: str) -> dict:

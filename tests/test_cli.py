@@ -224,6 +224,7 @@ def test_ctrl_c_in_a_federate_run_is_one_line(planted_cache, tmp_path):
     assert f"hydra.run.dir={tmp_path}/o" in line
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_an_extraction_is_one_line_saying_how_to_resume(image_root, tiny_model, tmp_path):
     proc = interrupted(tmp_path, "extract", "pipeline", "image_embeddings", "dataset=folder",
                        f"dataset.root={image_root}", f"model.name={tiny_model}", f"cache_dir={tmp_path}/cache",

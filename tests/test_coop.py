@@ -237,6 +237,7 @@ def test_coop_runs_on_a_cache_extracted_with_the_tiny_random_clip(tmp_path):
     assert summary["trainable_params"] == 2 * 64  # the context of the tiny model's text width (64)
 
 
+@pytest.mark.slow
 def test_promptfl_runs_in_flowers_simulation_engine_as_in_process(cache_file, tiny_model, tmp_path):
     pytest.importorskip("flwr", reason="needs Flower: pip install -e '.[flower]'")
     from conftest import run_cli

@@ -144,6 +144,7 @@ def test_interrupted_extraction_resumes_to_the_same_file(tmp_path, image_root, t
     np.testing.assert_array_equal(a["text"], b["text"])
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_and_recorded_or_fail_with_one_line(tmp_path, image_root, tiny_model):
     root = tmp_path / "bad"
     shutil.copytree(image_root, root)

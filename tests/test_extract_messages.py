@@ -60,6 +60,7 @@ def startup_seconds(tmp_path_factory):
     return seconds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [{"HF_ENDPOINT": "https://hub.invalid"}, {"HF_HUB_OFFLINE": "1"}])
 def test_an_unreachable_hub_fails_in_seconds_with_one_line(tmp_path, env, startup_seconds):
     # An endpoint that cannot resolve (.invalid never does) stands for a machine without internet, on any CI.

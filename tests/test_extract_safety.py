@@ -285,6 +285,7 @@ for limit in sys.argv[2].split(","):
 """
 
 
+@pytest.mark.slow
 def test_a_real_failed_write_neither_crashes_nor_poisons_the_cache(tmp_path, small_root, tiny_model):
     """Writes really fail (a file size limit: EFBIG from the kernel), in a process of their own."""
     args = overrides(small_root, tiny_model, tmp_path)

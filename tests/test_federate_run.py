@@ -169,6 +169,7 @@ def test_cache_of_an_interrupted_extraction_is_named_in_the_error(tmp_path):
         federate(tmp_path / "c.h5", tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_cli_sweep_in_parallel_with_the_joblib_launcher(cache_file, tmp_path):
     proc = run_cli("federate", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
                    f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target", "rounds=2",
@@ -210,6 +211,7 @@ def test_a_second_run_never_writes_into_a_folder_holding_another_run(cache_file,
     assert json.loads((tmp_path / "summary.json").read_text())["overall"] == first["overall"]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_get_their_own_default_folders(cache_file, tmp_path):
     """The default run folder is stamped to the microsecond: a shell loop's runs never share one."""
     import os

@@ -96,10 +96,12 @@ def test_every_variant_setting_makes_another_row(settings):
     for path in variants:
         base = fake_summary(settings[path])
         changed = copy.deepcopy(base)
-        node, key = changed["config"], path.split(".")
-        for k in key[:-1]:
-            node = node[k]
-        node[key[-1]] = other_value(node[key[-1]])
+        key = path.split(".")
+        nodes = [changed["config"]] + ([changed[key[0]]] if isinstance(changed.get(key[0]), dict) else [])
+        for node in nodes:  # the config and the summary's record of the group, as a run writes both
+            for k in key[:-1] if node is changed["config"] else key[1:-1]:
+                node = node[k]
+            node[key[-1]] = other_value(node[key[-1]])
         if method_label(base) == method_label(changed):
             same.append(path)
     assert not same, f"settings whose change leaves a run in the same row: {same}"

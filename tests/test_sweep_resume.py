@@ -54,6 +54,7 @@ def test_a_sweep_that_succeeds_ends_with_its_jobs_its_folder_and_the_report_comm
                                       f"python -m federate.report {folder}")
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_is_finished_in_place_by_its_own_command(planted_cache, tmp_path):
     folder = tmp_path / "sweep"
     proc = python("-c", INTERRUPTED, *sweep_args(planted_cache, folder), cwd=tmp_path)
@@ -84,6 +85,7 @@ def test_an_interrupted_sweep_is_finished_in_place_by_its_own_command(planted_ca
     assert f"- sweep {folder}: 3 of 3 jobs finished" in report(folder, make_plots=False)
 
 
+@pytest.mark.slow
 def test_a_finished_batched_sweep_run_again_keeps_every_job(planted_cache, tmp_path):
     folder = tmp_path / "sweep"
     args = sweep_args(planted_cache, folder, "rounds=2", "hydra/launcher=batched")

@@ -98,6 +98,7 @@ def test_promptfl_runs_on_a_cache_of_the_tiny_clip(tiny_model, tmp_path):
     assert s["adapter"]["name"] == "coop" and s["adapter"]["optimizer"] == "sgd" and s["lr"] == 0.001
 
 
+@pytest.mark.slow
 def test_an_experiment_sweeps_from_the_command_line(planted_cache, tmp_path):
     from federate.sweep_folder import planned_jobs
 

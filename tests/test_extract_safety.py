@@ -214,6 +214,7 @@ def test_settings_are_typed():
         assert message in str(e.value.__cause__ or e.value)
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_mistyped_setting_in_one_line(tmp_path):
     bad = "batch_size=abc"
     proc = run_cli("extract", bad, f"hydra.run.dir={tmp_path}/o", cwd=tmp_path, timeout=120)
@@ -310,6 +311,7 @@ def test_unwritable_destinations_are_one_line(tmp_path, small_root, tiny_model):
                    "cannot create the cache folder", "a-file")
 
 
+@pytest.mark.slow
 def test_cli_unwritable_cache_dir_with_the_demo_is_one_line(tmp_path):
     proc = run_cli("extract", "dataset=demo", "model=tiny_random", "cache_dir=/proc/fedclip-cache",
                    f"hydra.run.dir={tmp_path}/o", cwd=tmp_path, timeout=120)

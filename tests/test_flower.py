@@ -163,6 +163,7 @@ def test_bf16_over_flower_equals_bf16_in_process(cache_file, tmp_path):
     same_results(flower, run(cfg, tmp_path / "l"))
 
 
+@pytest.mark.slow
 def test_a_deployed_server_finds_the_default_cache_path_like_the_cli(cache_file, tmp_path):
     import shutil
 

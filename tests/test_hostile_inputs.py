@@ -125,6 +125,7 @@ def test_registration_sizes_nested_too_deeply_or_too_long_are_one_reason():
 
 
 # ---------------------------------------------------------------- python -m federate.partition
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("seed=-1", "seed must be an integer from 0 to 2^63 - 1, not -1"),
     ("+foo=1", "+foo is not a setting of federate"),
@@ -165,9 +166,11 @@ def test_the_checksum_of_utf8_strings_is_unchanged():
 # ---------------------------------------------------------------- values of the wrong type: one line, status 2
 @pytest.mark.parametrize("command, override, reason", [
     ("federate", "rounds=abc", "rounds=abc: Value 'abc' of type 'str' could not be converted to Integer"),
-    ("federate", "text_adapter=1.5", "text_adapter must be true or false"),
-    ("federate", "flower.min_clients=a", "flower.min_clients=a: Value 'a' of type 'str' could not be converted"),
-    ("extract", "batch_size=abc", "batch_size=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    pytest.param("federate", "text_adapter=1.5", "text_adapter must be true or false", marks=pytest.mark.slow),
+    pytest.param("federate", "flower.min_clients=a", "flower.min_clients=a: Value 'a' of type 'str' could not be "
+                 "converted", marks=pytest.mark.slow),
+    pytest.param("extract", "batch_size=abc", "batch_size=abc: Value 'abc' of type 'str' could not be converted to "
+                 "Integer", marks=pytest.mark.slow),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_and_status_2(tmp_path, command, override, reason):
     proc = run_cli(command, override, f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path)
@@ -205,6 +208,10 @@ def test_a_setting_of_another_option_or_group_is_named(argv, hint):
 def test_a_target_domain_in_another_case_is_hinted(planted_cache, tmp_path):
     with pytest.raises(ConfigError, match=r"did you mean alpha\? \(names are case-sensitive\)"):
         run_federate(planted_cache, tmp_path / "run", "target_domain=Alpha", rounds=1)
+
+
+@pytest.mark.slow
+def test_the_cli_names_the_group_setting_meant(planted_cache, tmp_path):
     proc = run_cli("federate", f"cache_file={planted_cache}", "model.name=fedclip/planted", "mu=0.1",
                    f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path)
     assert proc.returncode == 2

@@ -4,11 +4,12 @@ others are declared not to matter, with the reason (federate/report.py)."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
 import pytest
-from conftest import config
+from conftest import ROOT
 from omegaconf import DictConfig, OmegaConf
 
 from federate import report
@@ -32,14 +33,16 @@ def leaves(node, prefix: str = "") -> list[str]:
     return out
 
 
-def composed() -> list[DictConfig]:
+@functools.lru_cache(maxsize=1)
+def composed() -> tuple[DictConfig, ...]:
     """conf/federate.yaml with its defaults, and with each option of each config group."""
+    from hydra import compose, initialize_config_dir
+
     import federate.adapters  # noqa: F401  (registers the adapters kept in Hydra's ConfigStore)
 
-    cfgs = [config("federate", [])]
-    for group in GROUPS:
-        cfgs += [config("federate", [f"{group}={option}"]) for option in choices(group)]
-    return cfgs
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return (compose("federate", []),
+                *(compose("federate", [f"{group}={option}"]) for group in GROUPS for option in choices(group)))
 
 
 @pytest.fixture(scope="module")

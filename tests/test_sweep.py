@@ -82,6 +82,7 @@ def test_points_that_cannot_be_grouped_still_run(cache_file, tmp_path):
         ("fedclip", 3e-4), ("fedclip", 1e-3), ("zeroshot", 3e-4), ("zeroshot", 1e-3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     [["method=fedprox", "method.mu=0.1", "engine=batched"], ["method=fedprox", "method.mu=0.5", "engine=batched",
                                                              "seed=1"]],

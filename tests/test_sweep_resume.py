@@ -46,6 +46,7 @@ def last_line(stdout: str) -> str:
     return stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_a_sweep_that_succeeds_ends_with_its_jobs_its_folder_and_the_report_command(planted_cache, tmp_path):
     folder = tmp_path / "sweep"
     proc = run_cli("federate", *sweep_args(planted_cache, folder, "rounds=1"), cwd=tmp_path)
@@ -98,6 +99,7 @@ def test_a_finished_batched_sweep_run_again_keeps_every_job(planted_cache, tmp_p
     assert last_line(proc.stdout).startswith(f"[federate][INFO] - 3 jobs finished in {folder}")
 
 
+@pytest.mark.slow
 def test_another_sweep_into_a_sweeps_folder_is_refused_naming_the_command_that_finishes_it(planted_cache, tmp_path):
     folder = tmp_path / "sweep"
     assert run_cli("federate", *sweep_args(planted_cache, folder, "rounds=1"), cwd=tmp_path).returncode == 0

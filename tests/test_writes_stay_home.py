@@ -58,6 +58,7 @@ def test_a_linked_run_folder_is_refused(planted_cache, tmp_path):
     assert list(real.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sweep", [False, True])
 def test_the_cli_refuses_a_linked_output_folder_before_hydra_writes_into_it(planted_cache, tmp_path, sweep):
     real = tmp_path / "real"
@@ -70,6 +71,7 @@ def test_the_cli_refuses_a_linked_output_folder_before_hydra_writes_into_it(plan
     assert list(real.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_linked_job_folder_of_a_sweep_is_refused(planted_cache, tmp_path):
     real = tmp_path / "real"
     real.mkdir()

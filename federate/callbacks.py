@@ -66,9 +66,9 @@ def check_output_folder(config: DictConfig, key: str) -> Path | None:
     if not folder:
         return None
     path = Path(str(folder)).absolute()
-    linked = [path] if path.is_symlink() else \
-        [p for p in (path.iterdir() if key == "hydra.sweep.dir" and path.is_dir() else []) if p.is_symlink()]
-    if linked:  # Hydra would write the job's .hydra/ and log through it
+    linked = [path] if path.is_symlink() else [p for p in hydra_paths(path, sweep=key == "hydra.sweep.dir")
+                                                 if p.is_symlink()]
+    if linked:  # Hydra would write the job's .hydra/ files and log through it
         error(f"{linked[0]} is a symbolic link; fedclip writes only into real folders: remove the link or set "
               f"{key}=<another folder>", BAD_OUTPUT)
     resumed = key == "hydra.sweep.dir" and sweep_folder.same_sweep(config)  # the same sweep, finished in place
@@ -93,6 +93,17 @@ def check_output_folder(config: DictConfig, key: str) -> Path | None:
         reason = f"{file} is a file, not a folder" if file else f"{e.strerror or e} ({e.filename or path})"
         error(f"cannot write the output folder {path}: {reason}; set {key}=<a folder you can write>", BAD_OUTPUT)
     return created
+
+
+def hydra_paths(folder: Path, sweep: bool) -> list[Path]:
+    """What Hydra writes into a run's folder (its .hydra/ files and the job's log), or into each job folder
+    under a sweep's folder (the job folders themselves too, and the sweep's multirun.yaml)."""
+    if not folder.is_dir():
+        return []
+    jobs = [p for p in folder.iterdir() if p.is_symlink() or p.is_dir()] if sweep else [folder]
+    own = [folder / "multirun.yaml"] if sweep else []
+    return own + [*(jobs if sweep else []),
+                  *(j / name for j in jobs if not j.is_symlink() for name in (".hydra", *HYDRA_FILES))]
 
 
 def resumable(run_file: Path) -> bool:

@@ -65,10 +65,32 @@ def test_the_cli_refuses_a_linked_output_folder_before_hydra_writes_into_it(plan
     real.mkdir()
     (tmp_path / "out").symlink_to(real)
     where = [f"hydra.sweep.dir={tmp_path / 'out'}", "seed=0,1"] if sweep else [f"hydra.run.dir={tmp_path / 'out'}"]
-    proc = run_cli("federate", *(["-m"] if sweep else []), f"cache_file={planted_cache}", "model.name=fedclip/planted", "target_domain=target",
-                   "rounds=1", *where, cwd=tmp_path)
+    proc = run_cli("federate", *(["-m"] if sweep else []), f"cache_file={planted_cache}", "model.name=fedclip/planted",
+                   "target_domain=target", "rounds=1", *where, cwd=tmp_path)
     assert proc.returncode == 2 and "symbolic link" in proc.stdout and "Traceback" not in proc.stdout, proc.stdout
     assert list(real.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["federate.log", ".hydra/config.yaml", ".hydra"])
+def test_hydras_own_files_are_never_written_through_a_link(planted_cache, tmp_path, keep, name):
+    out = tmp_path / "run"
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).symlink_to(keep if name != ".hydra" else tmp_path)
+    proc = run_cli("federate", f"cache_file={planted_cache}", "model.name=fedclip/planted", "target_domain=target",
+                   "rounds=1", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 2 and f"{out / name} is a symbolic link" in proc.stdout, proc.stdout
+    assert keep.read_text() == "keep" and not (tmp_path / "config.yaml").exists()
+
+
+def test_hydra_paths_cover_a_run_and_each_job_of_a_sweep(tmp_path):
+    from federate.callbacks import hydra_paths
+
+    (tmp_path / "sweep" / "0").mkdir(parents=True)
+    (tmp_path / "sweep" / "1").symlink_to(tmp_path)
+    paths = {p.relative_to(tmp_path / "sweep").as_posix() for p in hydra_paths(tmp_path / "sweep", sweep=True)}
+    assert {"multirun.yaml", "0", "1", "0/.hydra", "0/federate.log", "0/.hydra/config.yaml"} <= paths
+    assert not any(p.startswith("1/") for p in paths)  # nothing is looked up through a link
 
 
 @pytest.mark.slow

@@ -59,6 +59,15 @@ class EmbeddingCache:
     # rows instead of copying them, so a run holds the embeddings once
     features: np.ndarray | None = None  # float32 [N, D]
     labels: np.ndarray | None = None  # int64 [N]
+    # {domain: ids} of the rows a class subset (dataset.classes, federate/partition.py) leaves out: a split
+    # file of every class reads with them dropped
+    left_out: dict = field(default_factory=dict)
+
+
+def case_hint(name: str, names) -> str:
+    """"; did you mean <n>? (names are case-sensitive)" when `name` matches one of `names` but for case."""
+    same = [n for n in names if str(n).lower() == str(name).lower() and n != name]
+    return f"; did you mean {same[0]}? (names are case-sensitive)" if same else ""
 
 
 def default_cache_path(cache_dir: str, dataset_name: str, model_name_or_path: str) -> Path:
@@ -156,8 +165,12 @@ def _verified(ds: h5py.Dataset, path: str, strings: bool = False, out: np.ndarra
     else:
         data = ds[()]
     if strings:
-        data = [s.decode() if isinstance(s, bytes) else str(s) for s in np.atleast_1d(data)]
-        actual = strings_sha256(data)
+        actual = strings_sha256(np.atleast_1d(data))
+        try:
+            data = [s.decode() if isinstance(s, bytes) else str(s) for s in np.atleast_1d(data)]
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} has strings in {ds.name} that are not UTF-8 text; rebuild it with "
+                              f"{REBUILD}") from None
     else:
         actual = buffer_sha256(np.ascontiguousarray(data))
     if actual != (expected.decode() if isinstance(expected, bytes) else str(expected)):

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -18,9 +17,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from extract.files import atomic_path, no_follow, no_link, write_text
+
 from . import methods
 from .adapters import Adapter
-from .cache import REBUILD, EmbeddingCache, canonical_domain, default_cache_path, derived, load_cache
+from .cache import REBUILD, EmbeddingCache, canonical_domain, case_hint, default_cache_path, derived, load_cache
 from .engine import ENGINES, TrainSettings
 from .errors import ConfigError
 from .losses import LOSSES
@@ -114,7 +115,8 @@ def target_and_participants(domains, target: str | None, path) -> tuple[str | No
         return None, list(domains)
     target = canonical_domain(target) if target else domains[0]
     if target not in domains:
-        raise ConfigError(f"target_domain {target!r} is not in {path}; its domains: {', '.join(domains)}")
+        raise ConfigError(f"target_domain {target!r} is not in {path}; its domains: {', '.join(domains)}"
+                          f"{case_hint(target, domains)}")
     participants = [d for d in domains if d != target]
     if not participants:
         raise ConfigError(f"{path} has only the domain {target}: leave-one-domain-out needs two or more")
@@ -247,7 +249,7 @@ class RunLog:
         path = output_dir / "history.jsonl"
         if resume_round is not None:  # rows after the checkpoint's round (or a half-written one) go
             kept, rounds_kept = [], []
-            for line in (path.read_text().splitlines() if path.exists() else []):
+            for line in (no_link(path).read_text().splitlines() if path.exists() else []):
                 try:
                     row = json.loads(line)
                     if row["round"] <= resume_round:
@@ -258,10 +260,8 @@ class RunLog:
             if rounds_kept != list(range(1, resume_round + 1)):  # the records of a completed round are gone
                 raise ConfigError(f"{path} does not hold rounds 1 to {resume_round}, which the checkpoint says were "
                                   f"completed; remove {output_dir}/checkpoint* and history.jsonl to start the run over")
-            tmp = output_dir / ".history.jsonl.tmp"
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
-        self.file = open(path, "a" if resume_round is not None else "x")
+            write_text(path, "".join(kept))
+        self.file = open(no_link(path), "a" if resume_round is not None else "x", opener=no_follow)
         self.bar = progress_bar(rounds, resume_round or 0) if progress else None
 
     def end_round(self, row: dict, rounds: int, best: dict | None) -> None:
@@ -365,7 +365,7 @@ def finish(output_dir: Path, summary: dict, cfg, start: float) -> dict:
     """Write summary.json and log the result and the cost."""
     summary["wall_seconds"] = time.time() - start
     summary["config"] = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
     per = summary["personalization"]  # every client's, or per domain when there are many
     if len(per) > 8 and summary.get("personalization_domains"):
         per = {f"{d} ({sum(c['domain'] == d for c in summary['clients'].values())} clients)": v
@@ -394,4 +394,5 @@ def save_adapters(path: Path, method: Method, names: list[str], best: dict, data
     metadata = {"method": method.name, "model": model, "dataset": dataset, "target_domain": target or NO_TARGET,
                 "round": str(best["row"]["round"]), "embed_dim": str(embed_dim), "config": json.dumps(config),
                 "shared": json.dumps(sorted(best["shared"])), "personal": json.dumps(sorted(best["personal"]))}
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -13,6 +13,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from extract.files import atomic_path
+
 log = logging.getLogger("federate.report")
 
 TARGET_NONE = "(none)"
@@ -137,6 +139,12 @@ def has_cost_figures(s: dict) -> bool:
                     for b in (s.get("bytes_per_round"), full.get("bytes_per_round"))))
 
 
+def save(fig, path: Path) -> None:
+    """A PNG written to a temporary file beside `path` and renamed over it (a link there is replaced)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
 def write_plots(runs: list[dict], folder: Path, title: str, label, cost_bench: dict | None = None) -> list[Path]:
     plt = pyplot()
     if plt is None:
@@ -146,12 +154,12 @@ def write_plots(runs: list[dict], folder: Path, title: str, label, cost_bench: d
     if data:
         fig = accuracy_figure(plt, data, title)
         paths.append(folder / "accuracy_per_round.png")
-        fig.savefig(paths[-1], dpi=110)
+        save(fig, paths[-1])
         plt.close(fig)
     fed = next((s for s in sorted(runs, key=lambda s: str(s["_dir"])) if has_cost_figures(s)), None)
     if fed:
         fig = cost_figure(plt, fed, title, (cost_bench or {}).get("fedavg_full_clip_seconds_per_round"))
         paths.append(folder / "cost.png")
-        fig.savefig(paths[-1], dpi=110)
+        save(fig, paths[-1])
         plt.close(fig)
     return paths

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from extract.commands import extract_command
+from extract.files import own_folder, write_text
 
 from . import adapters, prepared, rows, strategy
 from .cache import load_cache
@@ -31,6 +32,7 @@ from .experiment import (cache_path, capped_batch, check_settings, class_text, c
 from .federation import ClientInfo, Federation
 from .lifecycle import Experiment, execute
 from .partition import check_flower, make_clients, restrict_classes, splits_json
+from .sweep_folder import finished_run
 from .training import LocalTraining, Update
 
 log = logging.getLogger("federate")
@@ -45,7 +47,10 @@ def run(cfg, output_dir: str | Path) -> dict:
     result = prepared.take(output_dir)
     if result is not None:
         return result()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    kept = finished_run(output_dir, cfg)  # a sweep finished in place keeps its finished jobs (federate/sweep_folder.py)
+    if kept is not None:
+        return kept
+    own_folder(output_dir)  # (a link is refused: nothing is written through it)
     method = check_settings(cfg)
     if cfg.backend == "flower":
         from .flower.simulation import run_simulation
@@ -112,7 +117,7 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     identity = identity_of(cache, splits_text)
     federation = Federation(cfg, method, infos, init, server, output_dir, target=target, progress=progress,
                             inputs=identity)
-    (output_dir / "splits.json").write_text(splits_text)
+    write_text(output_dir / "splits.json", splits_text)
     point = Point(cfg, method, output_dir, model, server, cache, target, clients, target_set, text, federation)
     point.experiment = Experiment(
         cfg, method, federation, output_dir, cache.dataset_name, cache.model_name, model, server,

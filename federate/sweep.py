@@ -35,9 +35,10 @@ from .engine import ClientSets, make_trainer
 from .errors import ConfigError
 from .experiment import progress_bar
 from .federation import sigterm_as_interrupt
-from .training import LocalTraining, Update
 from .lifecycle import conclude
 from .run import CachedBackend, setup
+from .sweep_folder import finished_summary
+from .training import LocalTraining, Update
 
 log = logging.getLogger("federate")
 progress_log = logging.getLogger("federate_sweep")  # not under "federate": shown while a group's lines are held
@@ -128,8 +129,8 @@ def train_group(cfgs: list, output_dirs: list) -> None:
     points: dict[str, object] = {}
     with _captured_logs() as records:
         for cfg, key in zip(cfgs, keys):
-            if checkpoint.exists(Path(key)):
-                continue  # an interrupted point resumes in its own job
+            if checkpoint.exists(Path(key)) or finished_summary(Path(key), cfg) is not None:
+                continue  # an interrupted point resumes in its own job; a finished one is kept by it
             with records.point(key):
                 try:
                     start = time.time()

@@ -36,6 +36,7 @@ def one_error_line(proc, status: int = 2) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_the_readmes_own_adapter_example_runs_as_written_from_any_folder(planted_cache, tmp_path):
     (tmp_path / "my_adapters.py").write_text(readme_file("my_adapters.py"))
     (tmp_path / "run_federate.py").write_text(readme_file("run_federate.py"))
@@ -103,6 +104,7 @@ def test_flwr_runs_overrides_take_known_settings_only():
     assert settings_from_run_config({"overrides": "rounds=2 lr=1e-3"})[0].lr == 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, argv, message", [
     ("federate", ["lrr=1e-3"], "lrr is not a setting of federate; did you mean lr?"),
     ("extract", ["dataset=demo", "+overwrit=true"], "+overwrit is not a setting of extract; did you mean overwrite?"),
@@ -216,6 +218,7 @@ def interrupted(tmp_path, package, module, function, *argv):
                           stderr=subprocess.STDOUT, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_federate_run_is_one_line(planted_cache, tmp_path):
     proc = interrupted(tmp_path, "federate", "federation", "check_finite", f"cache_file={planted_cache}",
                        "model.name=fedclip/planted", "target_domain=target", f"hydra.run.dir={tmp_path}/o")
@@ -224,6 +227,7 @@ def test_ctrl_c_in_a_federate_run_is_one_line(planted_cache, tmp_path):
     assert f"hydra.run.dir={tmp_path}/o" in line
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_an_extraction_is_one_line_saying_how_to_resume(image_root, tiny_model, tmp_path):
     proc = interrupted(tmp_path, "extract", "pipeline", "image_embeddings", "dataset=folder",
                        f"dataset.root={image_root}", f"model.name={tiny_model}", f"cache_dir={tmp_path}/cache",
@@ -240,6 +244,7 @@ def cli_run(cache, tmp_path, *overrides):
                    "rounds=1", *(o for o in overrides if not o.startswith("-")), cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_run_refused_for_a_finished_runs_folder_leaves_its_hydra_files_alone(planted_cache, tmp_path):
     out = tmp_path / "done"
     (out / ".hydra").mkdir(parents=True)
@@ -260,6 +265,7 @@ def test_a_sweep_into_a_folder_holding_a_run_is_refused(tmp_path, capsys):
     assert f"{tmp_path}/sweep already holds a run (0/history.jsonl)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_refused_run_takes_away_the_folder_it_made_and_no_other(planted_cache, tmp_path):
     one_error_line(cli_run(planted_cache, tmp_path, f"hydra.run.dir={tmp_path}/new/run", "seed=-1"))
     assert not (tmp_path / "new").exists()

@@ -178,6 +178,7 @@ def test_bf16_over_flower_equals_bf16_in_process(cache_file, tmp_path):
     same_results(flower, run(cfg, tmp_path / "l"))
 
 
+@pytest.mark.slow
 def test_a_deployed_server_finds_the_default_cache_path_like_the_cli(cache_file, tmp_path):
     import shutil
 
@@ -271,6 +272,7 @@ def simulated(cache_file, tmp_path_factory):
     return proc.stdout, out
 
 
+@pytest.mark.slow
 def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, simulated, tmp_path):
     """One SuperNode per client: two IID clients per domain, four of the six sampled each round."""
     stdout, out = simulated
@@ -286,6 +288,7 @@ def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, simulated,
     assert "[flwr][DEBUG]" in (out / "federate.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_simulation_stopped_by_ctrl_c_or_sigterm_resumes_to_the_same_outputs(cache_file, simulated, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) after round 1, then `kill` (SIGTERM to the process) after
     round 2: each stops at once with one line saying how to resume, and leaves no process behind; the same
@@ -401,6 +404,7 @@ def flwr_run(deployment, out: Path, *overrides):
     assert proc.returncode == 0 and "Successfully started run" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_deployment_on_loopback_matches_in_process_and_survives_a_killed_client(deployment, cache_file, tmp_path):
     out = tmp_path / "deployed"
     flwr_run(deployment, out, f"cache_file={cache_file}", "rounds=3", "flower.round_timeout=120")

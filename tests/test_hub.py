@@ -598,7 +598,7 @@ def test_offline_pull_fails_in_seconds_with_the_command_to_use_a_local_copy(tmp_
 def test_federate_runs_on_a_pulled_revision_and_records_it(planted_cache, hub, tmp_path):
     commit = hub.publish(exported(planted_cache, tmp_path), "lab/planted")
     remote._local_cache.cache_clear()
-    summary = run_federate(f"hf://lab/planted@main", tmp_path / "run", f"cache_dir={tmp_path / 'cache'}", rounds=2)
+    summary = run_federate("hf://lab/planted@main", tmp_path / "run", f"cache_dir={tmp_path / 'cache'}", rounds=2)
     assert summary["cache_hub"] == {"repo_id": "lab/planted", "revision": "main", "commit": commit}
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["cache_hub"]["commit"] == commit
     original = run_federate(planted_cache, tmp_path / "orig", rounds=2)

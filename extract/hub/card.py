@@ -113,7 +113,7 @@ def _prose(block: dict, header, attrs: dict, repo_id: str | None, known: dict) -
     lines = [
         f"\n# {header.dataset_name}: CLIP embeddings of `{header.model_name}`\n",
         "The image and prompt embeddings of a fedclip cache: CLIP run once over the "
-        f"dataset by `python -m extract`, exported by `python -m extract.hub export`. The `fedclip` block of this "
+        "dataset by `python -m extract`, exported by `python -m extract.hub export`. The `fedclip` block of this "
         "card's YAML is the cache's provenance: every HDF5 attribute with its type, every dataset's dtype, shape "
         "and sha256, and the sha256 of every file here, so that `python -m extract.hub pull` rebuilds the cache bit "
         "for bit, with the same identity.\n",

@@ -21,6 +21,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from extract.files import atomic_path, write_text
+
 from .. import adapters, strategy
 from ..errors import ConfigError
 from ..experiment import cost_figures, mean, resolve_device, target_and_participants
@@ -111,7 +113,7 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     costs["trainable_params"] = trainable  # (the state dict also holds buffers)
     costs["shared_params"] = sum(v.numel() for v in global_state.values())
     costs["fedavg_full_clip"]["param_ratio"] = clip_params / trainable if trainable else None
-    (output_dir / "splits.json").write_text(splits_text)
+    write_text(output_dir / "splits.json", splits_text)
     backend = ImageBackend(cfg, model, loader, settings, device, server, splits, index, keys, target_keys, eval_size)
 
     # 4. outputs
@@ -193,6 +195,7 @@ def save_model(path: Path, best: dict, method, backbone: str, dataset: str, mode
     tensors = {k: v.detach().float().contiguous().cpu().clone() for k, v in best["shared"].items()}
     target = target or "none"
     config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    save_file(tensors, str(path), metadata={
-        "method": method.name, "backbone": backbone, "model": model if backbone == "clip" else "alexnet",
-        "dataset": dataset, "target_domain": target, "round": str(best["row"]["round"]), "config": json.dumps(config)})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={
+            "method": method.name, "backbone": backbone, "model": model if backbone == "clip" else "alexnet",
+            "dataset": dataset, "target_domain": target, "round": str(best["row"]["round"]), "config": json.dumps(config)})

@@ -27,6 +27,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import open_dict
 
+from extract.files import own_folder, write_text
+
 from .. import adapters, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
@@ -225,7 +227,7 @@ def serve(grid: Grid, cfg, output_dir: Path, client_states: Path | None = None) 
     """The federated rounds on the server (what federate.run does in process), through federate/lifecycle.py.
     `client_states`: where the clients keep their personal states, when they share this machine's disk."""
     start = time.time()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    own_folder(output_dir)  # (a link is refused: nothing is written through it)
     method = check_settings(cfg)  # (a method whose clients do not communicate is refused here)
     if not cfg.cache_file:  # deployed with `flwr run`: the default path, as the in-process runner finds it
         cfg = cfg.copy()
@@ -255,7 +257,7 @@ def serve(grid: Grid, cfg, output_dir: Path, client_states: Path | None = None) 
     identity["cache_checksums"] = {**clients_cache.checksums, **cache.checksums}  # what the splits came from too
     federation = Federation(cfg, method, nodes.clients, init, server, output_dir, target=target, keeps_personal=False,
                             inputs=identity)
-    (output_dir / "splits.json").write_text(splits_text)
+    write_text(output_dir / "splits.json", splits_text)
     names = [c.name for c in federation.clients]
     experiment = Experiment(
         cfg, method, federation, output_dir, cache.dataset_name, cache.model_name, model, server,

@@ -15,10 +15,12 @@ from ..cache import load_cache
 from ..cli import unknown_setting
 from ..config import FederateConfig
 from ..errors import ConfigError
+from ..inputs import loads
 from ..experiment import class_text, make_client, pooled_embeddings
 from ..partition import make_clients
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+MAX_SIZES_CHARS = 10_000  # {"train": n, "val": n, "test": n} is about 50
 
 
 def settings_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
@@ -47,7 +49,7 @@ def ship(cfg) -> str:
 
 def unship(text: str) -> DictConfig:
     """The typed settings back from a message."""
-    return OmegaConf.merge(OmegaConf.structured(FederateConfig), json.loads(text))
+    return OmegaConf.merge(OmegaConf.structured(FederateConfig), loads(text))
 
 
 def device_of(name: str) -> torch.device:
@@ -144,9 +146,13 @@ def check_eval_metrics(metrics, sizes: dict[str, int]) -> str | None:
 
 
 def check_registration(config) -> tuple[str, str, dict] | str:
-    """A query reply's (client, domain, split sizes), or why it is unusable."""
+    """A query reply's (client, domain, split sizes), or why it is unusable (JSON nested too deeply for the
+    parser, or longer than sizes can be, is one reason like any other)."""
     try:
-        name, domain, sizes = str(config["client"]), str(config["domain"]), json.loads(str(config["sizes"]))
+        name, domain, text = str(config["client"]), str(config["domain"]), str(config["sizes"])
+        if len(text) > MAX_SIZES_CHARS:
+            raise ValueError(f"sizes is {len(text)} characters long")
+        sizes = loads(text)
     except (KeyError, ValueError, TypeError) as e:
         return f"no usable client, domain and sizes ({e})"
     if not isinstance(sizes, dict) or not all(is_int(sizes.get(p)) and sizes[p] >= 1 for p in ("train", "val", "test")):

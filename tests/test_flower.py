@@ -487,3 +487,71 @@ def test_sampled_rounds_over_flower_equal_sampled_rounds_in_process(cache_file, 
     rows = [[json.loads(x)["sampled"] for x in (d / "history.jsonl").read_text().splitlines()] for d in
             (tmp_path / "f", tmp_path / "l")]
     assert rows[0] == rows[1] and all(len(r) == 2 for r in rows[0])
+
+
+def test_a_client_that_lies_about_its_domain_is_dropped(cache_file, tmp_path, caplog):
+    """The server knows each client's domain from its own splits: a node claiming another domain (right
+    name and sizes) would file its accuracy under that domain; it takes no part, and summary.json says so."""
+    from flwr.app import ConfigRecord
+
+    def sketchy(domain, round_, kind, reply):
+        if kind == MessageType.QUERY and domain == "gamma":
+            reply.content["config"] = ConfigRecord({**dict(reply.content["config"]), "domain": "alpha"})
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        s = serve(FakeGrid(sketchy), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert "client gamma says its domain is 'alpha', this run's splits put it in 'gamma'" in caplog.text
+    assert list(s["personalization_domains"]) == ["alpha", "beta"] and list(s["personalization"]) == ["alpha", "beta"]
+    assert "its domain is 'alpha'" in s["dropped_clients"]["gamma"]
+
+
+def test_a_client_registered_unusably_is_listed_as_dropped(cache_file, tmp_path):
+    from flwr.app import ConfigRecord
+
+    def nonsense(domain, round_, kind, reply):
+        if kind == MessageType.QUERY and domain == "beta":
+            reply.content["config"] = ConfigRecord({**dict(reply.content["config"]), "sizes": json.dumps({"train": 0})})
+        return reply
+
+    s = serve(FakeGrid(nonsense), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert list(s["dropped_clients"]) == ["beta"] and "at the start" in s["dropped_clients"]["beta"]
+
+
+def test_every_client_of_a_split_file_takes_part_or_is_listed_as_dropped(cache_file, tmp_path):
+    """A split file of 15 clients (5 per domain): each is a SuperNode of its own; the clients no node
+    registered as are listed in dropped_clients, never silently left out."""
+    in_process(cache_file, tmp_path / "iid", 1, "partition=iid", "partition.clients_per_domain=5")
+    split_file = tmp_path / "iid" / "splits.json"
+    names = list(json.loads(split_file.read_text()))
+    assert len(names) == 15
+    every = serve(FakeGrid(node_order=names), flower_cfg(cache_file, tmp_path / "all", f"split_file={split_file}"),
+                  tmp_path / "all")
+    assert sorted(every["personalization"]) == sorted(names) and "dropped_clients" not in every
+    three = serve(FakeGrid(node_order=names[:3]), flower_cfg(cache_file, tmp_path / "3", f"split_file={split_file}"),
+                  tmp_path / "3")
+    assert sorted(three["dropped_clients"]) == sorted(names[3:])
+    assert all("no Flower node registered" in why for why in three["dropped_clients"].values())
+
+
+def test_the_simulation_starts_one_supernode_per_client_of_a_split_file(cache_file, tmp_path):
+    from federate.flower.simulation import supernodes
+
+    in_process(cache_file, tmp_path / "iid", 1, "partition=iid", "partition.clients_per_domain=5")
+    cfg = flower_cfg(cache_file, tmp_path, f"split_file={tmp_path / 'iid' / 'splits.json'}")
+    assert supernodes(cfg) == 15 and supernodes(flower_cfg(cache_file, tmp_path)) == 3
+
+
+def test_a_client_sending_exploded_weights_is_dropped_not_the_run(cache_file, tmp_path, caplog):
+    """Finite weights a million times too large: the run would stop, blaming lr; that client goes instead."""
+    from flwr.app import ArrayRecord
+
+    def inflate(domain, round_, kind, reply):
+        if kind == MessageType.TRAIN and domain == "beta" and round_ == 2:
+            arrays = {k: v * 1e6 for k, v in reply.content["arrays"].to_torch_state_dict().items()}
+            reply.content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        s = serve(FakeGrid(inflate), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert s["rounds"] == 3 and "stopped" not in s and "exploded weights" in s["dropped_clients"]["beta"]

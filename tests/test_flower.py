@@ -273,6 +273,19 @@ def simulated(cache_file, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_personal_method_in_flowers_simulation_equals_the_in_process_run(cache_file, tmp_path):
+    """FedPer in Flower's simulation engine (Ray actors, each client's head kept in its node's context):
+    the in-process numbers; its client_states folder goes once the run is done."""
+    out = tmp_path / "sim"
+    args = [a for a in simulation_args(cache_file, out) if a != "rounds=4"] + ["rounds=3", "method=fedper"]
+    proc = run_cli(*args, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    same_results(summary, in_process(cache_file, tmp_path / "l", 3, *SIMULATED, "method=fedper"))
+    assert summary["personal_params"] == 5 * 64 + 5 and not (out / "client_states").exists()
+
+
+@pytest.mark.slow
 def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, simulated, tmp_path):
     """One SuperNode per client: two IID clients per domain, four of the six sampled each round."""
     stdout, out = simulated

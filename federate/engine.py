@@ -399,7 +399,7 @@ class GenericTrainer(LockstepTrainer):
         trained = {q: v for q, v in params.items() if q in self.trained}
         frozen = {q: v for q, v in params.items() if q not in self.trained}
         grads, losses = self._row_grads(trained, frozen, x, y, self.clients.label_counts(len(self.text))[:len(x)])
-        norms = torch.stack([g.flatten(2).pow(2).sum(-1) for g in grads.values()]).sum(0).sqrt()  # [k, B]
+        norms = torch.stack([g.reshape(*g.shape[:2], -1).pow(2).sum(-1) for g in grads.values()]).sum(0).sqrt()  # [k, B]
         factor = clip_factors(norms, self.settings.dp.max_grad_norm, ok)
         clipped = {q: torch.einsum("kb,kb...->k...", factor, g) for q, g in grads.items()}
         return torch.where(ok, losses, 0).sum(1) / ok.sum(1).clamp_min(1), clipped

@@ -477,3 +477,16 @@ def budget(cfg, method, what: str) -> int | None:
     if kind(cfg) != "dpsgd":
         return None
     return method.private_epochs(cfg)[0 if what == "train" else 1]
+
+
+def shipped_config(cfg, federation):
+    """The settings the Flower server sends its clients: under privacy=dpsgd with the noise multiplier the
+    server planned (derived from privacy.epsilon over every client, which no client can do alone)."""
+    if federation.private != "dpsgd":
+        return cfg
+    from omegaconf import open_dict
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.privacy.noise_multiplier = federation.privacy.noise_multiplier
+    return cfg

@@ -471,3 +471,40 @@ def test_a_grouped_sweep_of_dpsgd_points_writes_what_each_writes_alone(planted_c
         same_outputs(outputs(d), outputs(tmp_path / f"alone-{d.name}"))
     dp_client = config("federate", [f"cache_file={planted_cache}", "privacy=dp_client", "privacy.noise_multiplier=1"])
     assert sweep.group_key(dp_client) is None
+
+
+# --- the report
+
+
+def test_the_report_keeps_privacy_settings_apart_and_plots_accuracy_against_epsilon(planted_cache, tmp_path):
+    from federate import report
+
+    runs = tmp_path / "runs"
+    for sigma in (0.6, 1.0, 3.0):
+        run_federate(planted_cache, runs / f"s{sigma}", "privacy=dpsgd", f"privacy.noise_multiplier={sigma}", rounds=3)
+    run_federate(planted_cache, runs / "plain", "loss=ce", rounds=3)
+    run_federate(planted_cache, runs / "client", "privacy=dp_client", "privacy.noise_multiplier=1", rounds=3)
+    text = report.report(runs)
+    folder = next(p for p in (runs / "report").iterdir() if p.is_dir())
+    rows = (folder / "privacy.csv").read_text().splitlines()
+    assert rows[0].startswith("method,epsilon,delta,overall") and len(rows) == 5  # 3 DP-SGD points, 1 DP-FedAvg
+    import csv
+
+    table = list(csv.DictReader(rows))
+    assert ["noise_multiplier=3.0" in table[0]["method"], "noise_multiplier=0.6" in table[2]["method"]] == [True, True]
+    eps = [float(r["epsilon"]) for r in table[:3]]
+    assert eps == sorted(eps) and "epsilon=None" not in rows[1]  # by epsilon; unset settings not shown
+    overall = (folder / "overall.csv").read_text()
+    assert overall.count("privacy=dpsgd") == 3 * 3 and "privacy=dp_client" in overall  # each its own column (x3: mean, se, n)
+    assert "### Privacy and utility" in text
+    pytest.importorskip("matplotlib")
+    assert (folder / "privacy_utility.png").stat().st_size > 10_000
+    curves, baselines = report.privacy_curves([report_runs_summary(p) for p in sorted(runs.glob("*/summary.json"))])
+    (points, base), = [v for k, v in curves.items() if "dpsgd" in k]
+    assert [p[0] for p in points] == sorted(p[0] for p in points) and base in baselines
+
+
+def report_runs_summary(path):
+    from federate.report_runs import read_run
+
+    return read_run(path)

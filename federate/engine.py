@@ -100,17 +100,59 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float, valid: torch.Tensor)
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * valid
 
 
-def add_noise(grads: dict[str, torch.Tensor], keys: list[str], generators: list[torch.Generator], std: float,
-              expected: torch.Tensor) -> None:
-    """The noise of DP-SGD added to k clients' clipped gradient sums (in place), each client's from its own
-    generator in the order of `keys`, then each sum divided by its client's expected batch."""
-    for i, g in enumerate(generators):
+class NoiseAhead:
+    """DP-SGD's standard normal draws, each client's from its own generator, step after step and key after key
+    in `keys`' order. On a CPU the next step's draws are made on a worker thread while the current step
+    computes: they do not depend on the data, and 525k Gaussian draws (torch's mt19937 and Box-Muller, one
+    thread) cost about a whole AttAI step. The same numbers either way: each generator is drawn in order."""
+
+    def __init__(self, generators: list[torch.Generator], like: dict[str, torch.Tensor], keys: list[str],
+                 steps: list[int]):
+        self.generators, self.keys, self.steps = generators, list(keys), steps
+        self.device = next(iter(like.values())).device
+        # two buffers per client, used on alternate steps: one is drawn into while the other is read
+        self.buffers = [[{q: torch.empty(like[q].shape[1:], dtype=like[q].dtype, device=self.device) for q in self.keys}
+                         for _ in range(2)] for _ in generators]
+        self.pool = None
+        if self.device.type == "cpu":
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="dp-noise")
+        self.pending: dict[int, object] = {}
+        for i in range(len(generators)):
+            self._draw(i, 0)
+
+    def _fill(self, i: int, step: int) -> dict[str, torch.Tensor]:
+        out = self.buffers[i][step % 2]
+        with torch.inference_mode():  # (a worker thread does not inherit the trainer's mode)
+            for q in self.keys:
+                out[q].normal_(generator=self.generators[i])
+        return out
+
+    def _draw(self, i: int, step: int) -> None:
+        if step < self.steps[i]:
+            self.pending[i] = self.pool.submit(self._fill, i, step) if self.pool else self._fill(i, step)
+
+    def take(self, i: int, step: int) -> dict[str, torch.Tensor]:
+        """Client i's draws for `step` (its steps taken in order), and the next step's started."""
+        got = self.pending.pop(i)
+        got = got.result() if self.pool else got
+        self._draw(i, step + 1)
+        return got
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def add_noise(grads: dict[str, torch.Tensor], keys: list[str], noise: "NoiseAhead", step: int, std: float,
+              expected: list[float]) -> None:
+    """DP-SGD's noise, N(0, std^2) per coordinate divided by each client's expected batch, added in place to the
+    first k clients' clipped gradient sums (already divided by it: `private_gradients`' weights)."""
+    for i in range(len(expected)):
+        draws = noise.take(i, step)
         for q in keys:
-            if std:
-                grads[q][i].add_(torch.randn(grads[q][i].shape, generator=g, device=g.device), alpha=std)
-    divisor = expected.to(next(iter(grads.values())).device)
-    for q in keys:
-        grads[q].div_(divisor.view(-1, *[1] * (grads[q].dim() - 1)))
+            grads[q][i].add_(draws[q], alpha=std / expected[i])
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -319,11 +361,17 @@ class LockstepTrainer:
             idx, valid, active, steps, noise, expected = make_poisson_schedule(c.sizes, s.batch_size, epochs,
                                                                                generators, device)
         padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
+        if s.dp is not None:  # a Poisson step computes on its own largest batch (the rows come first), not on the round's
+            widths = [max(1, int(valid[step, :k].sum(-1).max())) for step, k in enumerate(active)]
+            inverse = (1 / expected).to(device)  # each client's sum is divided by its expected batch
+            std = s.dp.noise_multiplier * s.dp.max_grad_norm
         idx = c.global_rows(idx)
         valid = valid.to(device)
         every = list(state)
         keys = every if keys is None else [q for q in every if q in set(keys)]
         self.trained = frozenset(keys)  # gradients() may skip what no key needs
+        noised = list(keys)  # DP-SGD's noise: every key that trains, Adam's and SGD's
+        ahead = NoiseAhead(noise, state, noised, steps) if s.dp is not None and std else None
         sgd = [q for q in keys if q in s.sgd_keys]
         keys = [q for q in keys if q not in s.sgd_keys]  # Adam's
         m, v2 = self._moments(state)  # a fresh Adam every round (first_adam_step writes the moments)
@@ -333,40 +381,48 @@ class LockstepTrainer:
         loss_sum = torch.zeros(len(c), device=device)
         stacked_anchor = is_stacked(anchor, state)
         fused = device.type in ("cpu", "cuda")
-        for step, k in enumerate(active):
-            if step % self.CHUNK == 0:  # the next steps' batches, gathered at once: [CHUNK, K, B, d] and [CHUNK, K, B]
-                xs, ys = c.x[idx[step:step + self.CHUNK]], c.y[idx[step:step + self.CHUNK]]
-                self.prepare(state, xs, ys)
-            j = step % self.CHUNK
-            params, m1, m2, weights = prefix[k]
-            if s.dp is None:
-                loss, grads = self.gradients(params, xs[j, :k], ys[j, :k], valid[step, :k] if padded[step] else None, j)
-            else:  # the clipped sums of the rows' gradients, then the noise (the proximal term below is not data)
-                loss, grads = self.private_gradients(params, xs[j, :k], ys[j, :k], valid[step, :k], j)
-                add_noise(grads, [*keys, *sgd], noise[:k], s.dp.noise_multiplier * s.dp.max_grad_norm, expected[:k])
-            if s.mu:
-                for q in (q for q in [*keys, *sgd] if q in anchor):  # FedProx: gradient of (mu / 2) ||w - w_global||^2
-                    grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
-            if not keys:
-                pass  # (nothing trains with Adam)
-            elif step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
-                first_adam_step(weights, [grads[q] for q in keys], m1, m2, s, keep_moments=len(active) > 1)
-                step_count.fill_(1)
-            else:
-                adam_step(weights, [grads[q] for q in keys], m1, m2, step_count, s, fused)
-            for q in sgd:
-                params[q].sub_(grads[q], alpha=s.sgd_lr)
-            if sgd and hasattr(self.adapter, "project"):
-                self.adapter.project(params)  # (APFL: the mixing weight back into [0, 1])
-            loss_sum[:k] += loss
+        try:
+            for step, k in enumerate(active):
+                if step % self.CHUNK == 0:  # the next steps' batches, gathered at once: [CHUNK, K, B, d] and [CHUNK, K, B]
+                    xs, ys = c.x[idx[step:step + self.CHUNK]], c.y[idx[step:step + self.CHUNK]]
+                    self.prepare(state, xs, ys)
+                j = step % self.CHUNK
+                params, m1, m2, weights = prefix[k]
+                if s.dp is None:
+                    loss, grads = self.gradients(params, xs[j, :k], ys[j, :k], valid[step, :k] if padded[step] else None, j)
+                else:  # the clipped sums of the rows' gradients, then the noise (the proximal term below is not data)
+                    w = widths[step]
+                    loss, grads = self.private_gradients(params, xs[j, :k, :w], ys[j, :k, :w], valid[step, :k, :w], j,
+                                                         inverse[:k])
+                    if ahead is not None:
+                        add_noise(grads, noised, ahead, step, std, expected[:k].tolist())
+                if s.mu:
+                    for q in (q for q in [*keys, *sgd] if q in anchor):  # FedProx: gradient of (mu / 2) ||w - w_global||^2
+                        grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
+                if not keys:
+                    pass  # (nothing trains with Adam)
+                elif step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
+                    first_adam_step(weights, [grads[q] for q in keys], m1, m2, s, keep_moments=len(active) > 1)
+                    step_count.fill_(1)
+                else:
+                    adam_step(weights, [grads[q] for q in keys], m1, m2, step_count, s, fused)
+                for q in sgd:
+                    params[q].sub_(grads[q], alpha=s.sgd_lr)
+                if sgd and hasattr(self.adapter, "project"):
+                    self.adapter.project(params)  # (APFL: the mixing weight back into [0, 1])
+                loss_sum[:k] += loss
+        finally:
+            if ahead is not None:
+                ahead.close()
         return loss_sum / torch.tensor(steps, device=device).clamp_min(1)
 
     def _moments(self, state):
         return self._buffers(state, 2)
 
-    def private_gradients(self, params: dict, x, y, ok, step: int) -> tuple[torch.Tensor, dict]:
+    def private_gradients(self, params: dict, x, y, ok, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """DP-SGD (settings.dp): loss [k] and, per trained key, the sum over each client's valid rows (ok [k, B])
-        of the row's own gradient clipped to dp.max_grad_norm (`clip_factors`)."""
+        of the row's own gradient clipped to dp.max_grad_norm (`clip_factors`), times the client's weight
+        [k] (1 / its expected batch)."""
         raise ConfigError(f"engine {type(self).__name__} has no per-sample gradients for privacy=dpsgd; use engine=generic")
 
 
@@ -395,12 +451,12 @@ class GenericTrainer(LockstepTrainer):
         rows = torch.func.vmap(torch.func.grad_and_value(row_loss), in_dims=(None, None, 0, 0, None))
         self._row_grads = torch.func.vmap(rows)  # [k, B, ...]: every row's gradient, for every client
 
-    def private_gradients(self, params, x, y, ok, step):
+    def private_gradients(self, params, x, y, ok, step, weights):
         trained = {q: v for q, v in params.items() if q in self.trained}
         frozen = {q: v for q, v in params.items() if q not in self.trained}
         grads, losses = self._row_grads(trained, frozen, x, y, self.clients.label_counts(len(self.text))[:len(x)])
         norms = torch.stack([g.reshape(*g.shape[:2], -1).pow(2).sum(-1) for g in grads.values()]).sum(0).sqrt()  # [k, B]
-        factor = clip_factors(norms, self.settings.dp.max_grad_norm, ok)
+        factor = clip_factors(norms, self.settings.dp.max_grad_norm, ok) * weights[:, None]
         clipped = {q: torch.einsum("kb,kb...->k...", factor, g) for q, g in grads.items()}
         return torch.where(ok, losses, 0).sum(1) / ok.sum(1).clamp_min(1), clipped
 
@@ -421,7 +477,7 @@ class BatchedTrainer(LockstepTrainer):
         gradient norms come from its layers' row gradients (`private_gradients`)."""
         return adapter.fast_path and tuple(adapter.towers) == ("image",) and not hasattr(adapter, "heads")
 
-    def private_gradients(self, params, x, y, ok, step):
+    def private_gradients(self, params, x, y, ok, step, weights):
         """Each row's gradient norm without the row's gradient: a layer z = W a + b has the row gradient
         dz a^T + dz, of squared norm |dz|^2 (|a|^2 + 1) ("ghost clipping", Goodfellow 2015; Li et al. 2022),
         so the clipped sum is the usual backward with each row's dz scaled by its factor. Cross-entropy over
@@ -429,15 +485,15 @@ class BatchedTrainer(LockstepTrainer):
         k = len(x)
         grads = self._grad_views.get(k) or self._grad_views.setdefault(k, {q: g[:k] for q, g in self._grads.items()})
         W = attai.layers(params, "image")
-        image, saved = attai.forward(*W, x, self.low, None if self.xs_low is None else self.xs_low[step, :k])
+        image, saved = attai.forward(*W, x, self.low, None if self.xs_low is None else self.xs_low[step, :k, :x.shape[1]])
         logits = torch.matmul(image, self.text_norm.T).mul_(self.scale)  # [k, B, C]
         log_p = torch.log_softmax(logits, dim=-1)
         nll = -log_p.gather(2, y[:, :, None])[:, :, 0]
-        dlogits = log_p.exp_().sub_(torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)).mul_(self.scale)
+        dlogits = log_p.exp_().scatter_add_(2, y[:, :, None], torch.full_like(nll, -1.0)[:, :, None]).mul_(self.scale)
         dz1, dz2 = attai.row_gradients(W[2], saved, torch.matmul(dlogits, self.text_norm))  # the rows' own (sum) loss
         rows_x, rows_h = saved[0], saved[1]
         sq = dz1.pow(2).sum(-1) * rows_x.pow(2).sum(-1).add_(1) + dz2.pow(2).sum(-1) * rows_h.pow(2).sum(-1).add_(1)
-        factor = clip_factors(sq.sqrt_(), self.settings.dp.max_grad_norm, ok)[:, :, None]
+        factor = (clip_factors(sq.sqrt_(), self.settings.dp.max_grad_norm, ok) * weights[:, None])[:, :, None]
         attai.backward_rows(saved, dz1.mul_(factor), dz2.mul_(factor), attai.layers(grads, "image"))
         return torch.where(ok, nll, 0).sum(1) / ok.sum(1).clamp_min(1), grads
 

@@ -106,8 +106,8 @@ def test_the_clipping_bounds_each_rows_gradient_and_the_fast_path_computes_the_g
         generic.trained = fast.trained = frozenset(params)
         fast._moments(params)
         fast.prepare(params, x[None], y[None])
-        loss_g, sums_g = generic.private_gradients(params, x, y, ok, 0)
-        loss_f, sums_f = fast.private_gradients(params, x, y, ok, 0)
+        loss_g, sums_g = generic.private_gradients(params, x, y, ok, 0, torch.ones(2))
+        loss_f, sums_f = fast.private_gradients(params, x, y, ok, 0, torch.ones(2))
         assert torch.allclose(loss_g, loss_f, atol=1e-5)
         for k in params:
             assert torch.allclose(sums_g[k], sums_f[k], atol=1e-6, rtol=1e-4), (clip, k)

@@ -508,3 +508,32 @@ def report_runs_summary(path):
     from federate.report_runs import read_run
 
     return read_run(path)
+
+
+@pytest.mark.parametrize("overrides", [["privacy=dpsgd", "privacy.noise_multiplier=1.5", "clients_per_round=2"],
+                                       ["privacy=dp_client", "privacy.noise_multiplier=0.5", "clients_per_round=2",
+                                        "strategy=fedadam"]])
+def test_an_interrupted_private_run_resumes_to_the_same_outputs_and_epsilon(planted_cache, tmp_path, monkeypatch,
+                                                                            overrides):
+    from conftest import outputs, same_outputs
+
+    from federate.federation import Interrupted
+    from federate.run import CachedBackend
+
+    whole = tmp_path / "whole"
+    run_federate(planted_cache, whole, *overrides, rounds=6)
+    train = CachedBackend.train
+
+    def interrupted(self, federation, round_, sampled):
+        if round_ >= 4:
+            raise KeyboardInterrupt
+        return train(self, federation, round_, sampled)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(CachedBackend, "train", interrupted)
+    with pytest.raises(Interrupted):
+        run_federate(planted_cache, out, *overrides, rounds=6)
+    assert json.loads((out / "checkpoint.json").read_text())["privacy"]
+    monkeypatch.setattr(CachedBackend, "train", train)
+    run_federate(planted_cache, out, *overrides, rounds=6)
+    same_outputs(outputs(whole), outputs(out))

@@ -473,28 +473,48 @@ class BatchedTrainer(LockstepTrainer):
 
     @staticmethod
     def does_dp(adapter) -> bool:
-        """Whether DP-SGD runs here: AttAI's image tower alone (no text tower, no linear head), whose rows'
-        gradient norms come from its layers' row gradients (`private_gradients`)."""
-        return adapter.fast_path and tuple(adapter.towers) == ("image",) and not hasattr(adapter, "heads")
+        """Whether DP-SGD runs here: AttAI's image tower, alone or under one linear head (no text tower),
+        whose rows' gradient norms come from the layers' row gradients (`private_gradients`)."""
+        return adapter.fast_path and tuple(adapter.towers) == ("image",)
 
     def private_gradients(self, params, x, y, ok, step, weights):
         """Each row's gradient norm without the row's gradient: a layer z = W a + b has the row gradient
         dz a^T + dz, of squared norm |dz|^2 (|a|^2 + 1) ("ghost clipping", Goodfellow 2015; Li et al. 2022),
         so the clipped sum is the usual backward with each row's dz scaled by its factor. Cross-entropy over
-        the class prompts (the per-row loss DP-SGD needs)."""
+        the class prompts, or of the linear head (the per-row loss DP-SGD needs); the norms count the keys
+        that train (FedRep's phases train the head or the body)."""
         k = len(x)
         grads = self._grad_views.get(k) or self._grad_views.setdefault(k, {q: g[:k] for q, g in self._grads.items()})
         W = attai.layers(params, "image")
         image, saved = attai.forward(*W, x, self.low, None if self.xs_low is None else self.xs_low[step, :k, :x.shape[1]])
-        logits = torch.matmul(image, self.text_norm.T).mul_(self.scale)  # [k, B, C]
+        if self.head is not None:  # scale * (f W^T + b) of each client's head
+            weight = params["head.weight"]
+            logits = torch.baddbmm(params["head.bias"].unsqueeze(1), image, weight.transpose(1, 2)).mul_(self.scale)
+        else:
+            logits = torch.matmul(image, self.text_norm.T).mul_(self.scale)  # [k, B, C]
         log_p = torch.log_softmax(logits, dim=-1)
         nll = -log_p.gather(2, y[:, :, None])[:, :, 0]
         dlogits = log_p.exp_().scatter_add_(2, y[:, :, None], torch.full_like(nll, -1.0)[:, :, None]).mul_(self.scale)
-        dz1, dz2 = attai.row_gradients(W[2], saved, torch.matmul(dlogits, self.text_norm))  # the rows' own (sum) loss
-        rows_x, rows_h = saved[0], saved[1]
-        sq = dz1.pow(2).sum(-1) * rows_x.pow(2).sum(-1).add_(1) + dz2.pow(2).sum(-1) * rows_h.pow(2).sum(-1).add_(1)
+        sq = torch.zeros_like(nll)  # each row's squared gradient norm over the keys that train
+        head_w, head_b = "head.weight" in self.trained, "head.bias" in self.trained
+        if head_w:
+            sq.addcmul_(dlogits.pow(2).sum(-1), image.pow(2).sum(-1))
+        if head_b:
+            sq.add_(dlogits.pow(2).sum(-1))
+        if self.body_trains:  # the rows' own (sum) loss through the adapter
+            d_image = torch.bmm(dlogits, weight) if self.head is not None else torch.matmul(dlogits, self.text_norm)
+            dz1, dz2 = attai.row_gradients(W[2], saved, d_image)
+            rows_x, rows_h = saved[0], saved[1]
+            sq.add_(dz1.pow(2).sum(-1) * rows_x.pow(2).sum(-1).add_(1)).add_(dz2.pow(2).sum(-1) * rows_h.pow(2).sum(-1).add_(1))
         factor = (clip_factors(sq.sqrt_(), self.settings.dp.max_grad_norm, ok) * weights[:, None])[:, :, None]
-        attai.backward_rows(saved, dz1.mul_(factor), dz2.mul_(factor), attai.layers(grads, "image"))
+        if head_w or head_b:
+            scaled = dlogits * factor
+            if head_w:
+                torch.bmm(scaled.transpose(1, 2), image, out=grads["head.weight"])
+            if head_b:
+                torch.sum(scaled, 1, out=grads["head.bias"])
+        if self.body_trains:
+            attai.backward_rows(saved, dz1.mul_(factor), dz2.mul_(factor), attai.layers(grads, "image"))
         return torch.where(ok, nll, 0).sum(1) / ok.sum(1).clamp_min(1), grads
 
     def _moments(self, state):
@@ -751,7 +771,7 @@ def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch
 
 def private_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch.Tensor, scale: float,
                     settings: TrainSettings):
-    """privacy=dpsgd's engine: AttAI's fast path (without text tower or head: `BatchedTrainer.does_dp`),
+    """privacy=dpsgd's engine: AttAI's fast path (no text tower, one linear head at most: `BatchedTrainer.does_dp`),
     else the generic engine (per-sample gradients through torch.func, any adapter); engine=auto picks."""
     if adapter.engine is not None:
         raise ConfigError(f"privacy=dpsgd needs per-sample gradients, which adapter={adapter.name}'s own engine "
@@ -763,8 +783,8 @@ def private_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: to
         raise ConfigError("privacy=dpsgd trains with per-sample gradients, which engine=plain does not compute; "
                           "use engine=generic (or auto)")
     if engine in FAST_PATH and not BatchedTrainer.does_dp(adapter):
-        raise ConfigError(f"engine={engine} has DP-SGD for AttAI's image tower alone, not for this model (a text "
-                          "tower or a linear head); use engine=generic (or auto)")
+        raise ConfigError(f"engine={engine} has DP-SGD for AttAI's image tower (alone or under one linear head), not "
+                          "for this model (a text tower, two heads or a method's own loss); use engine=generic (or auto)")
     if engine not in ENGINES:
         raise ConfigError(f"engine must be auto, {', '.join(ENGINES)}, not {engine!r}")
     return ENGINES[engine](adapter, clients, text, scale, settings)

@@ -116,6 +116,33 @@ def test_the_clipping_bounds_each_rows_gradient_and_the_fast_path_computes_the_g
             assert (norm <= clip * ok.sum(1) + 1e-6).all()
 
 
+@pytest.mark.parametrize("trained", ["all", "head", "body"])  # FedPer's step, FedRep's head and body phases
+def test_ghost_clipping_under_a_linear_head_gives_the_generic_engines_sums(trained):
+    from federate.heads import WithHead
+
+    torch.manual_seed(4)
+    d, C, B = 16, 5, 9
+    text = torch.randn(C, d)
+    x, y = torch.randn(2, B, d), torch.randint(0, C, (2, B))
+    ok = torch.ones(2, B, dtype=torch.bool)
+    ok[0, 6:] = False
+    model = WithHead(AttAI())
+    params = {k: v.unsqueeze(0).expand(2, *v.shape).clone() for k, v in model.init(d, text).items()}
+    keys = {"all": set(params), "head": {"head.weight", "head.bias"},
+            "body": {k for k in params if k.startswith("image.")}}[trained]
+    s = TrainSettings(lr=1e-3, loss="ce", dp=SampleDP(0.01, 0.0))
+    sets = ClientSets.of_tensors([x[0], x[1]], [y[0], y[1]])
+    generic, fast = GenericTrainer(model, sets, text, 10.0, s), BatchedTrainer(model, sets, text, 10.0, s)
+    generic.trained = fast.trained = frozenset(keys)
+    fast._moments(params)
+    fast.prepare(params, x[None], y[None])
+    _, sums_g = generic.private_gradients(params, x, y, ok, 0, torch.full((2,), 0.5))
+    _, sums_f = fast.private_gradients(params, x, y, ok, 0, torch.full((2,), 0.5))
+    assert set(sums_g) == keys
+    for k in keys:
+        assert torch.allclose(sums_g[k], sums_f[k], atol=1e-6, rtol=1e-4), k
+
+
 def test_noise_is_each_clients_own_and_has_the_right_scale():
     torch.manual_seed(2)
     d, C = 32, 3
@@ -214,7 +241,7 @@ def test_settings_that_cannot_give_their_guarantee_are_refused_in_one_line(plant
 
 def test_a_fast_engine_asked_for_a_model_it_cannot_privatise_is_refused(planted_cache, tmp_path):
     refused(lambda: run_federate(planted_cache, tmp_path / "r", "privacy=dpsgd", "privacy.noise_multiplier=1",
-                                 "method=fedper", "engine=sequential", rounds=1), "engine=sequential has DP-SGD for",
+                                 "method=apfl", "engine=sequential", rounds=1), "engine=sequential has DP-SGD for",
             "use engine=generic")
     refused(lambda: run_federate(planted_cache, tmp_path / "t", "privacy=dpsgd", "privacy.noise_multiplier=1",
                                  "text_adapter=true", "engine=batched", rounds=1), "engine=batched has DP-SGD for")

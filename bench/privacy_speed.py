@@ -4,7 +4,7 @@ clients with and without privacy=dpsgd, interleaved in one process, best of --re
 DP-SGD's Poisson batches have the expected size n / b, the others batch_size).
 
     python bench/privacy_speed.py [--engines sequential,generic] [--repeats 3] [--rounds 2] [--threads 1]
-        [--adapter attai] [--cache-dir DIR]
+        [--adapter attai] [--method fedclip] [--cache-dir DIR]
 
 PACS-sized planted cache (target art_painting, 3 clients, 4,765 training rows), AttAI at d = 512 (525,312
 parameters). sequential: AttAI's fast path (per-sample norms from the layers' row gradients); generic:
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--adapter", default="attai")
+    parser.add_argument("--method", default="fedclip", help="e.g. fedper: AttAI under a linear head")
     parser.add_argument("--cache-dir", type=Path)
     args = parser.parse_args()
     import torch
@@ -53,12 +54,13 @@ def main() -> None:
             for private in (False, True):
                 extra = ["privacy=dpsgd", "privacy.noise_multiplier=1.0"] if private else ["loss=ce"]
                 cfg = compose(cache, ["target_domain=art_painting", f"rounds={args.rounds}", f"engine={engine}",
-                                      f"adapter={args.adapter}", *extra])
+                                      f"adapter={args.adapter}", f"method={args.method}", *extra])
                 _, train, point, (_, train_cpu) = timed_rounds(cfg, tmp / f"{engine}_{private}_{repeat}", args.rounds)
                 steps = sum(poisson_rate(len(s), int(cfg.batch_size))[0] for s in point.train_sets)
                 old = best.get((engine, private), (train, train_cpu))
                 best[engine, private] = (min(train, old[0]), min(train_cpu, old[1]))
-    print(f"PACS-sized, target art_painting, adapter {args.adapter}: {steps} steps per round (all clients)")
+    print(f"PACS-sized, target art_painting, method {args.method}, adapter {args.adapter}: {steps} steps per round "
+          "(all clients)")
     print("   (CPU: this process's CPU time, the noise's worker thread included)")
     for engine in args.engines.split(","):
         (plain, plain_cpu), (dp, dp_cpu) = best[engine, False], best[engine, True]

@@ -564,3 +564,26 @@ def test_an_interrupted_private_run_resumes_to_the_same_outputs_and_epsilon(plan
     monkeypatch.setattr(CachedBackend, "train", train)
     run_federate(planted_cache, out, *overrides, rounds=6)
     same_outputs(outputs(whole), outputs(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["privacy=dp_client", "privacy.noise_multiplier=0.8", "privacy.clip_norm=0.05",
+                                    "privacy.side=client"],
+                                   ["privacy=dpsgd", "privacy.epsilon=8", "method=fedper"]])
+def test_private_runs_in_flowers_simulation_engine_give_the_in_process_numbers(tmp_path, extra):
+    """`python -m federate backend=flower` (Ray, one SuperNode per client, the real ClientApp and its mods:
+    Flower's fixedclipping_mod clips on the clients) equals the in-process run, noise included."""
+    from conftest import run_cli
+
+    tf = flower_grid()
+    domains, text = planted(tf.DOMAINS)
+    cache = write_cache(tmp_path / "c.h5", domains, text)
+    out = tmp_path / "sim"
+    proc = run_cli("federate", "backend=flower", f"cache_file={cache}", "model.name=fedclip/planted",
+                   "target_domain=target", "rounds=3", "lr=1e-3", *extra, f"hydra.run.dir={out}", cwd=tmp_path,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    flower = json.loads((out / "summary.json").read_text())
+    local = tf.in_process(cache, tmp_path / "l", 3, *extra)
+    tf.same_results(flower, local)
+    assert flower["backend"] == "flower" and flower["epsilon"] == local["epsilon"]

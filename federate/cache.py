@@ -52,6 +52,7 @@ class EmbeddingCache:
     domains: dict[str, DomainData]
     all_domains: tuple[str, ...]  # every domain of the file, also those not loaded
     model_fingerprint: str = ""  # sha256 of the weights and configs ("" in caches of an older fedclip)
+    inputs_fingerprint: str = ""  # sha256 of every domain's ids and labels (extract.cache.inputs_fingerprint)
     identity_sha256: str = ""  # sha256 of the identity attributes (model, dataset, domains, classes, prompts)
     checksums: dict = field(default_factory=dict)  # HDF5 dataset path -> sha256 of what was read and verified
     verify_seconds: float = 0.0  # time spent reading and verifying (the first load of this process)
@@ -236,7 +237,8 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
         path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
         embed_dim=embed_dim, class_names=class_names, text=text, logit_scale=logit_scale,
         model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains, all_domains=tuple(names),
-        model_fingerprint=str(a.get("model_fingerprint", "")), identity_sha256=str(a["identity_sha256"]),
+        model_fingerprint=str(a.get("model_fingerprint", "")), inputs_fingerprint=str(a.get("inputs_fingerprint", "")),
+        identity_sha256=str(a["identity_sha256"]),
         checksums=_checksums(f, ["text/embeddings", "text/logit_scale",
                                  *(f"domains/{d}/{k}" for d in domains for k in ("image_embeddings", "labels", "ids"))]),
         verify_seconds=time.perf_counter() - t0, features=features, labels=labels)

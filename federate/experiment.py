@@ -166,9 +166,13 @@ def describe_clients(clients: list[Client]) -> str:
 
 
 def domain_rows(cache: EmbeddingCache, domain: str, pool: tuple[torch.Tensor, torch.Tensor]) -> Rows:
-    """Every row of a domain (the target), as rows of `pool`."""
+    """Every row of a domain (the target), as rows of `pool`; an empty one is refused (it would read as 0%)."""
     x, y = pool
     d = cache.domains[domain]
+    if not len(d.labels):
+        which = f" of the classes dataset.classes keeps ({', '.join(cache.class_names)})" if cache.left_out else ""
+        raise ConfigError(f"the target domain {domain} has no rows{which}, so its accuracy cannot be measured; pick "
+                          "another target_domain (or target_domain=none), or other classes")
     return Rows(x, y, torch.arange(d.start, d.start + len(d.labels), device=x.device))
 
 
@@ -215,10 +219,13 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+EXPLODED_RMS = 100.0  # root mean square of a weight tensor: trained weights stay near 1 or below; lr=1e3 gives ~500
+
+
 def check_finite(round_: int, losses: dict[str, float], state: dict[str, torch.Tensor], lr: float) -> None:
     """A run whose losses or weights are no longer finite, or whose weights exploded, has diverged: stop,
     never report its numbers (exploded weights saturate the adapter: accuracy falls to chance)."""
-    exploded = 100.0  # root mean square of a weight tensor: trained weights stay near 1 or below; lr=1e3 gives ~500
+    exploded = EXPLODED_RMS
     bad = [n for n, v in losses.items() if not math.isfinite(v)]
     # one pass per tensor, nothing allocated (300 personal adapters weigh 630 MB): a NaN or inf makes the norm one
     norms = [(float(torch.linalg.vector_norm(v.float())), v.numel()) for v in state.values()
@@ -350,7 +357,11 @@ def identity_of(cache, splits_text: str) -> dict:
     """What a cached run computed on: the cache's identity and checksums, the splits (splits.json's text),
     and for cache_file=hf://... the repo and the commit the cache came from."""
     out = {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
-           "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest()}
+           "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest(),
+           # the images and the model it was built from: the report puts runs that trained on the same images
+           # (the backbone baselines) beside the ones on this cache
+           "cache_inputs_fingerprint": cache.inputs_fingerprint or None,
+           "cache_model_fingerprint": cache.model_fingerprint or None}
     hub = HUB_CACHES.get(str(Path(cache.path).resolve()))
     if hub:
         out["cache_hub"] = hub

@@ -136,7 +136,7 @@ class Federation:
 
     def __init__(self, cfg, method, clients: list[ClientInfo], init_state: dict, server, output_dir: Path, *,
                  target: str | None, progress: bool = True, every_round: bool = True, keeps_personal: bool = True,
-                 inputs: dict | None = None):
+                 inputs: dict | None = None, known_clients: list[str] | None = None):
         self.cfg, self.method, self.clients, self.server = cfg, method, clients, server
         self.output_dir, self.target, self.every_round = Path(output_dir), target, every_round
         self.rounds = method.rounds(cfg)
@@ -164,6 +164,7 @@ class Federation:
         self.current_round = 0  # the round being concluded
         self.config = config_dict(cfg)
         self.inputs = dict(inputs or {})  # what the run computes on: a resume on anything else is refused
+        self.known_clients = known_clients or [c.name for c in clients]  # (Flower: those that did not register too)
         resumed = self._resume()
         if resumed is None and self.rounds and not recorded(self.output_dir):
             # round 0, before history.jsonl exists: a run stopped before its first round resumes from here
@@ -318,7 +319,7 @@ class Federation:
             raise ConfigError(f"{self.output_dir} holds an unfinished run on other inputs ({'; '.join(changed[:2])}"
                               f"{'; ...' if len(changed) > 2 else ''}): the cache or the splits changed since; give "
                               "this run its own folder (hydra.run.dir=...), or remove its checkpoint* to start it over")
-        checkpoint.check_record(self.output_dir, meta, self.rounds, [c.name for c in self.clients])
+        checkpoint.check_record(self.output_dir, meta, self.rounds, self.known_clients)
         current = meta["best_is_current"] or meta["best_row"] is None
         expected = {f"global/{k}": v for k, v in self.global_state.items()}
         expected.update({f"personal/{k}": v for k, v in self.personal.items()})

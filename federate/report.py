@@ -281,12 +281,18 @@ class TableSet:
     identity: str | None  # the cache's identity_sha256 (None: an older run did not record it)
     splits: str | None  # sha256 of the splits.json of split_file runs
     classes: tuple | None = None  # the class subset (dataset.classes); None: every class of the cache
+    inputs: str | None = None  # the images the cache was built from (its inputs_fingerprint) ...
+    model_fingerprint: str | None = None  # ... and the model (runs on those images go beside: the baselines)
     checksums: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)
     folder: str = ""
     other_content_than: str = ""  # the folder of a table set with the same names but other embeddings
 
     def agrees(self, s: dict) -> bool:
+        if on_images(s):  # a backbone baseline: beside the runs on a cache of the same images and model
+            return (self.identity is not None and self.inputs == s["inputs_fingerprint"] and self.splits is None
+                    and self.classes is None and s.get("model_fingerprint") in (None, self.model_fingerprint)
+                    and self.dataset == s["dataset"])
         same = (self.dataset, self.model, self.identity, self.splits, self.classes) == data_key(s)
         sums = s.get("cache_checksums") or {}
         return same and all(self.checksums.get(k, v) == v for k, v in sums.items())
@@ -300,6 +306,11 @@ class TableSet:
         if self.other_content_than:
             what.append(f"other embeddings than {self.other_content_than}: the cache was rebuilt")
         return f"{self.dataset} with {self.model} ({', '.join(what)})"
+
+
+def on_images(s: dict) -> bool:
+    """A run that trained on the images (a backbone baseline), which names them instead of a cache."""
+    return s.get("cache_identity_sha256") is None and isinstance(s.get("inputs_fingerprint"), str)
 
 
 def data_key(s: dict) -> tuple:
@@ -317,10 +328,11 @@ def class_subset(s: dict) -> tuple[str, ...] | None:
 def table_sets(runs: list[dict]) -> list[TableSet]:
     """Group runs by what they computed on; each set gets a folder name of its own."""
     sets: list[TableSet] = []
-    for s in sorted(runs, key=lambda s: str(s["_dir"])):
+    for s in sorted(runs, key=lambda s: (on_images(s), str(s["_dir"]))):  # the caches' sets first
         match = next((t for t in sets if t.agrees(s)), None)
         if match is None:
-            match = TableSet(*data_key(s))
+            match = TableSet(*data_key(s), inputs=s.get("cache_inputs_fingerprint") or s.get("inputs_fingerprint"),
+                             model_fingerprint=s.get("cache_model_fingerprint") or s.get("model_fingerprint"))
             sets.append(match)
         match.checksums.update(s.get("cache_checksums") or {})
         match.runs.append(s)

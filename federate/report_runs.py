@@ -105,10 +105,15 @@ def summary_problem(s) -> str | None:
             isinstance(s["personalization_spread"], dict)
             and all(is_accuracy(s["personalization_spread"].get(k)) for k in ("mean", "worst", "p10"))),
          "an object with accuracies mean, worst and p10"),
-        ("cache_identity_sha256", isinstance(s.get("cache_identity_sha256", ""), str), "a sha256 string"),
-        ("cache_checksums", isinstance(s.get("cache_checksums", {}), dict)
-         and all(isinstance(k, str) and isinstance(v, str) for k, v in s.get("cache_checksums", {}).items()),
+        # a run on a cache names it; a run on the images (the backbone baselines) names the images instead
+        ("cache_identity_sha256", isinstance(s.get("cache_identity_sha256", ""), str)
+         or (s.get("cache_identity_sha256") is None and isinstance(s.get("inputs_fingerprint"), str)),
+         "a sha256 string (or null for a run on the images, with their inputs_fingerprint)"),
+        ("cache_checksums", isinstance(s.get("cache_checksums") or {}, dict)
+         and all(isinstance(k, str) and isinstance(v, str) for k, v in (s.get("cache_checksums") or {}).items()),
          "an object {dataset path: sha256}"),
+        *[(k, s.get(k) is None or isinstance(s[k], str), "a sha256 string")
+          for k in ("inputs_fingerprint", "model_fingerprint", "cache_inputs_fingerprint", "cache_model_fingerprint")],
         ("splits_sha256", s.get("splits_sha256") is None or isinstance(s["splits_sha256"], str), "a sha256 string"),
         ("partition", s.get("partition") is None or (isinstance(s["partition"], dict)
                                                      and isinstance(s["partition"].get("name"), str)),

@@ -87,12 +87,15 @@ class LocalTraining:
         trainer = self._trainer(settings)
         gens = self.generators(phase)
         own = [k for k in shared if k not in personal]  # the shared keys each client sends
-        one_by_one = self.shared_is_common and hasattr(trainer, "train_mean") and not each
-        if one_by_one and (not send or not own or self.weights is not None):  # no M copies of the shared keys
-            mean, losses = trainer.train_mean({k: shared[k] for k in own}, epochs, gens,
-                                              self.weights if send and own else None, anchor, personal=personal, keys=keys)
-            return Update({k: mean[k].unsqueeze(0) for k in own} if send and own else {}, [1] if send and own else
-                          self.sizes, self.named(losses))
+        mean = send and bool(own) and self.weights is not None  # the strategy takes their weighted mean
+        if self.shared_is_common and hasattr(trainer, "train_mean") and not each and (mean or not (send and own)):
+            # one client at a time from the one shared state, each added to the mean as it finishes: never
+            # M copies of the shared keys
+            total, losses = trainer.train_mean({k: shared[k] for k in own}, epochs, gens,
+                                               self.weights if mean else None, anchor, personal=personal, keys=keys)
+            if mean:
+                return Update({k: total[k].unsqueeze(0) for k in own}, [1], self.named(losses))
+            return Update({}, self.sizes, self.named(losses))
         m = len(self)
         state = {k: (shared[k].expand(m, *shared[k].shape) if self.shared_is_common else shared[k]).clone() for k in own}
         state.update(personal)  # trained in place

@@ -293,8 +293,36 @@ def test_report_lists_the_backbone_runs_beside_the_cached_ones(fedavg_run, tmp_p
 
     s, _ = fedavg_run
     assert method_label(s).startswith("fedavg_full/clip")
-    prox = {**s, "method": "fedprox_full", "mu": 0.01, "method_settings": {"name": "fedprox_full", "mu": 0.01}}
+    prox = {**s, "method": "fedprox_full", "mu": 0.01, "config": {**s["config"], "method": {"name": "fedprox_full",
+                                                                                            "mu": 0.01}}}
     assert method_label(prox).startswith("fedprox_full/clip (mu=0.01")
+
+
+@pytest.mark.slow
+@needs_pacs
+def test_the_report_puts_the_baselines_beside_fedclip_on_a_cache_of_the_same_images(fedavg_run, tiny_model, tmp_path):
+    """A backbone run names the images it trained on (their inputs fingerprint) and the model; the report
+    groups it with the runs on the cache extracted from the same images with the same model."""
+    import shutil
+
+    from conftest import run_cli
+
+    from federate.report import report
+
+    s, out = fedavg_run
+    assert s["cache_identity_sha256"] is None and len(s["inputs_fingerprint"]) == 64 and s["model_fingerprint"]
+    proc = run_cli("extract", f"dataset.root={PACS_MINI}", "dataset.name=pacs", f"model.name={tiny_model}",
+                   f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    cache = next((tmp_path / "cache").rglob("*.h5"))
+    runs = tmp_path / "runs"
+    shutil.copytree(out, runs / "fedavg_full")
+    cached = run(config("federate", [f"cache_file={cache}", f"model.name={tiny_model}", "rounds=2"]), runs / "fedclip")
+    assert cached["cache_inputs_fingerprint"] == s["inputs_fingerprint"]
+    assert cached["cache_model_fingerprint"] == s["model_fingerprint"]
+    text = report(runs, make_plots=False)
+    assert "fedavg_full/clip" in text and "fedclip" in text and "malformed" not in text
+    assert len(list((runs / "report").glob("pacs__*"))) == 1  # one table set: the same images and model
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -263,3 +263,21 @@ def test_cli_output_file_that_cannot_be_written_is_one_line_and_exit_2(cache_fil
     proc = cli(cache_file, tmp_path, f"hydra.run.dir={run_dir}")
     line = assert_one_line_error(proc, f"{run_dir}/", "exists and is not a regular file", "remove it")
     assert re.search(r"\S+/(splits\.json|adapter\.safetensors) exists and is not a regular file", line)
+
+
+def test_a_target_without_a_row_of_the_chosen_classes_is_refused(tmp_path):
+    """dataset.classes can leave the target domain empty: its accuracy would read 0.00% and pull `overall`
+    down; the run is refused instead."""
+    import numpy as np
+    from conftest import run_federate
+    from planted import one_line, planted, write_cache
+
+    from federate.errors import ConfigError
+
+    domains, text = planted({"alpha": 60, "beta": 60, "target": 40})
+    x, y = domains["target"]
+    domains["target"] = (x, np.where(y < 2, 2, y))  # no row of class0 or class1
+    cache = write_cache(tmp_path / "c.h5", domains, text)
+    one_line(ConfigError, lambda: run_federate(cache, tmp_path / "run", "dataset.classes=[class0,class1]", rounds=1),
+             "the target domain target has no rows of the classes dataset.classes keeps (class0, class1)")
+    assert not (tmp_path / "run" / "summary.json").exists()

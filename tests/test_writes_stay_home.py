@@ -201,7 +201,7 @@ def test_the_report_refuses_a_linked_folder_in_one_line(tmp_path, linked):
 
 # ---------------------------------------------------------------- python -m federate.partition
 def partition(cache, out):
-    from federate.partition_plot import main
+    from federate.partition.plot import main
 
     main([str(cache), "--out", str(out)])
 

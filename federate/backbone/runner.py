@@ -106,7 +106,7 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     infos = [ClientInfo(d, d, {p: len(splits[d][p]) for p in ("train", "val", "test")}) for d in clients]
     splits_text = json.dumps(splits_to_ids(splits, {d: tuple(by_name[d].ids) for d in participants}))
     identity = {"cache_identity_sha256": None, "cache_checksums": None,
-                "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest()}
+                "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest(), **images_identity(cfg, source, backbone)}
     federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, every_round=False,
                             inputs=identity)
     costs = cost_figures(method, federation, clip_params, federation.rounds)
@@ -138,6 +138,24 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
         return execute(experiment, backend, start)
     finally:
         loader.loader = None  # stops the persistent workers
+
+
+def images_identity(cfg, source, backbone: str) -> dict:
+    """What a run on the images computed on, in the terms a cache records it (extract/cache.py): the
+    inputs' fingerprint (every domain's ids and labels) and, for CLIP, the model's; the report puts the run
+    beside the runs on a cache built from the same images and model."""
+    from extract.cache import inputs_fingerprint
+
+    model = None
+    if backbone == "clip":
+        from extract.errors import ExtractError
+        from extract.model import resolve_model
+
+        try:
+            model = resolve_model(cfg.model, cfg.cache_dir).fingerprint
+        except ExtractError as e:
+            raise ConfigError(str(e)) from None
+    return {"inputs_fingerprint": inputs_fingerprint(source.domains), "model_fingerprint": model}
 
 
 class ImageBackend:

@@ -16,7 +16,7 @@ from ..cli import unknown_setting
 from ..config import FederateConfig
 from ..errors import ConfigError
 from ..inputs import loads
-from ..experiment import class_text, make_client, pooled_embeddings
+from ..experiment import EXPLODED_RMS, class_text, make_client, pooled_embeddings
 from ..partition import make_clients
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -73,7 +73,7 @@ def client_data(cache_file: str, cfg, participants: list[str], node_config):
 @lru_cache(maxsize=4)
 def _client_data(cache_file: str, version, settings: str, participants: str, node: str):
     cfg, participants, node = unship(settings), json.loads(participants), json.loads(node)
-    own_domain = cfg.partition.name == "domain"
+    own_domain = cfg.partition.name == "domain" and not cfg.split_file  # (a split file may name any clients)
     if own_domain:  # one client per domain: this node's domain is all it reads
         participants = [domain_of_node(node, participants)]
     cache = load_cache(cache_file, cfg.model.name, domains=tuple(participants))
@@ -94,6 +94,9 @@ def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Ten
             return f"{k} is {v.dtype}, not float32"
         if not torch.isfinite(v).all():
             return f"{k} has non-finite values"
+        rms = float(torch.linalg.vector_norm(v)) / max(1, v.numel()) ** 0.5
+        if rms > EXPLODED_RMS:  # what no client training at a sane lr sends (the run would stop, blaming lr)
+            return f"{k} has exploded weights (root mean square {rms:.3g} > {EXPLODED_RMS:g})"
     return None
 
 

@@ -25,10 +25,12 @@ YAML file its defaults go to Hydra's ConfigStore (README: "Add your own method")
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from ..errors import ConfigError
 
@@ -139,14 +141,25 @@ class Method:
         return {"up": n, "down": n}
 
 
-def register(name: str, **defaults):
-    """Class decorator: make a Method subclass available as `method=<name>`, with default settings (its
-    config node goes to Hydra's ConfigStore, unless conf/method/<name>.yaml configures it)."""
+def register(name: str, config: str | Path | None = None, **defaults):
+    """Class decorator: make a Method subclass available as `method=<name>`. Its config node is
+    conf/method/<name>.yaml for a built-in; else `config`, a YAML file (a path relative to the module that
+    defines the method; `# @package _global_` as its first line lets it set other keys, such as `loss`),
+    or the `defaults` (`method.<key>=...`); either goes to Hydra's ConfigStore."""
     def add(cls: type[Method]) -> type[Method]:
         cls.name = name
         METHODS[name] = cls
-        if not (YAML_DIR / f"{name}.yaml").exists():
-            ConfigStore.instance().store(group="method", name=name, node={"name": name, **defaults})
+        store = ConfigStore.instance()
+        if config is not None:
+            path = Path(config) if Path(config).is_absolute() else \
+                Path(sys.modules[cls.__module__].__file__).resolve().parent / config
+            text = path.read_text()
+            header = [line.strip() for line in text.splitlines()]
+            header = header[:next((i for i, line in enumerate(header) if line and not line.startswith("#")), len(header))]
+            glob = "# @package _global_" in header  # (Hydra's package header, in the file's leading comments)
+            store.store(group="method", name=name, node=OmegaConf.create(text), package="_global_" if glob else None)
+        elif not (YAML_DIR / f"{name}.yaml").exists():
+            store.store(group="method", name=name, node={"name": name, **defaults})
         return cls
     return add
 

@@ -20,7 +20,7 @@ per-domain file of earlier versions.
 
     python -m federate.partition <cache.h5> [partition=...] [seed=...] [--out DIR]
 
-plots the clients' label distributions (federate/partition_plot.py).
+plots the clients' label distributions (federate/partition/plot.py).
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .cache import DomainData, EmbeddingCache, derived
-from .errors import ConfigError
-from .splits import MIN_ROWS, PARTS, read_client_splits, split_indices
+from ..cache import DomainData, EmbeddingCache, derived
+from ..errors import ConfigError
+from ..splits import MIN_ROWS, PARTS, read_client_splits, split_indices
 
 log = logging.getLogger("federate")
 
@@ -252,8 +252,3 @@ def _restricted(cache, classes: list[str]) -> EmbeddingCache:
     return replace(cache, class_names=tuple(classes), text=cache.text[:, old], domains=domains, features=features,
                    labels=labels, left_out=left_out)
 
-
-if __name__ == "__main__":
-    from .partition_plot import cli
-
-    cli()

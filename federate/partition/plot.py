@@ -22,8 +22,8 @@ import numpy as np
 
 from extract.files import UnsafePath, atomic_path, open_atomic, own_folder
 
-from .cli import CONF_DIR, GROUPS, bad_value, unknown_choice, unknown_setting
-from .errors import ConfigError
+from ..cli import CONF_DIR, GROUPS, bad_value, unknown_choice, unknown_setting
+from ..errors import ConfigError
 
 log = logging.getLogger("federate.partition")
 
@@ -37,7 +37,7 @@ def compose(cache_file: str, overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .experiment import check_settings
+    from ..experiment import check_settings
 
     message = (unknown_choice(overrides, GROUPS) or unknown_setting(overrides, "federate")
                or bad_value(overrides, "federate"))
@@ -131,9 +131,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="federate settings: partition=..., seed=..., ...")
     parser.add_argument("--out", help="folder for the CSV and the PNG (default outputs/partition/<time>)")
     args = parser.parse_args(argv)
-    from .cache import load_cache
-    from .cache import canonical_domain, case_hint
-    from .partition import make_clients, restrict_classes
+    from ..cache import load_cache
+    from ..cache import canonical_domain, case_hint
+    from . import make_clients, restrict_classes
 
     cfg = compose(args.cache, args.overrides)
     cache = restrict_classes(load_cache(args.cache), cfg.dataset.get("classes"))

@@ -587,3 +587,36 @@ def test_private_runs_in_flowers_simulation_engine_give_the_in_process_numbers(t
     local = tf.in_process(cache, tmp_path / "l", 3, *extra)
     tf.same_results(flower, local)
     assert flower["backend"] == "flower" and flower["epsilon"] == local["epsilon"]
+
+
+def test_a_dp_fedavg_target_gives_the_least_noise_within_it(planted_cache, tmp_path):
+    s = run_federate(planted_cache, tmp_path / "r", "privacy=dp_client", "privacy.epsilon=20", "clients_per_round=2",
+                     rounds=3)
+    sigma = s["privacy"]["noise_multiplier"]
+    assert 20 - 0.01 <= s["epsilon"] <= 20
+    assert privacy.client_epsilon(sigma * 0.99, 3, 2, 3, 1e-5) > 20  # less noise would exceed it
+
+
+def test_a_flower_client_that_sends_its_dpsgd_loss_is_dropped_and_one_without_the_noise_refuses(tmp_path, monkeypatch,
+                                                                                                 caplog):
+    tf = flower_grid()
+    from flwr.app import MetricRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from federate.flower.server_app import serve
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    domains, text = planted(tf.DOMAINS)
+    cache = write_cache(tmp_path / "c.h5", domains, text)
+
+    def leak(domain, round_, kind, reply):
+        if kind == "train" and domain == "alpha":
+            reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "train_loss": 1.0})
+        return reply
+
+    s = serve(tf.FakeGrid(leak), tf.flower_cfg(cache, tmp_path / "f", "privacy=dpsgd", "privacy.noise_multiplier=1"),
+              tmp_path / "f")
+    assert "alpha" in s["dropped_clients"] and "train_loss was sent" in s["dropped_clients"]["alpha"]
+    cfg = config("federate", ["privacy=dpsgd", "privacy.epsilon=3"])  # as a client would get it without the server's noise
+    refused(lambda: privacy.client_settings(TrainSettings(lr=1e-3), cfg), "the server sent no privacy.noise_multiplier")

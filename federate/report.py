@@ -69,7 +69,7 @@ VARIANT_KEYS = ("aggregation", "loss", "text_adapter", "local_epochs", "batch_si
 DEFAULTS = {"aggregation": "uniform", "loss": "contrastive", "text_adapter": False, "local_epochs": 1,
             "batch_size": 32, "precision": "fp32", "rounds": 200, "backend": "local", "engine": "auto",
             "clients_per_round": None, "selection": "val_mean", "finetune_epochs": 0, "split_file": None}
-VARIANT_GROUPS = ("method", "adapter", "strategy", "partition", "optimizer", "backbone")
+VARIANT_GROUPS = ("method", "adapter", "strategy", "partition", "optimizer", "backbone", "privacy")
 IDENTITY = {
     "dataset.classes": "the class subset: a table set of its own (the paper's numbers are for every class)",
     "dataset.": "what the cache was built from: the table set is the cache's identity and checksums",
@@ -155,10 +155,20 @@ def option_defaults(group: str, name: str) -> dict:
     return node if isinstance(node, dict) else {}
 
 
-def method_label(s: dict) -> str:
+def privacy_settings(s: dict) -> dict | None:
+    """The privacy settings a run recorded in its config (name included), or None without privacy. Not the
+    summary's `privacy` record, which holds what the run spent besides."""
+    node = config_of(s).get("privacy")
+    if not isinstance(node, dict) or node.get("name", "none") == "none":
+        return None
+    return dict(node)
+
+
+def method_label(s: dict, privacy_hidden: tuple[str, ...] = (), no_privacy: bool = False) -> str:
     """The row name of a run: the method (with its backbone when it trains one) and every setting that
-    makes a different variant (adapter, server strategy, loss, partition, ...); runs with the same label
-    are seeds."""
+    makes a different variant (adapter, server strategy, loss, partition, privacy, ...); runs with the same
+    label are seeds. `privacy_hidden`: privacy settings left out (a privacy-utility curve's points);
+    `no_privacy`: the label without privacy at all."""
     extras = [f"{k}={setting(s, k)}" for k in VARIANT_KEYS
               if k != "split_file" and setting(s, k) is not None and setting(s, k) != DEFAULTS.get(k)
               and not (k == "rounds" and s["method"] == "zeroshot")]
@@ -179,7 +189,67 @@ def method_label(s: dict) -> str:
     if server and server.get("name") != "fedavg":
         extras.insert(0, "strategy=" + settings_label(server.get("name"), server, hidden=("name", "aggregation")))
     extras[:0] = [f"{k}={v}" for k, v in group_settings(s, "method").items() if k != "name"]  # mu, any method's
+    dp = None if no_privacy else privacy_settings(s)
+    if dp:
+        shown = {k: v for k, v in dp.items() if v is not None}  # (noise_multiplier or epsilon may be unset)
+        extras.append("privacy=" + settings_label(dp["name"], shown, hidden=("name", *privacy_hidden)))
     return s["method"] + backbone_label(s) + (f" ({', '.join(extras)})" if extras else "")
+
+
+def spent_epsilon(s: dict) -> float | None:
+    """The epsilon a private run spent (its summary's, checked: a finite number >= 0), else None."""
+    value = s.get("epsilon")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
+
+
+CURVE_KEYS = ("noise_multiplier", "epsilon")  # what a privacy-utility sweep varies
+
+
+def privacy_curves(runs: list[dict]) -> tuple[dict, dict]:
+    """Privacy against utility: {curve: ([(epsilon, overall %, seeds)], the label without privacy)}, one point
+    per row of the tables whose privacy settings differ only in noise_multiplier or epsilon (means over its
+    runs), sorted by epsilon; and {label: overall %} of the non-private rows, drawn beside the curve of the
+    same label without privacy. Private runs whose epsilon is infinite (noise 0) are left out."""
+    points, baselines, bases = defaultdict(lambda: defaultdict(list)), defaultdict(list), {}
+    for s in runs:
+        overall = s.get("overall")
+        if not isinstance(overall, (int, float)) or not math.isfinite(overall):
+            continue
+        if privacy_settings(s) is None:
+            baselines[method_label(s)].append(100 * overall)
+        elif spent_epsilon(s) is not None:
+            points[method_label(s, CURVE_KEYS)][method_label(s)].append((spent_epsilon(s), 100 * overall))
+            bases[method_label(s, CURVE_KEYS)] = method_label(s, no_privacy=True)
+    curves = {}
+    for curve, rows in points.items():
+        curves[curve] = (sorted((statistics.fmean(e for e, _ in v), statistics.fmean(a for _, a in v), len(v))
+                                for v in rows.values()), bases[curve])
+    return curves, {k: statistics.fmean(v) for k, v in baselines.items()}
+
+
+def privacy_table(runs: list[dict]) -> tuple[list[str], list[list], int] | None:
+    """The privacy-utility table: each private row's epsilon (the worst client's for DP-SGD), delta and
+    overall accuracy, ordered by epsilon within its curve; None without private runs."""
+    curves, _ = privacy_curves(runs)
+    if not curves:
+        return None
+    deltas = {method_label(s): s.get("delta") for s in runs if spent_epsilon(s) is not None}
+    by_label = defaultdict(list)
+    for s in runs:
+        if spent_epsilon(s) is not None:
+            by_label[method_label(s)].append(s)
+    rows = []
+    for curve in sorted(curves):
+        for label in sorted((k for k in by_label if method_label(by_label[k][0], CURVE_KEYS) == curve),
+                            key=lambda k: statistics.fmean(spent_epsilon(s) for s in by_label[k])):
+            group = by_label[label]
+            delta = deltas[label]
+            rows.append([label, f"{statistics.fmean(spent_epsilon(s) for s in group):.3g}",
+                         f"{delta:g}" if isinstance(delta, (int, float)) and not isinstance(delta, bool) else NA,
+                         cell([s["overall"] for s in group])])
+    return ["method", "epsilon", "delta", "overall"], rows, 3
 
 
 def backbone_label(s: dict) -> str:
@@ -519,8 +589,15 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
         for name, (header, rows, label_cols) in tables(kept, t.dataset, t.model, t.classes is not None).items():
             text += ["", f"### {name.capitalize()}", "", markdown(header, rows, label_cols)]
             write_csv(folder / f"{name}.csv", header, rows, label_cols)
+        private = privacy_table(kept)
+        if private:
+            text += ["", "### Privacy and utility", "",
+                     "epsilon: what the run spent at delta (DP-SGD: the worst client's; docs/privacy.md).", "",
+                     markdown(*private)]
+            write_csv(folder / "privacy.csv", *private)
         if make_plots:
-            for p in write_plots(kept, folder, f"{t.dataset} / {t.model}", method_label, cost_bench):
+            for p in write_plots(kept, folder, f"{t.dataset} / {t.model}", method_label, cost_bench,
+                                 privacy_curves(kept)):
                 text.append(f"\nplot: {p}")
     with open_atomic(out_dir / "per_round.csv", "w", newline="") as f:
         w = csv.writer(f)

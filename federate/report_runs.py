@@ -153,8 +153,9 @@ def row_problem(row: dict, previous: int | None) -> str | None:
         ("val_rows", "val_rows" not in row or is_accuracy(row["val_rows"]), "an accuracy in [0, 1]"),
         ("test_acc", "test_acc" not in row or is_accuracies(row["test_acc"]), "an object {client: accuracy in [0, 1]}"),
         ("target_acc", row.get("target_acc") is None or is_accuracy(row["target_acc"]), "an accuracy in [0, 1] or null"),
-        ("train_loss", "train_loss" not in row or (isinstance(row["train_loss"], dict) and all(
-            isinstance(k, str) and is_number(v) for k, v in row["train_loss"].items())), "an object {client: finite number}"),
+        ("train_loss", "train_loss" not in row or row["train_loss"] is None or (isinstance(row["train_loss"], dict) and all(
+            isinstance(k, str) and is_number(v) for k, v in row["train_loss"].items())),
+         "an object {client: finite number}, or null (privacy=dpsgd: the clients keep it)"),
         ("sampled", "sampled" not in row or (isinstance(row["sampled"], list)
                                              and all(isinstance(c, str) for c in row["sampled"])), "a list of client names"),
         *[(k, k not in row or (is_number(row[k]) and row[k] >= 0), "a number of seconds >= 0")

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from . import checkpoint, experiment, prepared
+from . import checkpoint, experiment, prepared, privacy
 from .engine import ClientSets, make_trainer
 from .errors import ConfigError
 from .experiment import progress_bar
@@ -51,8 +51,8 @@ def group_key(cfg) -> str | None:
         method = experiment.check_settings(cfg)
     except Exception:  # noqa: BLE001 - its own job reports the error
         return None
-    if cfg.backend != "local" or not method.groupable(cfg):
-        return None
+    if cfg.backend != "local" or not method.groupable(cfg) or cfg.get("privacy", {}).get("name") == "dp_client":
+        return None  # (DP-FedAvg's rounds may sample no client: its points run alone)
     c = OmegaConf.to_container(cfg, resolve=True)
     for key in FREE_KEYS:
         c.pop(key, None)
@@ -227,7 +227,8 @@ def _train_together(requests: dict, round_: int, trainers: dict) -> dict:
         train = LocalTraining([(int(requests[k][0].cfg.seed), feds[k].units[i]) for k, i in slots],
                               [len(requests[k][0].train_sets[i]) for k, i in slots], round_,
                               int(first.cfg.local_epochs), settings, engine, weights=None, shared_is_common=False,
-                              labels=[str(j) for j in range(len(slots))])
+                              labels=[str(j) for j in range(len(slots))],
+                              budget=privacy.budget(first.cfg, first.method, "train"))
         update = first.method.local_update(train, shared, mine)
         row_of = {slot: j for j, slot in enumerate(slots)}
         for key, fed in feds.items():

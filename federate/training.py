@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .engine import client_generator
+from .errors import ConfigError
 
 State = dict[str, torch.Tensor]
 
@@ -46,15 +47,18 @@ class LocalTraining:
         up as clients train); None when it reads each client's update.
     shared_is_common: the `shared` state given to `train` is one state for all clients (not stacked [M, ...]).
     labels: the keys of `Update.losses` (default: the unit names; a grouped sweep's slots share names).
+    budget: under privacy=dpsgd, the epochs over each client's rows its privacy accounting counts for this
+        training (`Method.private_epochs`); `train` refuses to go beyond. None: no limit.
     """
 
     def __init__(self, clients: list[tuple[int, str]], sizes: list[int], round_, epochs: int, settings,
                  trainer: Callable, weights: list[float] | None = None, shared_is_common: bool = True,
-                 labels: list[str] | None = None):
+                 labels: list[str] | None = None, budget: int | None = None):
         self.clients, self.sizes, self.round, self.epochs = clients, list(sizes), round_, int(epochs)
         self.settings, self._trainer, self.weights = settings, trainer, weights
         self.shared_is_common = shared_is_common
         self.labels = labels or [name for _, name in clients]
+        self.budget, self.epochs_trained = budget, 0
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -75,6 +79,11 @@ class LocalTraining:
         updated in place. `anchor`: the state the proximal term (settings.mu) pulls towards."""
         settings = settings or self.settings
         epochs = self.epochs if epochs is None else int(epochs)
+        self.epochs_trained += epochs
+        if self.budget is not None and self.epochs_trained > self.budget:
+            raise ConfigError(f"round {self.round}: the method trains {self.epochs_trained} epochs on a client's rows, "
+                              f"more than the {self.budget} its privacy accounting counts (Method.private_epochs); "
+                              "the run stops rather than spend privacy it does not record")
         trainer = self._trainer(settings)
         gens = self.generators(phase)
         own = [k for k in shared if k not in personal]  # the shared keys each client sends

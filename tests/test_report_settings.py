@@ -16,7 +16,8 @@ from federate import report
 from federate.cli import choices
 from federate.report import method_label
 
-GROUPS = ("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer", "partition", "experiment")
+GROUPS = ("dataset", "model", "method", "adapter", "strategy", "backbone", "optimizer", "partition", "experiment",
+          "privacy")
 PACS = "pacs__openai--clip-vit-base-patch32"
 
 

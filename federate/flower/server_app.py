@@ -29,7 +29,9 @@ from omegaconf import open_dict
 
 from extract.files import own_folder, write_text
 
-from .. import adapters, strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from .. import adapters, privacy, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
@@ -56,6 +58,7 @@ class Nodes:
         self.shipped = {"settings": ship(cfg), "participants": json.dumps(participants)}
         if client_states is not None:  # (the simulation: the clients share this machine's disk)
             self.shipped["state-dir"] = str(client_states)
+        self.clip_norm: float | None = None  # privacy=dp_client side=client: sent with training messages
         self.client_of: dict[int, str] = {}
         self.dropped: dict[str, str] = {}  # the Federation's record of dropped clients, once it exists
         self.absent: dict[str, str] = {}  # clients of the splits that no usable node registered as
@@ -126,8 +129,11 @@ class Nodes:
         that fail or do not answer."""
         nodes = [n for n in self.nodes if clients is None or self.client_of.get(n) in clients]
 
+        # DP-FedAvg with client-side clipping: Flower's fixedclipping_mod on the clients reads the norm here
+        clip = {KEY_CLIPPING_NORM: self.clip_norm} if kind == MessageType.TRAIN and self.clip_norm is not None else {}
+
         def content():  # each Message owns its content, so every node gets its own RecordDict
-            records = {"config": ConfigRecord({"round": round_, **self.shipped})}
+            records = {"config": ConfigRecord({"round": round_, **self.shipped, **clip})}
             if state is not None:
                 records["arrays"] = ArrayRecord.from_torch_state_dict(state)
             return RecordDict(records)
@@ -195,7 +201,8 @@ class FlowerBackend:
             arrays = {}
 
             def check(r):
-                problem = check_train_metrics(r.content["metrics"], self.sizes[name]) or \
+                problem = check_train_metrics(r.content["metrics"], self.sizes[name],
+                                              loss=federation.private != "dpsgd") or \
                     check_arrays(r.content["arrays"], glob)
                 if problem:
                     return problem
@@ -208,7 +215,8 @@ class FlowerBackend:
                 continue
             updates.append(arrays)
             counts.append(int(reply.content["metrics"]["num-examples"]))
-            losses[name] = float(reply.content["metrics"]["train_loss"])
+            if "train_loss" in reply.content["metrics"]:  # (DP-SGD: a client keeps its training loss)
+                losses[name] = float(reply.content["metrics"]["train_loss"])
         if not updates:  # every sampled client was dropped: the global adapter stays
             return Update({k: v.unsqueeze(0) for k, v in glob.items()}, [], {})
         return Update({k: torch.stack([u[k] for u in updates]) for k in glob}, counts, dict(sorted(losses.items())))
@@ -271,6 +279,10 @@ def serve(grid: Grid, cfg, output_dir: Path, client_states: Path | None = None) 
     identity["cache_checksums"] = {**clients_cache.checksums, **cache.checksums}  # what the splits came from too
     federation = Federation(cfg, method, nodes.clients, init, server, output_dir, target=target, keeps_personal=False,
                             inputs=identity, known_clients=list(sizes))
+    server = privacy.wrap(federation)  # privacy=dp_client: DP-FedAvg around the strategy
+    nodes.shipped["settings"] = ship(privacy.shipped_config(cfg, federation))  # (DP-SGD: the derived noise)
+    if federation.private == "dp_client" and cfg.privacy.side == "client":
+        nodes.clip_norm = float(cfg.privacy.clip_norm)
     write_text(output_dir / "splits.json", splits_text)
     names = [c.name for c in federation.clients]
     experiment = Experiment(

@@ -124,14 +124,16 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_train_metrics(metrics, sizes: dict[str, int]) -> str | None:
+def check_train_metrics(metrics, sizes: dict[str, int], loss: bool = True) -> str | None:
     """A training reply's metrics: `num-examples` a positive integer no larger than the client's training
-    split (as it reported at the start), `train_loss` a finite number."""
-    n, loss = metrics.get("num-examples"), metrics.get("train_loss")
+    split (as it reported at the start), `train_loss` a finite number (with loss=False, under DP-SGD: none)."""
+    n, value = metrics.get("num-examples"), metrics.get("train_loss")
     if not is_int(n) or not 1 <= n <= sizes["train"]:
         return f"num-examples {n!r} is not an integer between 1 and its {sizes['train']} training rows"
-    if not is_number(loss):
-        return f"train_loss {loss!r} is not a finite number"
+    if not loss:
+        return None if value is None else "train_loss was sent, which privacy=dpsgd keeps on the client"
+    if not is_number(value):
+        return f"train_loss {value!r} is not a finite number"
     return None
 
 

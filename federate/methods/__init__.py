@@ -64,6 +64,9 @@ class Method:
             raise ConfigError(f"optimizer={optimizer} is for the methods that train the backbone (fedavg_full, "
                               "fedprox_full, fedclip_full; backbone=alexnet picks optimizer=sgd); method="
                               f"{self.name} trains its adapter with FedCLIP's Adam (optimizer=adam_l2)")
+        from ..privacy import check as check_privacy
+
+        check_privacy(cfg, self)
         if cfg.backend == "flower" and not self.communicates:
             raise ConfigError(f"backend=flower runs methods whose clients communicate; method={self.name} does not "
                               "(use backend=local)")
@@ -94,6 +97,12 @@ class Method:
         """The initial model state as (shared, personal): the server holds the shared part; each client
         starts with its own copy of the personal part."""
         return state, {}
+
+    def private_epochs(self, cfg) -> tuple[int, int]:
+        """Epochs over a client's training rows (privacy=dpsgd's accounting, federate/privacy.py): in a round it
+        trains (all of `local_update`'s phases) and in every round for the model it deploys (`deployed`). A
+        local update that trains more than this is stopped (federate/training.py LocalTraining.budget)."""
+        return int(cfg.local_epochs), 0
 
     def train_settings(self, cfg):
         from ..engine import TrainSettings

@@ -73,7 +73,7 @@ def median_seconds(step, repeats: int) -> float:
 def cached_step(clip, tokenizer, names: list[str], device):
     """One step of the built prompt trainer on 32 cached embeddings (one client)."""
     from federate.adapters.coop import CoOp
-    from federate.engine import ClientSets, TrainSettings, client_generator
+    from federate.engine import ClientSets, TrainSettings, client_generator, engine_class
     from federate.text_encoder import PromptModel, encoder_from
 
     encoder = encoder_from(clip.state_dict(), clip.config.text_config, "CLIPModel(CLIPConfig())").to(device)
@@ -81,7 +81,7 @@ def cached_step(clip, tokenizer, names: list[str], device):
     adapter.attach(PromptModel(encoder, tokenizer, Path("memory")), [n.replace("_", " ").lower() for n in names])
     x = torch.randn(BATCH, clip.config.projection_dim, device=device)
     y = torch.randint(0, len(names), (BATCH,), device=device)
-    trainer = adapter.trainer(adapter, ClientSets.of_tensors([x], [y]), torch.zeros(len(names), x.shape[1], device=device),
+    trainer = engine_class(adapter.engine)(adapter, ClientSets.of_tensors([x], [y]), torch.zeros(len(names), x.shape[1], device=device),
                               100.0, TrainSettings(lr=0.002, loss="ce"))
     state = {"ctx": (torch.randn(1, N_CTX, encoder.width) * 0.02).to(device)}
     generator = client_generator(0, "bench", 1)

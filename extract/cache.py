@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from .errors import DISK_FULL, ExtractError, os_errors
+from .files import atomic_path, own_folder
 from .identity import (buffer_sha256, cache_file_stem, identity_sha256, short, strings_sha256)
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def _take_lock(lock: Path, path: Path) -> int:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
                 os.write(fd, LOCK_MARK)
             except FileExistsError:
-                fd = os.open(lock, os.O_RDWR)
+                fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -150,7 +151,7 @@ def _take_lock(lock: Path, path: Path) -> int:
 def exclusive_lock(path: Path):
     """Hold `<cache>.lock` while extracting; afterwards remove it if fedclip created it."""
     with os_errors(f"create the cache folder {path.parent}"):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        own_folder(path.parent)  # a linked folder is refused: the cache is written where it is named
     lock = path.with_name(path.name + ".lock")
     fd = _take_lock(lock, path)
     try:
@@ -182,7 +183,10 @@ class PartialStore:
     def open(cls, path: Path, settings: dict, num_domains: int, overwrite: bool) -> "PartialStore":
         store = cls(path, settings, num_domains)
         part = store.dir
-        if part.is_file() or part.is_symlink():  # an HDF5 .partial of an earlier fedclip version
+        if part.is_symlink():
+            raise ExtractError(f"{part} is a symbolic link; fedclip writes an extraction in progress only into a real "
+                               f"folder beside the cache: remove the link (rm '{part}') and re-run")
+        if part.is_file():  # an HDF5 .partial of an earlier fedclip version
             if not overwrite:
                 raise ExtractError(f"{part} is an unfinished extraction by an earlier fedclip version and cannot "
                                    f"be resumed; delete it (rm '{part}') and re-run, or pass overwrite=true")
@@ -209,7 +213,7 @@ class PartialStore:
                     log.info("resuming the interrupted extraction in %s (%d images done)", part, done)
         if not (part / "header.json").is_file():
             with os_errors(f"create {part}"):
-                part.mkdir(parents=True, exist_ok=True)
+                own_folder(part)
                 _atomic_write(part / "header.json",
                               json.dumps({"format": PARTIAL_FORMAT, "settings": settings}).encode())
         return store
@@ -289,7 +293,7 @@ class PartialStore:
                  skipped_ids=np.array([s[0] for s in skipped], dtype=str),
                  skipped_reasons=np.array([s[1] for s in skipped], dtype=str))
         try:
-            folder.mkdir(exist_ok=True)
+            own_folder(folder)
             _atomic_write(file, buf.getbuffer())
         except OSError as e:
             raise ExtractError(self._write_failed(e, file)) from None
@@ -343,12 +347,9 @@ class PartialStore:
                 g.attrs.update(num_source_images=len(domain), processed=self.progress[k].processed,
                                rows=len(ids), skipped_rows=len(sids), done=True)
                 counts[domain.name] = (len(ids), len(sids))
-        tmp = self.dir / "assembled.h5.tmp"
         try:
-            _atomic_write(tmp, buf.getbuffer(), rename=False)
-            os.replace(tmp, self.path)
+            _atomic_write(self.path, buf.getbuffer())  # a link at the cache's path is replaced, never followed
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             if e.errno in DISK_FULL:
                 raise ExtractError(f"disk full while writing the finished cache {self.path} ({e.strerror}); free "
                                    f"{_size(len(buf.getbuffer()))} on that disk, then re-run the same command: "
@@ -373,19 +374,11 @@ def _put(g: h5py.Group, name: str, data) -> None:
         ds.attrs["sha256"] = buffer_sha256(np.ascontiguousarray(data))
 
 
-def _atomic_write(path: Path, data, rename: bool = True) -> None:
-    """Write `data` to `path` through `<path>.tmp` (renamed into place); a failure removes the temporary."""
-    tmp = path.with_name(path.name + ".tmp") if rename else path
-    try:
+def _atomic_write(path: Path, data) -> None:
+    """Write `data` to a temporary file beside `path`, synced and renamed into place (extract/files.py: a link
+    at `path` is replaced, never followed; a failure removes the temporary)."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if rename:
-            os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise

@@ -54,6 +54,10 @@ class DatasetConfig:
     # A folder dataset: read symbolic links to folders inside root (by default they are recorded as skipped,
     # since a link such as cartoon/dogloop -> ../photo copies one domain's images into another).
     follow_symlinks: bool = False
+    # The source images' license (a hub license id) and the dataset's citation (BibTeX), for the card of a
+    # shared cache (python -m extract.hub export); null where fedclip does not know them.
+    license: Optional[str] = None
+    citation: Optional[str] = None
 
 
 @dataclass

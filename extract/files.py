@@ -3,8 +3,8 @@ a kill never leaves half a file, and a symbolic link at that name is replaced, n
 replaces the link itself). A folder the tool writes into must not be a link itself: `own_folder` refuses
 one, so nothing lands outside the folders the tool was pointed at.
 
-Writers raise `UnsafePath` (a ValueError) with a one-line message; each command turns it into its own
-one-line error.
+Writers raise `UnsafePath` (an OSError, so that every handler of file errors reports it in one line) with a
+one-line message. `no_link` refuses a link where a file is opened in place (a log appended to).
 """
 from __future__ import annotations
 
@@ -15,8 +15,27 @@ from pathlib import Path
 from typing import Iterator
 
 
-class UnsafePath(ValueError):
-    """A path the tool will not write through (a link, or a folder that is not a folder)."""
+class UnsafePath(OSError):
+    """A path the tool will not write through (a link, or a folder that is not a folder); str() is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def no_link(path: str | Path) -> Path:
+    """`path`, refused when it is a symbolic link (a file opened in place, e.g. appended to, would be written
+    through it) or when its folder is one."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UnsafePath(f"{path} is a symbolic link; the tool does not write through links: remove it, or give "
+                         "another folder")
+    if path.parent.is_symlink():
+        own_folder(path.parent)
+    return path
 
 
 def own_folder(folder: str | Path) -> Path:
@@ -29,6 +48,11 @@ def own_folder(folder: str | Path) -> Path:
         raise UnsafePath(f"{folder} is not a folder; remove it or give another folder")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def no_follow(path, flags: int) -> int:
+    """An `opener` for open(): the file is opened only if it is not a symbolic link (O_NOFOLLOW)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
 
 
 @contextmanager

@@ -110,9 +110,10 @@ def buffer_sha256(buffer) -> str:
 
 
 def strings_sha256(strings) -> str:
-    """sha256 of UTF-8 strings joined by newlines (bytes from HDF5 are decoded first)."""
-    text = "\n".join(s.decode() if isinstance(s, bytes) else str(s) for s in strings)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """sha256 of UTF-8 strings joined by newlines. Bytes from HDF5 are hashed as stored (the UTF-8 of the
+    strings written), so a string that is not valid UTF-8 is hashed, not a crash; its reader says so."""
+    data = b"\n".join(s if isinstance(s, bytes) else str(s).encode("utf-8", "surrogateescape") for s in strings)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _plain(value):

@@ -128,6 +128,10 @@ def describe(path: str) -> tuple[list[str], bool]:
                          f"{'?' if sids is None else len(sids)} skipped")
             if sids is not None and reasons is not None:
                 lines += [f"      skipped {_text(sid)}: {_text(reason)}" for sid, reason in zip(sids, reasons)]
+            not_text = next((s for s in (ids if ids is not None else []) if not _is_utf8(s)), None)
+            if not_text is not None:
+                problems.append(f"domain {name} has ids that are not UTF-8 text, e.g. {not_text!r}: rebuild the cache "
+                                "with python -m extract")
             if len(problems) == before:
                 try:
                     check_domain(name, feats.astype(np.float32), labels, [_text(i) for i in ids], num_classes, path)
@@ -136,6 +140,14 @@ def describe(path: str) -> tuple[list[str], bool]:
         lines += problems
         lines.append(f"checksums:    {'all ' + str(checked) + ' verified' if not problems else 'FAILED'}")
     return lines, not problems
+
+
+def _is_utf8(s) -> bool:
+    try:
+        s.decode("utf-8") if isinstance(s, bytes) else str(s).encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _text(s) -> str:

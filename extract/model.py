@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import ExtractError, os_errors
+from .files import UnsafePath, own_folder
 from .identity import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def build_tiny_clip(directory: Path, seed: int, embed_dim: int, hidden_size: int
     torch.manual_seed(seed)
     model = CLIPModel(config)
     tmp = directory.with_name(directory.name + ".partial")
+    if tmp.is_symlink():  # save_pretrained would write through it
+        raise UnsafePath(f"{tmp} is a symbolic link; fedclip builds the model only in a real folder: remove the link")
     with no_transformers_progress_bars():
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -122,7 +125,7 @@ def resolve_model(model_cfg, cache_dir: str) -> ResolvedModel:
         if not directory.exists():
             log.info("building %s in %s", name, directory)
             with os_errors(f"build the tiny model in {directory}"):
-                directory.parent.mkdir(parents=True, exist_ok=True)
+                own_folder(directory.parent)  # a linked folder is refused
                 build_tiny_clip(directory, **model_cfg.build)
         source, revision = "built", "local"
     else:

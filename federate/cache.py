@@ -52,6 +52,7 @@ class EmbeddingCache:
     domains: dict[str, DomainData]
     all_domains: tuple[str, ...]  # every domain of the file, also those not loaded
     model_fingerprint: str = ""  # sha256 of the weights and configs ("" in caches of an older fedclip)
+    inputs_fingerprint: str = ""  # sha256 of every domain's ids and labels (extract.cache.inputs_fingerprint)
     identity_sha256: str = ""  # sha256 of the identity attributes (model, dataset, domains, classes, prompts)
     checksums: dict = field(default_factory=dict)  # HDF5 dataset path -> sha256 of what was read and verified
     verify_seconds: float = 0.0  # time spent reading and verifying (the first load of this process)
@@ -59,6 +60,15 @@ class EmbeddingCache:
     # rows instead of copying them, so a run holds the embeddings once
     features: np.ndarray | None = None  # float32 [N, D]
     labels: np.ndarray | None = None  # int64 [N]
+    # {domain: ids} of the rows a class subset (dataset.classes, federate/partition.py) leaves out: a split
+    # file of every class reads with them dropped
+    left_out: dict = field(default_factory=dict)
+
+
+def case_hint(name: str, names) -> str:
+    """"; did you mean <n>? (names are case-sensitive)" when `name` matches one of `names` but for case."""
+    same = [n for n in names if str(n).lower() == str(name).lower() and n != name]
+    return f"; did you mean {same[0]}? (names are case-sensitive)" if same else ""
 
 
 def default_cache_path(cache_dir: str, dataset_name: str, model_name_or_path: str) -> Path:
@@ -156,8 +166,12 @@ def _verified(ds: h5py.Dataset, path: str, strings: bool = False, out: np.ndarra
     else:
         data = ds[()]
     if strings:
-        data = [s.decode() if isinstance(s, bytes) else str(s) for s in np.atleast_1d(data)]
-        actual = strings_sha256(data)
+        actual = strings_sha256(np.atleast_1d(data))
+        try:
+            data = [s.decode() if isinstance(s, bytes) else str(s) for s in np.atleast_1d(data)]
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} has strings in {ds.name} that are not UTF-8 text; rebuild it with "
+                              f"{REBUILD}") from None
     else:
         actual = buffer_sha256(np.ascontiguousarray(data))
     if actual != (expected.decode() if isinstance(expected, bytes) else str(expected)):
@@ -223,7 +237,8 @@ def _read(f: h5py.File, path: str, only, t0: float) -> EmbeddingCache:
         path=path, model_name=str(a["model_name"]), dataset_name=str(a["dataset_name"]),
         embed_dim=embed_dim, class_names=class_names, text=text, logit_scale=logit_scale,
         model_num_parameters=int(a.get("model_num_parameters", 0)), domains=domains, all_domains=tuple(names),
-        model_fingerprint=str(a.get("model_fingerprint", "")), identity_sha256=str(a["identity_sha256"]),
+        model_fingerprint=str(a.get("model_fingerprint", "")), inputs_fingerprint=str(a.get("inputs_fingerprint", "")),
+        identity_sha256=str(a["identity_sha256"]),
         checksums=_checksums(f, ["text/embeddings", "text/logit_scale",
                                  *(f"domains/{d}/{k}" for d in domains for k in ("image_embeddings", "labels", "ids"))]),
         verify_seconds=time.perf_counter() - t0, features=features, labels=labels)

@@ -10,12 +10,17 @@
   otherwise fail with a traceback when it creates the folder or opens the job's log file).
 - A folder that holds a run (summary.json or history.jsonl, anywhere under a sweep's folder) is refused the
   same way, before Hydra writes the job's .hydra/ files over the finished run's; a single run's folder with a
-  checkpoint and no summary is an interrupted run, which the same command resumes.
+  checkpoint and no summary is an interrupted run, which the same command resumes. So is a sweep's folder
+  made by the same overrides (its multirun.yaml): the same sweep command finishes it in place, keeping its
+  finished jobs and resuming the interrupted one (federate/sweep_folder.py).
+- A folder that is a symbolic link (the output folder, or a job folder under a sweep's folder) is refused the
+  same way: nothing is written through a link.
 - A single run refused before it wrote anything takes away the folder this process created for it
   (`remove_unused_run_folder`), so that no empty run folder is left for the report to list.
 - After a sweep, the jobs of this sweep without a fresh summary.json (a failed job logs its one-line error
   and returns, so that the later points still run) are named in one line, and the process exits with
   status 1. `python -m federate.report <sweep dir>` lists them too, with the last line of each job's log.
+  A sweep whose jobs all finished ends with one line: how many, its folder and the report command.
 
 Messages go to stderr, not through logging: at the end of a sweep the root logger still writes to the
 last job's log file, whose last line must stay that job's own.
@@ -29,6 +34,8 @@ from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from . import sweep_folder
 
 SWEEP_FAILED = 1  # some jobs of a sweep failed (the others wrote their summaries)
 BAD_OUTPUT = 2  # as for any error in settings or inputs
@@ -44,6 +51,11 @@ def error(message: str, status: int) -> NoReturn:
     sys.exit(status)
 
 
+def info(message: str) -> None:
+    sys.stderr.write(f"[federate][INFO] - {message}\n")
+    sys.stderr.flush()
+
+
 def check_output_folder(config: DictConfig, key: str) -> Path | None:
     """Exit with one line when the folder at `key` holds a run or cannot be created or written; else the
     topmost folder this call created (None if the folder existed)."""
@@ -54,11 +66,23 @@ def check_output_folder(config: DictConfig, key: str) -> Path | None:
     if not folder:
         return None
     path = Path(str(folder)).absolute()
-    held = next((p for name in RUN_FILES for p in ([path / name] if key == "hydra.run.dir" else path.rglob(name))
-                 if p.is_file() and not resumable(p)), None)
+    linked = [path] if path.is_symlink() else [p for p in hydra_paths(path, sweep=key == "hydra.sweep.dir")
+                                                 if p.is_symlink()]
+    if linked:  # Hydra would write the job's .hydra/ files and log through it
+        error(f"{linked[0]} is a symbolic link; fedclip writes only into real folders: remove the link or set "
+              f"{key}=<another folder>", BAD_OUTPUT)
+    resumed = key == "hydra.sweep.dir" and sweep_folder.same_sweep(config)  # the same sweep, finished in place
+    held = None if resumed else next(
+        (p for name in RUN_FILES for p in ([path / name] if key == "hydra.run.dir" else path.rglob(name))
+         if p.is_file() and not resumable(p)), None)
     if held:
+        again = (f"; to finish the sweep it holds in place, run its own command again: "
+                 f"{sweep_folder.sweep_command(path)}") if (path / sweep_folder.MULTIRUN_YAML).is_file() else ""
         error(f"{path} already holds a run ({held.relative_to(path)}); give this run its own folder "
-              f"({key}=...) or move the old one away", BAD_OUTPUT)
+              f"({key}=...) or move the old one away{again}", BAD_OUTPUT)
+    if resumed:
+        info(f"{path} holds a sweep of these overrides: finishing it in place (finished jobs are kept, an "
+             "interrupted one resumes)")
     created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -69,6 +93,17 @@ def check_output_folder(config: DictConfig, key: str) -> Path | None:
         reason = f"{file} is a file, not a folder" if file else f"{e.strerror or e} ({e.filename or path})"
         error(f"cannot write the output folder {path}: {reason}; set {key}=<a folder you can write>", BAD_OUTPUT)
     return created
+
+
+def hydra_paths(folder: Path, sweep: bool) -> list[Path]:
+    """What Hydra writes into a run's folder (its .hydra/ files and the job's log), or into each job folder
+    under a sweep's folder (the job folders themselves too, and the sweep's multirun.yaml)."""
+    if not folder.is_dir():
+        return []
+    jobs = [p for p in folder.iterdir() if p.is_symlink() or p.is_dir()] if sweep else [folder]
+    own = [folder / "multirun.yaml"] if sweep else []
+    return own + [*(jobs if sweep else []),
+                  *(j / name for j in jobs if not j.is_symlink() for name in (".hydra", *HYDRA_FILES))]
 
 
 def resumable(run_file: Path) -> bool:
@@ -131,6 +166,7 @@ class FederateErrors(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_output_folder(config, "hydra.sweep.dir")
+        sweep_folder.current_sweep = Path(str(config.hydra.sweep.dir)).absolute()
         self.before = job_folders(Path(str(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -138,6 +174,9 @@ class FederateErrors(Callback):
         jobs = sorted(j for j, t in job_folders(sweep_dir).items() if self.before.get(j) != t)
         bad = [j for j in jobs if failed(j)]
         if not bad:
+            where = Path(sweep_dir).absolute()
+            info(f"{len(jobs)} job{'s' * (len(jobs) != 1)} finished in {where}; report: python -m federate.report "
+                 f"{where}")
             return
         overrides = {j: overrides_of(j) for j in jobs}
         common = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()

@@ -27,6 +27,7 @@ class FederateConfig:
     strategy: Any = MISSING
     backbone: Any = MISSING
     partition: Any = MISSING
+    privacy: Any = MISSING  # conf/privacy/ (federate/privacy.py)
     target_domain: Optional[str] = None
     lr: float = MISSING
     rounds: int = MISSING

@@ -47,6 +47,112 @@ class TrainSettings:
     precision: str = "fp32"  # fp32 | bf16 (the adapter's matmuls)
     sgd_keys: tuple[str, ...] = ()  # keys stepped by plain SGD at sgd_lr instead of Adam (APFL's mixing weight)
     sgd_lr: float = 0.0
+    dp: "SampleDP | None" = None  # privacy=dpsgd: per-sample clipping and noise (federate/privacy.py)
+
+
+@dataclass(frozen=True)
+class SampleDP:
+    """DP-SGD in the engines, as Opacus' DPOptimizer does it: each step's batch is a Poisson sample of the
+    client's rows (`poisson_rate`), each row's gradient is clipped to `max_grad_norm` (factor
+    min(1, C / (norm + 1e-6))), Gaussian noise of std `noise_multiplier * max_grad_norm` is added to their
+    sum, which is divided by the expected batch size; the optimiser then steps on that."""
+    max_grad_norm: float
+    noise_multiplier: float
+
+
+def poisson_rate(n: int, batch_size: int) -> tuple[int, float, int]:
+    """A client's DP-SGD sampling, as Opacus' DPDataLoader derives it from a data loader of batch_size: steps
+    per epoch b (the non-private engines' batches per epoch), sampling rate q = 1 / b and expected batch
+    int(n q)."""
+    b = max(1, batches_per_epoch(n, batch_size))
+    return b, 1 / b, max(1, int(n * (1 / b)))
+
+
+def make_poisson_schedule(sizes: list[int], batch_size: int, epochs: int, generators: list[torch.Generator],
+                          device):
+    """DP-SGD's batches (`poisson_rate`): for each client, epochs * b steps, at each of which every row is in
+    the batch with probability q (one `torch.rand(n)` draw from its generator, as Opacus'
+    UniformWithReplacementSampler), padded to the largest batch drawn. Then each client's noise generator
+    (on `device`), seeded from its own generator: a client's batches and noise depend on nothing else.
+    Returns idx, valid, active, steps (as `make_schedule`), the noise generators and the expected batches [K]."""
+    drawn, steps, expected = [], [], []
+    for n, g in zip(sizes, generators):
+        b, q, e = poisson_rate(n, batch_size)
+        steps.append(epochs * b)
+        expected.append(e)
+        drawn.append([torch.nonzero(torch.rand(n, generator=g) < q)[:, 0] for _ in range(epochs * b)])
+    S, K = max(steps, default=0), len(sizes)
+    B = max([len(r) for rows in drawn for r in rows] + [1])
+    idx = torch.zeros(S, K, B, dtype=torch.long)
+    valid = torch.zeros(S, K, B, dtype=torch.bool)
+    for k, rows in enumerate(drawn):
+        for step, r in enumerate(rows):
+            idx[step, k, :len(r)] = r
+            valid[step, k, :len(r)] = True
+    active = [sum(st > s for st in steps) for s in range(S)]
+    noise = [torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+             for g in generators]
+    return idx, valid, active, steps, noise, torch.tensor(expected, dtype=torch.float32)
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float, valid: torch.Tensor) -> torch.Tensor:
+    """Opacus' per-sample clipping factor min(1, C / (norm + 1e-6)), 0 for padding rows."""
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * valid
+
+
+class NoiseAhead:
+    """DP-SGD's standard normal draws, each client's from its own generator, step after step and key after key
+    in `keys`' order. On a CPU the next step's draws are made on a worker thread while the current step
+    computes: they do not depend on the data, and 525k Gaussian draws (torch's mt19937 and Box-Muller, one
+    thread) cost about a whole AttAI step. The same numbers either way: each generator is drawn in order."""
+
+    def __init__(self, generators: list[torch.Generator], like: dict[str, torch.Tensor], keys: list[str],
+                 steps: list[int]):
+        self.generators, self.keys, self.steps = generators, list(keys), steps
+        self.device = next(iter(like.values())).device
+        # two buffers per client, used on alternate steps: one is drawn into while the other is read
+        self.buffers = [[{q: torch.empty(like[q].shape[1:], dtype=like[q].dtype, device=self.device) for q in self.keys}
+                         for _ in range(2)] for _ in generators]
+        self.pool = None
+        if self.device.type == "cpu":
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="dp-noise")
+        self.pending: dict[int, object] = {}
+        for i in range(len(generators)):
+            self._draw(i, 0)
+
+    def _fill(self, i: int, step: int) -> dict[str, torch.Tensor]:
+        out = self.buffers[i][step % 2]
+        with torch.inference_mode():  # (a worker thread does not inherit the trainer's mode)
+            for q in self.keys:
+                out[q].normal_(generator=self.generators[i])
+        return out
+
+    def _draw(self, i: int, step: int) -> None:
+        if step < self.steps[i]:
+            self.pending[i] = self.pool.submit(self._fill, i, step) if self.pool else self._fill(i, step)
+
+    def take(self, i: int, step: int) -> dict[str, torch.Tensor]:
+        """Client i's draws for `step` (its steps taken in order), and the next step's started."""
+        got = self.pending.pop(i)
+        got = got.result() if self.pool else got
+        self._draw(i, step + 1)
+        return got
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def add_noise(grads: dict[str, torch.Tensor], keys: list[str], noise: "NoiseAhead", step: int, std: float,
+              expected: list[float]) -> None:
+    """DP-SGD's noise, N(0, std^2) per coordinate divided by each client's expected batch, added in place to the
+    first k clients' clipped gradient sums (already divided by it: `private_gradients`' weights)."""
+    for i in range(len(expected)):
+        draws = noise.take(i, step)
+        for q in keys:
+            grads[q][i].add_(draws[q], alpha=std / expected[i])
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -248,13 +354,24 @@ class LockstepTrainer:
         `keys`: the keys that train (the others stay as they are; all by default)."""
         s, c = self.settings, self.clients
         device = c.device
-        idx, valid, active, steps = make_schedule(c.sizes, trimmed_batch(s.batch_size, max(c.sizes)), epochs, generators)
+        if s.dp is None:
+            idx, valid, active, steps = make_schedule(c.sizes, trimmed_batch(s.batch_size, max(c.sizes)), epochs,
+                                                      generators)
+        else:  # DP-SGD: Poisson batches, and each client's noise generator
+            idx, valid, active, steps, noise, expected = make_poisson_schedule(c.sizes, s.batch_size, epochs,
+                                                                               generators, device)
         padded = [not bool(valid[step, :k].all()) for step, k in enumerate(active)]  # only last batches
+        if s.dp is not None:  # a Poisson step computes on its own largest batch (the rows come first), not on the round's
+            widths = [max(1, int(valid[step, :k].sum(-1).max())) for step, k in enumerate(active)]
+            inverse = (1 / expected).to(device)  # each client's sum is divided by its expected batch
+            std = s.dp.noise_multiplier * s.dp.max_grad_norm
         idx = c.global_rows(idx)
         valid = valid.to(device)
         every = list(state)
         keys = every if keys is None else [q for q in every if q in set(keys)]
         self.trained = frozenset(keys)  # gradients() may skip what no key needs
+        noised = list(keys)  # DP-SGD's noise: every key that trains, Adam's and SGD's
+        ahead = NoiseAhead(noise, state, noised, steps) if s.dp is not None and std else None
         sgd = [q for q in keys if q in s.sgd_keys]
         keys = [q for q in keys if q not in s.sgd_keys]  # Adam's
         m, v2 = self._moments(state)  # a fresh Adam every round (first_adam_step writes the moments)
@@ -264,32 +381,49 @@ class LockstepTrainer:
         loss_sum = torch.zeros(len(c), device=device)
         stacked_anchor = is_stacked(anchor, state)
         fused = device.type in ("cpu", "cuda")
-        for step, k in enumerate(active):
-            if step % self.CHUNK == 0:  # the next steps' batches, gathered at once: [CHUNK, K, B, d] and [CHUNK, K, B]
-                xs, ys = c.x[idx[step:step + self.CHUNK]], c.y[idx[step:step + self.CHUNK]]
-                self.prepare(state, xs, ys)
-            j = step % self.CHUNK
-            params, m1, m2, weights = prefix[k]
-            loss, grads = self.gradients(params, xs[j, :k], ys[j, :k], valid[step, :k] if padded[step] else None, j)
-            if s.mu:
-                for q in (q for q in [*keys, *sgd] if q in anchor):  # FedProx: gradient of (mu / 2) ||w - w_global||^2
-                    grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
-            if not keys:
-                pass  # (nothing trains with Adam)
-            elif step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
-                first_adam_step(weights, [grads[q] for q in keys], m1, m2, s, keep_moments=len(active) > 1)
-                step_count.fill_(1)
-            else:
-                adam_step(weights, [grads[q] for q in keys], m1, m2, step_count, s, fused)
-            for q in sgd:
-                params[q].sub_(grads[q], alpha=s.sgd_lr)
-            if sgd and hasattr(self.adapter, "project"):
-                self.adapter.project(params)  # (APFL: the mixing weight back into [0, 1])
-            loss_sum[:k] += loss
+        try:
+            for step, k in enumerate(active):
+                if step % self.CHUNK == 0:  # the next steps' batches, gathered at once: [CHUNK, K, B, d] and [CHUNK, K, B]
+                    xs, ys = c.x[idx[step:step + self.CHUNK]], c.y[idx[step:step + self.CHUNK]]
+                    self.prepare(state, xs, ys)
+                j = step % self.CHUNK
+                params, m1, m2, weights = prefix[k]
+                if s.dp is None:
+                    loss, grads = self.gradients(params, xs[j, :k], ys[j, :k], valid[step, :k] if padded[step] else None, j)
+                else:  # the clipped sums of the rows' gradients, then the noise (the proximal term below is not data)
+                    w = widths[step]
+                    loss, grads = self.private_gradients(params, xs[j, :k, :w], ys[j, :k, :w], valid[step, :k, :w], j,
+                                                         inverse[:k])
+                    if ahead is not None:
+                        add_noise(grads, noised, ahead, step, std, expected[:k].tolist())
+                if s.mu:
+                    for q in (q for q in [*keys, *sgd] if q in anchor):  # FedProx: gradient of (mu / 2) ||w - w_global||^2
+                        grads[q].add_(params[q] - (anchor[q][:k] if stacked_anchor else anchor[q]), alpha=s.mu)
+                if not keys:
+                    pass  # (nothing trains with Adam)
+                elif step == 0:  # a fresh Adam's first step needs no moments: nothing to zero, and none to keep
+                    first_adam_step(weights, [grads[q] for q in keys], m1, m2, s, keep_moments=len(active) > 1)
+                    step_count.fill_(1)
+                else:
+                    adam_step(weights, [grads[q] for q in keys], m1, m2, step_count, s, fused)
+                for q in sgd:
+                    params[q].sub_(grads[q], alpha=s.sgd_lr)
+                if sgd and hasattr(self.adapter, "project"):
+                    self.adapter.project(params)  # (APFL: the mixing weight back into [0, 1])
+                loss_sum[:k] += loss
+        finally:
+            if ahead is not None:
+                ahead.close()
         return loss_sum / torch.tensor(steps, device=device).clamp_min(1)
 
     def _moments(self, state):
         return self._buffers(state, 2)
+
+    def private_gradients(self, params: dict, x, y, ok, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """DP-SGD (settings.dp): loss [k] and, per trained key, the sum over each client's valid rows (ok [k, B])
+        of the row's own gradient clipped to dp.max_grad_norm (`clip_factors`), times the client's weight
+        [k] (1 / its expected batch)."""
+        raise ConfigError(f"engine {type(self).__name__} has no per-sample gradients for privacy=dpsgd; use engine=generic")
 
 
 class GenericTrainer(LockstepTrainer):
@@ -311,6 +445,21 @@ class GenericTrainer(LockstepTrainer):
 
         self._grad = torch.func.vmap(torch.func.grad_and_value(loss))  # gradients of the trained keys only
 
+        def row_loss(trained, frozen, x, y, counts):  # one row's loss (DP-SGD)
+            return loss(trained, frozen, x[None], y[None], torch.ones(1, dtype=torch.bool, device=x.device), counts)
+
+        rows = torch.func.vmap(torch.func.grad_and_value(row_loss), in_dims=(None, None, 0, 0, None))
+        self._row_grads = torch.func.vmap(rows)  # [k, B, ...]: every row's gradient, for every client
+
+    def private_gradients(self, params, x, y, ok, step, weights):
+        trained = {q: v for q, v in params.items() if q in self.trained}
+        frozen = {q: v for q, v in params.items() if q not in self.trained}
+        grads, losses = self._row_grads(trained, frozen, x, y, self.clients.label_counts(len(self.text))[:len(x)])
+        norms = torch.stack([g.reshape(*g.shape[:2], -1).pow(2).sum(-1) for g in grads.values()]).sum(0).sqrt()  # [k, B]
+        factor = clip_factors(norms, self.settings.dp.max_grad_norm, ok) * weights[:, None]
+        clipped = {q: torch.einsum("kb,kb...->k...", factor, g) for q, g in grads.items()}
+        return torch.where(ok, losses, 0).sum(1) / ok.sum(1).clamp_min(1), clipped
+
     def gradients(self, params, x, y, ok, step):
         trained = {q: v for q, v in params.items() if q in self.trained}
         frozen = {q: v for q, v in params.items() if q not in self.trained}
@@ -323,6 +472,52 @@ class GenericTrainer(LockstepTrainer):
 
 class BatchedTrainer(LockstepTrainer):
     """AttAI's fast path: hand-written gradients (federate/adapters/attai.py) into preallocated buffers."""
+
+    @staticmethod
+    def does_dp(adapter) -> bool:
+        """Whether DP-SGD runs here: AttAI's image tower, alone or under one linear head (no text tower),
+        whose rows' gradient norms come from the layers' row gradients (`private_gradients`)."""
+        return adapter.fast_path and tuple(adapter.towers) == ("image",)
+
+    def private_gradients(self, params, x, y, ok, step, weights):
+        """Each row's gradient norm without the row's gradient: a layer z = W a + b has the row gradient
+        dz a^T + dz, of squared norm |dz|^2 (|a|^2 + 1) ("ghost clipping", Goodfellow 2015; Li et al. 2022),
+        so the clipped sum is the usual backward with each row's dz scaled by its factor. Cross-entropy over
+        the class prompts, or of the linear head (the per-row loss DP-SGD needs); the norms count the keys
+        that train (FedRep's phases train the head or the body)."""
+        k = len(x)
+        grads = self._grad_views.get(k) or self._grad_views.setdefault(k, {q: g[:k] for q, g in self._grads.items()})
+        W = attai.layers(params, "image")
+        image, saved = attai.forward(*W, x, self.low, None if self.xs_low is None else self.xs_low[step, :k, :x.shape[1]])
+        if self.head is not None:  # scale * (f W^T + b) of each client's head
+            weight = params["head.weight"]
+            logits = torch.baddbmm(params["head.bias"].unsqueeze(1), image, weight.transpose(1, 2)).mul_(self.scale)
+        else:
+            logits = torch.matmul(image, self.text_norm.T).mul_(self.scale)  # [k, B, C]
+        log_p = torch.log_softmax(logits, dim=-1)
+        nll = -log_p.gather(2, y[:, :, None])[:, :, 0]
+        dlogits = log_p.exp_().scatter_add_(2, y[:, :, None], torch.full_like(nll, -1.0)[:, :, None]).mul_(self.scale)
+        sq = torch.zeros_like(nll)  # each row's squared gradient norm over the keys that train
+        head_w, head_b = "head.weight" in self.trained, "head.bias" in self.trained
+        if head_w:
+            sq.addcmul_(dlogits.pow(2).sum(-1), image.pow(2).sum(-1))
+        if head_b:
+            sq.add_(dlogits.pow(2).sum(-1))
+        if self.body_trains:  # the rows' own (sum) loss through the adapter
+            d_image = torch.bmm(dlogits, weight) if self.head is not None else torch.matmul(dlogits, self.text_norm)
+            dz1, dz2 = attai.row_gradients(W[2], saved, d_image)
+            rows_x, rows_h = saved[0], saved[1]
+            sq.add_(dz1.pow(2).sum(-1) * rows_x.pow(2).sum(-1).add_(1)).add_(dz2.pow(2).sum(-1) * rows_h.pow(2).sum(-1).add_(1))
+        factor = (clip_factors(sq.sqrt_(), self.settings.dp.max_grad_norm, ok) * weights[:, None])[:, :, None]
+        if head_w or head_b:
+            scaled = dlogits * factor
+            if head_w:
+                torch.bmm(scaled.transpose(1, 2), image, out=grads["head.weight"])
+            if head_b:
+                torch.sum(scaled, 1, out=grads["head.bias"])
+        if self.body_trains:
+            attai.backward_rows(saved, dz1.mul_(factor), dz2.mul_(factor), attai.layers(grads, "image"))
+        return torch.where(ok, nll, 0).sum(1) / ok.sum(1).clamp_min(1), grads
 
     def _moments(self, state):
         self._grads, m, v2 = self._buffers(state, 3)
@@ -535,6 +730,7 @@ class SequentialTrainer:
         trains = set(start) | set(personal) if keys is None else set(keys)
         trains_body, trains_head = bool(trains & set(start)), bool(trains & set(personal))
         folds = hasattr(self.trainer, "folds_first_steps") and self.trainer.folds_first_steps(start, personal) \
+            and self.trainer.settings.dp is None \
             and trains <= set(start) | set(personal) and (trains_body or trains_head) \
             and (total is not None or not trains_body)
         small = [i for i, n in enumerate(self.sizes) if folds and one_step(n, self.trainer.settings.batch_size, epochs)]
@@ -577,8 +773,10 @@ def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch
                  settings: TrainSettings):
     """engine=auto: AttAI's hand-written gradients, in lock step on CUDA (fewer, larger kernels) and one
     client at a time on a CPU (cache); torch.func for any other adapter."""
-    if engine == "auto" and adapter.trainer is not None:  # an adapter with its own trainer (adapter=coop)
-        return adapter.trainer(adapter, clients, text, scale, settings)
+    if settings.dp is not None:  # DP-SGD: the generic engine, or AttAI's fast path where it computes it
+        return private_trainer(engine, adapter, clients, text, scale, settings)
+    if engine == "auto" and adapter.engine is not None:  # an adapter with its own engine (adapter=coop)
+        return engine_class(adapter.engine)(adapter, clients, text, scale, settings)
     if engine == "auto":
         engine = ("batched" if clients.device.type == "cuda" else "sequential") if adapter.fast_path else "generic"
     if engine not in ENGINES:
@@ -587,6 +785,37 @@ def make_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch
         raise ConfigError(f"engine={engine} uses AttAI's hand-written gradients; adapter {adapter.name} trains "
                           "with engine=generic (or auto)")
     return ENGINES[engine](adapter, clients, text, scale, settings)
+
+
+def private_trainer(engine: str, adapter: Adapter, clients: ClientSets, text: torch.Tensor, scale: float,
+                    settings: TrainSettings):
+    """privacy=dpsgd's engine: AttAI's fast path (no text tower, one linear head at most: `BatchedTrainer.does_dp`),
+    else the generic engine (per-sample gradients through torch.func, any adapter); engine=auto picks."""
+    if adapter.engine is not None:
+        raise ConfigError(f"privacy=dpsgd needs per-sample gradients, which adapter={adapter.name}'s own engine "
+                          f"({adapter.engine}) does not compute; use another adapter, or privacy=dp_client")
+    if engine == "auto":
+        engine = ("batched" if clients.device.type == "cuda" else "sequential") if BatchedTrainer.does_dp(adapter) \
+            else "generic"
+    if engine == "plain":
+        raise ConfigError("privacy=dpsgd trains with per-sample gradients, which engine=plain does not compute; "
+                          "use engine=generic (or auto)")
+    if engine in FAST_PATH and not BatchedTrainer.does_dp(adapter):
+        raise ConfigError(f"engine={engine} has DP-SGD for AttAI's image tower (alone or under one linear head), not "
+                          "for this model (a text tower, two heads or a method's own loss); use engine=generic (or auto)")
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be auto, {', '.join(ENGINES)}, not {engine!r}")
+    return ENGINES[engine](adapter, clients, text, scale, settings)
+
+
+def engine_class(name: str):
+    """An engine by name: the built-ins, and those of adapters that need their own (imported when asked for,
+    so that no model imports its trainer and no trainer module is loaded for nothing)."""
+    if name == "prompt":
+        from .prompt_trainer import PromptTrainer
+
+        return PromptTrainer
+    return ENGINES[name]
 
 
 ENGINES = {"batched": BatchedTrainer, "sequential": SequentialTrainer, "generic": GenericTrainer, "plain": PlainTrainer}

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -18,9 +17,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from extract.files import atomic_path, no_follow, no_link, write_text
+
 from . import methods
 from .adapters import Adapter
-from .cache import EmbeddingCache, canonical_domain, default_cache_path, derived
+from .cache import REBUILD, EmbeddingCache, canonical_domain, case_hint, default_cache_path, derived, load_cache
 from .engine import ENGINES, TrainSettings
 from .errors import ConfigError
 from .losses import LOSSES
@@ -69,6 +70,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cache_path(cfg) -> Path:
+    if cfg.cache_file and str(cfg.cache_file).startswith(HUB_URI):
+        return hub_cache(str(cfg.cache_file), cfg.cache_dir)
     if cfg.cache_file:
         return Path(cfg.cache_file)
     name = cfg.dataset.name
@@ -77,6 +80,29 @@ def cache_path(cfg) -> Path:
     if not name:
         raise ConfigError("set dataset.name (or dataset.root) or cache_file to say which cache to read")
     return default_cache_path(cfg.cache_dir, name, cfg.model.name)
+
+
+HUB_URI = "hf://"
+HUB_CACHES: dict[str, dict] = {}  # a pulled cache's resolved path -> its repo and commit (summary.json records them)
+
+
+def hub_cache(uri: str, cache_dir: str) -> Path:
+    """`cache_file=hf://<repo_id>@<revision>`: the verified local copy of that revision under
+    `<cache_dir>/hub/`, pulled on first use (extract/hub/remote.py, docs/sharing.md)."""
+    from extract.errors import ExtractError
+    from extract.hub.remote import local_cache
+
+    try:
+        pulled = local_cache(uri, cache_dir)
+    except ExtractError as e:
+        raise ConfigError(str(e)) from None
+    again = f"python -m extract.hub pull {pulled.repo_id}@{pulled.commit} cache_dir={cache_dir} overwrite=true"
+    try:  # verified here, so that a damaged local copy asks for a fresh pull (the run's own load reuses this one)
+        load_cache(pulled.path)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(REBUILD, again)) from None
+    HUB_CACHES[str(pulled.path.resolve())] = pulled.source()
+    return pulled.path
 
 
 NO_TARGET = "none"  # target_domain=none: every domain takes part, no held-out domain (e.g. CIFAR split into clients)
@@ -89,7 +115,8 @@ def target_and_participants(domains, target: str | None, path) -> tuple[str | No
         return None, list(domains)
     target = canonical_domain(target) if target else domains[0]
     if target not in domains:
-        raise ConfigError(f"target_domain {target!r} is not in {path}; its domains: {', '.join(domains)}")
+        raise ConfigError(f"target_domain {target!r} is not in {path}; its domains: {', '.join(domains)}"
+                          f"{case_hint(target, domains)}")
     participants = [d for d in domains if d != target]
     if not participants:
         raise ConfigError(f"{path} has only the domain {target}: leave-one-domain-out needs two or more")
@@ -139,9 +166,13 @@ def describe_clients(clients: list[Client]) -> str:
 
 
 def domain_rows(cache: EmbeddingCache, domain: str, pool: tuple[torch.Tensor, torch.Tensor]) -> Rows:
-    """Every row of a domain (the target), as rows of `pool`."""
+    """Every row of a domain (the target), as rows of `pool`; an empty one is refused (it would read as 0%)."""
     x, y = pool
     d = cache.domains[domain]
+    if not len(d.labels):
+        which = f" of the classes dataset.classes keeps ({', '.join(cache.class_names)})" if cache.left_out else ""
+        raise ConfigError(f"the target domain {domain} has no rows{which}, so its accuracy cannot be measured; pick "
+                          "another target_domain (or target_domain=none), or other classes")
     return Rows(x, y, torch.arange(d.start, d.start + len(d.labels), device=x.device))
 
 
@@ -197,13 +228,14 @@ def mean(values) -> float:
 
 
 COUNTS = ".count"  # a state's key for rows per class (statistics of features: FedProto, CCVR, FedPFT), not weights
+EXPLODED_RMS = 100.0  # root mean square of a weight tensor: trained weights stay near 1 or below; lr=1e3 gives ~500
 
 
 def check_finite(round_: int, losses: dict[str, float], state: dict[str, torch.Tensor], lr: float) -> None:
     """A run whose losses or weights are no longer finite, or whose weights exploded, has diverged: stop,
     never report its numbers (exploded weights saturate the adapter: accuracy falls to chance). Tensors of
     counts (keys ending in `.count`) are checked for finite values only."""
-    exploded = 100.0  # root mean square of a weight tensor: trained weights stay near 1 or below; lr=1e3 gives ~500
+    exploded = EXPLODED_RMS
     bad = [n for n, v in losses.items() if not math.isfinite(v)]
     # one pass per tensor, nothing allocated (300 personal adapters weigh 630 MB): a NaN or inf makes the norm one
     norms = [(float(torch.linalg.vector_norm(v.float())), v.numel(), k.endswith(COUNTS)) for k, v in state.items()
@@ -234,7 +266,7 @@ class RunLog:
         path = output_dir / "history.jsonl"
         if resume_round is not None:  # rows after the checkpoint's round (or a half-written one) go
             kept, rounds_kept = [], []
-            for line in (path.read_text().splitlines() if path.exists() else []):
+            for line in (no_link(path).read_text().splitlines() if path.exists() else []):
                 try:
                     row = json.loads(line)
                     if row["round"] <= resume_round:
@@ -245,10 +277,8 @@ class RunLog:
             if rounds_kept != list(range(1, resume_round + 1)):  # the records of a completed round are gone
                 raise ConfigError(f"{path} does not hold rounds 1 to {resume_round}, which the checkpoint says were "
                                   f"completed; remove {output_dir}/checkpoint* and history.jsonl to start the run over")
-            tmp = output_dir / ".history.jsonl.tmp"
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
-        self.file = open(path, "a" if resume_round is not None else "x")
+            write_text(path, "".join(kept))
+        self.file = open(no_link(path), "a" if resume_round is not None else "x", opener=no_follow)
         self.bar = progress_bar(rounds, resume_round or 0) if progress else None
 
     def end_round(self, row: dict, rounds: int, best: dict | None) -> None:
@@ -334,9 +364,18 @@ def summarize(cfg, method: Method, dataset: str, model: str, federation, cost: d
 
 
 def identity_of(cache, splits_text: str) -> dict:
-    """What a cached run computed on: the cache's identity and checksums, and the splits (splits.json's text)."""
-    return {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
-            "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest()}
+    """What a cached run computed on: the cache's identity and checksums, the splits (splits.json's text),
+    and for cache_file=hf://... the repo and the commit the cache came from."""
+    out = {"cache_identity_sha256": cache.identity_sha256, "cache_checksums": dict(cache.checksums),
+           "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest(),
+           # the images and the model it was built from: the report puts runs that trained on the same images
+           # (the backbone baselines) beside the ones on this cache
+           "cache_inputs_fingerprint": cache.inputs_fingerprint or None,
+           "cache_model_fingerprint": cache.model_fingerprint or None}
+    hub = HUB_CACHES.get(str(Path(cache.path).resolve()))
+    if hub:
+        out["cache_hub"] = hub
+    return out
 
 
 def percent(value: float | None) -> str:
@@ -347,7 +386,7 @@ def finish(output_dir: Path, summary: dict, cfg, start: float) -> dict:
     """Write summary.json and log the result and the cost."""
     summary["wall_seconds"] = time.time() - start
     summary["config"] = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
     per = summary["personalization"]  # every client's, or per domain when there are many
     if len(per) > 8 and summary.get("personalization_domains"):
         per = {f"{d} ({sum(c['domain'] == d for c in summary['clients'].values())} clients)": v
@@ -376,4 +415,5 @@ def save_adapters(path: Path, method: Method, names: list[str], best: dict, data
     metadata = {"method": method.name, "model": model, "dataset": dataset, "target_domain": target or NO_TARGET,
                 "round": str(best["row"]["round"]), "embed_dim": str(embed_dim), "config": json.dumps(config),
                 "shared": json.dumps(sorted(best["shared"])), "personal": json.dumps(sorted(best["personal"]))}
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import checkpoint, selection
+from . import checkpoint, privacy, selection
 from .errors import ConfigError
 from .experiment import RunLog, check_finite, mean
 from .training import Update
@@ -136,7 +136,7 @@ class Federation:
 
     def __init__(self, cfg, method, clients: list[ClientInfo], init_state: dict, server, output_dir: Path, *,
                  target: str | None, progress: bool = True, every_round: bool = True, keeps_personal: bool = True,
-                 inputs: dict | None = None):
+                 inputs: dict | None = None, known_clients: list[str] | None = None):
         self.cfg, self.method, self.clients, self.server = cfg, method, clients, server
         self.output_dir, self.target, self.every_round = Path(output_dir), target, every_round
         self.rounds = method.rounds(cfg)
@@ -149,6 +149,11 @@ class Federation:
         self.unit_rows = [sum(clients[i].sizes["train"] for i in m) for m in self.unit_members]
         self.per_round = (check_clients_per_round(cfg.get("clients_per_round"), len(clients))
                           if self.rounds and len(self.units) == len(clients) else None)
+        # privacy (federate/privacy.py): planned before anything trains; a run beyond its epsilon stops here
+        self.private = privacy.kind(cfg)
+        self.privacy = privacy.for_run(cfg, method, clients, self.units, self.unit_members, self.unit_rows,
+                                       lambda r: sample(cfg.seed, r, len(self.units), self.per_round), self.rounds,
+                                       self.per_round)
         self.global_state, personal = method.split(init_state)
         self.personal_params = sum(v.numel() for v in personal.values())  # one client's
         self.personal = {k: v.expand(len(clients), *v.shape).clone() for k, v in personal.items()} \
@@ -160,6 +165,7 @@ class Federation:
         self.current_round = 0  # the round being concluded
         self.config = config_dict(cfg)
         self.inputs = dict(inputs or {})  # what the run computes on: a resume on anything else is refused
+        self.known_clients = known_clients or [c.name for c in clients]  # (Flower: those that did not register too)
         resumed = self._resume()
         if resumed is None and self.rounds and not recorded(self.output_dir):
             # round 0, before history.jsonl exists: a run stopped before its first round resumes from here
@@ -177,7 +183,8 @@ class Federation:
             self.end_round(0, [], None, backend)
         for r in range(self.done + 1, self.rounds + 1):
             sampled = self.sample(r)
-            update = yield r, sampled
+            # (DP-FedAvg's Poisson sample may hold no client: the round still releases its noisy mean)
+            update = (yield r, sampled) if sampled else Update({}, [], {})
             self.end_round(r, sampled, update, backend)
         step = self.method.after_rounds() if self.rounds else None
         if step and self.best["row"] is not None:
@@ -227,6 +234,9 @@ class Federation:
     def sample(self, round_: int) -> list[int]:
         """Indices of the units that train in this round (clients the server dropped never do)."""
         alive = [i for i, u in enumerate(self.units) if u not in self.dropped]
+        if self.private == "dp_client":  # DP-FedAvg: each unit joins with probability q (Poisson)
+            rate = (self.per_round or len(self.units)) / len(self.units)
+            return [alive[i] for i in privacy.poisson_sample(self.cfg.seed, round_, len(alive), rate)]
         return [alive[i] for i in sample(self.cfg.seed, round_, len(alive), self.per_round)]
 
     def personal_of(self, sampled: list[int]) -> dict[str, torch.Tensor]:
@@ -247,15 +257,22 @@ class Federation:
     def end_round(self, r: int, sampled: list[int], update: Update | None, backend) -> None:
         """After round r's local training: the server's combination, evaluation, selection, records, checkpoint."""
         self.current_round = r
+        if hasattr(self.server, "start_round"):  # (DP-FedAvg draws the round's noise from the seed and the round)
+            self.server.start_round(r)
+        losses = dict(update.losses) if update else {}
+        # DP-SGD protects what a client sends; its training loss is not private: it stays on the client
         row = {"round": r, "sampled": [self.units[i] for i in sampled],
-               "train_loss": dict(update.losses) if update else {}}
-        if update is not None and update.num_examples:  # (Flower: every sampled client may have been dropped)
-            check_finite(r, row["train_loss"], update.stacked, self.cfg.lr)
+               "train_loss": None if self.private == "dpsgd" else losses}
+        # (Flower: every sampled client may have been dropped; DP-FedAvg releases a noisy mean all the same)
+        if update is not None and (update.num_examples or self.private == "dp_client"):
+            check_finite(r, losses, update.stacked, self.cfg.lr)
             self.global_state = self.method.aggregate(self.server, self.global_state, update)
             check_finite(r, {}, self.global_state, self.cfg.lr)
             if self.personal:
                 check_finite(r, {}, self.personal, self.cfg.lr)
         self._evaluate(row, backend)
+        if self.privacy is not None:  # the privacy spent so far (this round's training and deployed models)
+            row["privacy"] = self.privacy.end_round(r, sampled)
         row.update(getattr(backend, "row_timings", dict)())  # the image backbones: the round's seconds
         self.done = r
         self.runlog.end_round(row, max(self.rounds, 1), self.best["row"])
@@ -311,7 +328,8 @@ class Federation:
 
     def _save_checkpoint(self) -> None:
         meta = {"config": self.config, "inputs": self.inputs, "best_row": self.best["row"],
-                "best_score": self.best["score"], "best_is_current": self._best_is_current(), "dropped": self.dropped}
+                "best_score": self.best["score"], "best_is_current": self._best_is_current(), "dropped": self.dropped,
+                "privacy": self.privacy.state() if self.privacy is not None else None}
         checkpoint.save(self.output_dir, self.done, self._tensors(), meta)
 
     def _resume(self) -> int | None:
@@ -330,7 +348,7 @@ class Federation:
             raise ConfigError(f"{self.output_dir} holds an unfinished run on other inputs ({'; '.join(changed[:2])}"
                               f"{'; ...' if len(changed) > 2 else ''}): the cache or the splits changed since; give "
                               "this run its own folder (hydra.run.dir=...), or remove its checkpoint* to start it over")
-        checkpoint.check_record(self.output_dir, meta, self.rounds, [c.name for c in self.clients])
+        checkpoint.check_record(self.output_dir, meta, self.rounds, self.known_clients)
         current = meta["best_is_current"] or meta["best_row"] is None
         expected = {f"global/{k}": v for k, v in self.global_state.items()}
         expected.update({f"personal/{k}": v for k, v in self.personal.items()})
@@ -354,6 +372,11 @@ class Federation:
         self.best = {"row": meta["best_row"], "score": meta["best_score"] if meta["best_row"] else -math.inf,
                      "shared": shared, "personal": personal}
         self.dropped = dict(meta["dropped"])
+        if self.privacy is not None:
+            try:
+                self.privacy.load(meta.get("privacy"))
+            except (ValueError, TypeError) as e:
+                raise checkpoint.Damaged(self.output_dir, str(e)) from None
         self.done = int(meta["round"])
         log.info("resuming %s after round %d of %d", self.output_dir, self.done, self.rounds)
         return self.done
@@ -363,6 +386,14 @@ class Federation:
         checkpoint.remove(self.output_dir)
 
     # --- the summary
+
+    def privacy_fields(self) -> dict:
+        """summary.json's privacy: the mechanism and what the whole run spent (epsilon: the worst client's
+        for DP-SGD, whose `epsilon_clients` has each; null when infinite), and epsilon and delta at the top."""
+        if self.privacy is None:
+            return {"privacy": {"name": "none"}}
+        spent = self.privacy.record()
+        return {"privacy": {**self.privacy.describe(), **spent}, "epsilon": spent["epsilon"], "delta": spent["delta"]}
 
     def summary_fields(self) -> dict:
         """summary.json's result fields: the selected round's accuracies, per client, per domain, spread
@@ -382,5 +413,6 @@ class Federation:
                                  "sizes": c.sizes} for c in clients},
             "clients_per_round": self.per_round, "selection": self.rule,
             "selection_label": selection.LABELS[self.rule],
+            **self.privacy_fields(),
             **({"dropped_clients": dict(self.dropped)} if self.dropped else {}),
         }

@@ -65,6 +65,9 @@ def conclude(experiment: Experiment, start: float, stopped: str | None = None) -
     if e.finetune is not None and int(e.cfg.finetune_epochs) and fed.rounds:  # (paper Fig. 3c)
         summary["personalization_finetuned"] = e.finetune(fed.best)
         summary["personalization_finetuned_mean"] = mean(summary["personalization_finetuned"].values())
+        if getattr(fed, "privacy", None) is not None:  # fine-tuning on the clients' rows spends privacy too
+            fed.privacy.finetuned()
+            summary.update(fed.privacy_fields())
     e.save(fed.best)
     summary = finish(e.output_dir, summary, e.cfg, start)
     fed.finished()

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -35,7 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import selection
+from extract.files import UnsafePath, open_atomic, own_folder, write_text
+
 from .errors import ConfigError
+from .inputs import MiB, read_json
 from .report_plots import TARGET_NONE, target_label, write_plots
 from .report_runs import collect
 from .report_select import client_spread, domain_accuracies, has_several_clients_per_domain, reselect
@@ -51,13 +56,52 @@ PAPER = {
                 "vlcs": {"C": 83.68, "L": 82.62, "S": 82.82, "V": 83.30, "Avg": 83.11},
                 "office_home": {"Avg": 80.27}},
 }
-# Options that make a different method variant (a separate row), beside the method's name.
+# What tells runs apart. Every setting of conf/federate.yaml is one of three kinds (reported_as; a test
+# walks the composed config and fails on a setting of none):
+# - a variant key: another value makes another row (method_label). The top-level keys below, with their
+#   defaults (not shown in a label), and every setting of a group the run used (VARIANT_GROUPS, e.g.
+#   method.mu, partition.alpha: a method's new setting needs no edit here);
+# - part of the results' identity (IDENTITY): the table set (what the run computed on), the target column,
+#   the learning rate (picked by validation) or the seed (the samples of a cell);
+# - declared not to change what is measured (NOT_MEASURED), with the reason.
 VARIANT_KEYS = ("aggregation", "loss", "text_adapter", "local_epochs", "batch_size", "precision", "rounds", "backend",
-                "engine", "clients_per_round", "selection", "finetune_epochs")
+                "engine", "clients_per_round", "selection", "finetune_epochs", "split_file")
 DEFAULTS = {"aggregation": "uniform", "loss": "contrastive", "text_adapter": False, "local_epochs": 1,
             "batch_size": 32, "precision": "fp32", "rounds": 200, "backend": "local", "engine": "auto",
-            "clients_per_round": None, "selection": "val_mean", "finetune_epochs": 0}
+            "clients_per_round": None, "selection": "val_mean", "finetune_epochs": 0, "split_file": None}
+VARIANT_GROUPS = ("method", "adapter", "strategy", "partition", "optimizer", "backbone", "privacy")
+IDENTITY = {
+    "dataset.classes": "the class subset: a table set of its own (the paper's numbers are for every class)",
+    "dataset.": "what the cache was built from: the table set is the cache's identity and checksums",
+    "model.": "the model the cache was built with: its name and the cache's identity and checksums",
+    "cache_dir": "where the cache is: the table set is the cache's identity and checksums, not its path",
+    "cache_file": "where the cache is: the table set is the cache's identity and checksums, not its path",
+    "target_domain": "the target: a column of the tables",
+    "lr": "the learning rate: each (row, target) keeps the lr with the best mean validation accuracy",
+    "seed": "the seed: the runs of a cell are its seeds",
+}
+NOT_MEASURED = {
+    "device": "the same computation on a CPU or a GPU (to float rounding)",
+    "flower.min_clients": "decides only when a Flower run stops for lack of clients; a run that lost clients is "
+                          "listed under 'Runs that lost clients'",
+    "flower.round_timeout": "decides only when a Flower client is dropped, which the report lists",
+    "flower.startup_timeout": "decides only how long a Flower run waits for its clients to connect",
+    "backbone.num_workers": "how many processes decode the images: the same images in the same order",
+    "backbone.eval_batch_size": "the batch size of evaluation: the same predictions",
+}
 NA = "—"  # a number that does not exist (no target domain, a domain without clients), never 0
+
+
+def reported_as(path: str) -> str | None:
+    """How the report tells runs apart by a setting (a dotted path of conf/federate.yaml): "variant",
+    "identity" or "not measured"; None for a setting it does not know (a test fails on one)."""
+    if path in NOT_MEASURED:
+        return "not measured"
+    if path in VARIANT_KEYS or path.split(".")[0] in VARIANT_GROUPS:
+        return "variant"
+    if path in IDENTITY or any(k.endswith(".") and path.startswith(k) for k in IDENTITY):
+        return "identity"
+    return None
 
 
 def settings_label(name: str, settings: dict, hidden=()) -> str:
@@ -65,10 +109,14 @@ def settings_label(name: str, settings: dict, hidden=()) -> str:
     return name + (f"({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
 
 
+def config_of(s: dict) -> dict:
+    """The config a run recorded in its summary ({} for older runs)."""
+    return s["config"] if isinstance(s.get("config"), dict) else {}
+
+
 def setting(s: dict, key: str):
     """A run's setting: from its summary, else from the config it recorded (finetune_epochs, split_file)."""
-    config = s.get("config") if isinstance(s.get("config"), dict) else {}
-    value = s.get(key, config.get(key))
+    value = s.get(key, config_of(s).get(key))
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
@@ -77,45 +125,145 @@ def split_file(s: dict) -> str | None:
     return str(value) if value else None
 
 
-def method_label(s: dict) -> str:
+def group_settings(s: dict, group: str) -> dict | None:
+    """The settings of a config group the run used (name included; the settings that do not change what is
+    measured, and the lr, which is part of the identity, left out): the summary's record of the group when it
+    is one (the adapter's, strategy's and optimizer's own account of the settings they use), else the config
+    node the run recorded; None when the run did not use the group (zero-shot's adapter, a local run's
+    strategy, the cached methods' optimizer and backbone, which their summaries record as null)."""
+    recorded = s.get(group)
+    if group != "method" and not recorded:
+        return None
+    node = recorded if isinstance(recorded, dict) else config_of(s).get(group)
+    if not isinstance(node, dict):
+        node = {"name": recorded if group != "method" else s["method"]}
+    return {k: v for k, v in node.items() if f"{group}.{k}" not in NOT_MEASURED and k != "lr"}
+
+
+def option_defaults(group: str, name: str) -> dict:
+    """The settings of conf/<group>/<name>.yaml ({} when there is none)."""
+    from omegaconf import OmegaConf
+
+    from .cli import CONF_DIR
+
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)) or not path.is_file():
+        return {}
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    if path.read_text().startswith("# @package _global_"):
+        node = node.get(group, {})
+    return node if isinstance(node, dict) else {}
+
+
+def privacy_settings(s: dict) -> dict | None:
+    """The privacy settings a run recorded in its config (name included), or None without privacy. Not the
+    summary's `privacy` record, which holds what the run spent besides."""
+    node = config_of(s).get("privacy")
+    if not isinstance(node, dict) or node.get("name", "none") == "none":
+        return None
+    return dict(node)
+
+
+def method_label(s: dict, privacy_hidden: tuple[str, ...] = (), no_privacy: bool = False) -> str:
     """The row name of a run: the method (with its backbone when it trains one) and every setting that
-    makes a different variant (adapter, server strategy, loss, partition, ...); runs with the same label
-    are seeds."""
+    makes a different variant (adapter, server strategy, loss, partition, privacy, ...); runs with the same
+    label are seeds. `privacy_hidden`: privacy settings left out (a privacy-utility curve's points);
+    `no_privacy`: the label without privacy at all."""
     extras = [f"{k}={setting(s, k)}" for k in VARIANT_KEYS
-              if setting(s, k) is not None and setting(s, k) != DEFAULTS.get(k)
+              if k != "split_file" and setting(s, k) is not None and setting(s, k) != DEFAULTS.get(k)
               and not (k == "rounds" and s["method"] == "zeroshot")]
-    if s.get("selection") == "oracle":
+    if "selection=oracle" in extras:
         extras[extras.index("selection=oracle")] = "selection=oracle: an upper bound"
-    adapter, server, partition = s.get("adapter"), s.get("strategy"), s.get("partition")
+    adapter, server, partition = (group_settings(s, g) for g in ("adapter", "strategy", "partition"))
     if split_file(s):
         extras.insert(0, f"split_file={(s.get('splits_sha256') or '')[:8] or Path(split_file(s)).name}")
-    if partition and partition["name"] != "domain":
-        extras.insert(0, "partition=" + settings_label(partition["name"], partition, hidden=("name",)))
-    optimizer = s.get("optimizer")
-    if isinstance(optimizer, dict):
+    if partition and partition.get("name") != "domain":
+        extras.insert(0, "partition=" + settings_label(partition.get("name"), partition, hidden=("name",)))
+    optimizer = group_settings(s, "optimizer") if isinstance(s.get("optimizer"), dict) else None
+    if optimizer:
         extras.insert(0, "optimizer=" + settings_label(optimizer.get("name", ""), optimizer, hidden=("name",)))
-    if adapter and adapter["name"] != "attai":
-        extras.insert(0, "adapter=" + settings_label(adapter["name"], adapter, hidden=("name",)))
+    if adapter and adapter.get("name") != "attai":
+        extras.insert(0, "adapter=" + settings_label(adapter.get("name"), adapter, hidden=("name",)))
     elif adapter:  # AttAI's text tower is text_adapter, listed above
         extras[:0] = [f"{k}={v}" for k, v in adapter.items() if k not in ("name", "text_tower")]
-    if server and server["name"] != "fedavg":
-        extras.insert(0, "strategy=" + settings_label(server["name"], server, hidden=("name", "aggregation")))
-    extras[:0] = [f"{k}={v}" for k, v in method_settings(s).items()]
+    if server and server.get("name") != "fedavg":
+        extras.insert(0, "strategy=" + settings_label(server.get("name"), server, hidden=("name", "aggregation")))
+    extras[:0] = [f"{k}={v}" for k, v in group_settings(s, "method").items() if k != "name"]  # mu, any method's
+    dp = None if no_privacy else privacy_settings(s)
+    if dp:
+        shown = {k: v for k, v in dp.items() if v is not None}  # (noise_multiplier or epsilon may be unset)
+        extras.append("privacy=" + settings_label(dp["name"], shown, hidden=("name", *privacy_hidden)))
+    return s["method"] + backbone_label(s) + (f" ({', '.join(extras)})" if extras else "")
+
+
+def spent_epsilon(s: dict) -> float | None:
+    """The epsilon a private run spent (its summary's, checked: a finite number >= 0), else None."""
+    value = s.get("epsilon")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
+
+
+CURVE_KEYS = ("noise_multiplier", "epsilon")  # what a privacy-utility sweep varies
+
+
+def privacy_curves(runs: list[dict]) -> tuple[dict, dict]:
+    """Privacy against utility: {curve: ([(epsilon, overall %, seeds)], the label without privacy)}, one point
+    per row of the tables whose privacy settings differ only in noise_multiplier or epsilon (means over its
+    runs), sorted by epsilon; and {label: overall %} of the non-private rows, drawn beside the curve of the
+    same label without privacy. Private runs whose epsilon is infinite (noise 0) are left out."""
+    points, baselines, bases = defaultdict(lambda: defaultdict(list)), defaultdict(list), {}
+    for s in runs:
+        overall = s.get("overall")
+        if not isinstance(overall, (int, float)) or not math.isfinite(overall):
+            continue
+        if privacy_settings(s) is None:
+            baselines[method_label(s)].append(100 * overall)
+        elif spent_epsilon(s) is not None:
+            points[method_label(s, CURVE_KEYS)][method_label(s)].append((spent_epsilon(s), 100 * overall))
+            bases[method_label(s, CURVE_KEYS)] = method_label(s, no_privacy=True)
+    curves = {}
+    for curve, rows in points.items():
+        curves[curve] = (sorted((statistics.fmean(e for e, _ in v), statistics.fmean(a for _, a in v), len(v))
+                                for v in rows.values()), bases[curve])
+    return curves, {k: statistics.fmean(v) for k, v in baselines.items()}
+
+
+def privacy_table(runs: list[dict]) -> tuple[list[str], list[list], int] | None:
+    """The privacy-utility table: each private row's epsilon (the worst client's for DP-SGD), delta and
+    overall accuracy, ordered by epsilon within its curve; None without private runs."""
+    curves, _ = privacy_curves(runs)
+    if not curves:
+        return None
+    deltas = {method_label(s): s.get("delta") for s in runs if spent_epsilon(s) is not None}
+    by_label = defaultdict(list)
+    for s in runs:
+        if spent_epsilon(s) is not None:
+            by_label[method_label(s)].append(s)
+    rows = []
+    for curve in sorted(curves):
+        for label in sorted((k for k in by_label if method_label(by_label[k][0], CURVE_KEYS) == curve),
+                            key=lambda k: statistics.fmean(spent_epsilon(s) for s in by_label[k])):
+            group = by_label[label]
+            delta = deltas[label]
+            rows.append([label, f"{statistics.fmean(spent_epsilon(s) for s in group):.3g}",
+                         f"{delta:g}" if isinstance(delta, (int, float)) and not isinstance(delta, bool) else NA,
+                         cell([s["overall"] for s in group])])
+    return ["method", "epsilon", "delta", "overall"], rows, 3
+
+
+def backbone_label(s: dict) -> str:
+    """"/<backbone>" for a run that trained one, with the settings that differ from its option's defaults."""
     backbone = s.get("backbone")
-    if isinstance(backbone, dict):
-        name = s["method"] + "/" + settings_label(backbone.get("name", "?"), backbone, hidden=("name",))
-    else:
-        name = s["method"] + (f"/{backbone}" if backbone else "")
-    return name + (f" ({', '.join(extras)})" if extras else "")
-
-
-def method_settings(s: dict) -> dict:
-    """The method's own settings (`method.*` less its name): each value makes another row."""
-    settings = s.get("method_settings")
-    if not isinstance(settings, dict):  # older runs: the config they recorded
-        config = s.get("config") if isinstance(s.get("config"), dict) else {}
-        settings = config.get("method") if isinstance(config.get("method"), dict) else {}
-    return {k: v for k, v in settings.items() if k != "name"}
+    if not backbone:
+        return ""
+    if isinstance(backbone, dict) and not config_of(s).get("backbone"):  # (an older run's record)
+        return "/" + settings_label(backbone.get("name", "?"), backbone, hidden=("name",))
+    node = group_settings(s, "backbone")
+    name = str(backbone.get("name", "?") if isinstance(backbone, dict) else backbone)
+    defaults = option_defaults("backbone", name)
+    changed = {k: v for k, v in node.items() if k != "name" and defaults.get(k, object()) != v}
+    return "/" + settings_label(name, changed)
 
 
 def slug(name: str) -> str:
@@ -132,13 +280,20 @@ class TableSet:
     model: str
     identity: str | None  # the cache's identity_sha256 (None: an older run did not record it)
     splits: str | None  # sha256 of the splits.json of split_file runs
+    classes: tuple | None = None  # the class subset (dataset.classes); None: every class of the cache
+    inputs: str | None = None  # the images the cache was built from (its inputs_fingerprint) ...
+    model_fingerprint: str | None = None  # ... and the model (runs on those images go beside: the baselines)
     checksums: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)
     folder: str = ""
     other_content_than: str = ""  # the folder of a table set with the same names but other embeddings
 
     def agrees(self, s: dict) -> bool:
-        same = (self.dataset, self.model, self.identity, self.splits) == data_key(s)
+        if on_images(s):  # a backbone baseline: beside the runs on a cache of the same images and model
+            return (self.identity is not None and self.inputs == s["inputs_fingerprint"] and self.splits is None
+                    and self.classes is None and s.get("model_fingerprint") in (None, self.model_fingerprint)
+                    and self.dataset == s["dataset"])
+        same = (self.dataset, self.model, self.identity, self.splits, self.classes) == data_key(s)
         sums = s.get("cache_checksums") or {}
         return same and all(self.checksums.get(k, v) == v for k, v in sums.items())
 
@@ -146,34 +301,50 @@ class TableSet:
         what = [f"cache {self.identity[:12]}" if self.identity else "cache identity not recorded: older runs"]
         if self.splits:
             what.append(f"splits {self.splits[:12]}")
+        if self.classes is not None:
+            what.append(f"classes {', '.join(self.classes)} ({len(self.classes)} classes)")
         if self.other_content_than:
             what.append(f"other embeddings than {self.other_content_than}: the cache was rebuilt")
         return f"{self.dataset} with {self.model} ({', '.join(what)})"
 
 
+def on_images(s: dict) -> bool:
+    """A run that trained on the images (a backbone baseline), which names them instead of a cache."""
+    return s.get("cache_identity_sha256") is None and isinstance(s.get("inputs_fingerprint"), str)
+
+
 def data_key(s: dict) -> tuple:
     return (s["dataset"], s.get("model", "?"), s.get("cache_identity_sha256") or None,
-            (s.get("splits_sha256") or None) if split_file(s) else None)
+            (s.get("splits_sha256") or None) if split_file(s) else None, class_subset(s))
+
+
+def class_subset(s: dict) -> tuple[str, ...] | None:
+    """The classes a run was restricted to (dataset.classes), or None: every class of its cache."""
+    classes = (config_of(s).get("dataset") or {}).get("classes") if isinstance(config_of(s).get("dataset"), dict) \
+        else None
+    return None if classes is None else tuple(str(c) for c in (classes if isinstance(classes, list) else [classes]))
 
 
 def table_sets(runs: list[dict]) -> list[TableSet]:
     """Group runs by what they computed on; each set gets a folder name of its own."""
     sets: list[TableSet] = []
-    for s in sorted(runs, key=lambda s: str(s["_dir"])):
+    for s in sorted(runs, key=lambda s: (on_images(s), str(s["_dir"]))):  # the caches' sets first
         match = next((t for t in sets if t.agrees(s)), None)
         if match is None:
-            match = TableSet(*data_key(s))
+            match = TableSet(*data_key(s), inputs=s.get("cache_inputs_fingerprint") or s.get("inputs_fingerprint"),
+                             model_fingerprint=s.get("cache_model_fingerprint") or s.get("model_fingerprint"))
             sets.append(match)
         match.checksums.update(s.get("cache_checksums") or {})
         match.runs.append(s)
-    sets.sort(key=lambda t: (t.dataset, t.model, t.identity or "", t.splits or ""))
+    sets.sort(key=lambda t: (t.dataset, t.model, t.identity or "", t.splits or "", t.classes or ()))
     used = {}
     plain = Counter(f"{slug(t.dataset)}__{slug(t.model)}".lower() for t in sets)
     for t in sets:
         name = f"{slug(t.dataset)}__{slug(t.model)}"
         if plain[name.lower()] > 1:  # other caches or splits of the same (dataset, model): say which
             name = "__".join([name, *([f"cache-{t.identity[:8]}"] if t.identity else []),
-                              *([f"splits-{t.splits[:8]}"] if t.splits else [])])
+                              *([f"splits-{t.splits[:8]}"] if t.splits else []),
+                              *([f"classes-{classes_id(t.classes)}"] if t.classes is not None else [])])
         folder, n = name, 1
         while folder.lower() in used:  # the same names, other content (a cache rebuilt at the same path)
             n += 1
@@ -183,6 +354,10 @@ def table_sets(runs: list[dict]) -> list[TableSet]:
         used[folder.lower()] = folder
         t.folder = folder
     return sets
+
+
+def classes_id(classes: tuple[str, ...]) -> str:
+    return hashlib.sha256(json.dumps(list(classes)).encode()).hexdigest()[:8]
 
 
 def drop_repeats(runs: list[dict]) -> tuple[list[dict], list[str]]:
@@ -248,8 +423,11 @@ def paper_value(table: str, dataset: str, model: str, domain: str, targets=()):
 SPREAD = (("clients mean", "mean"), ("clients worst", "worst"), ("clients p10", "p10"))
 
 
-def tables(runs: list[dict], dataset: str, model: str) -> dict[str, tuple[list[str], list[list], int]]:
-    """name -> (header, rows of cells or strings, number of label columns)."""
+def tables(runs: list[dict], dataset: str, model: str, subset: bool = False) -> dict[str, tuple[list[str], list[list], int]]:
+    """name -> (header, rows of cells or strings, number of label columns); the paper's numbers beside them
+    unless the runs are on a class `subset`."""
+    if subset:
+        model = ""  # the paper's numbers are for every class
     methods_ = sorted({method_label(s) for s in runs})
     targets = sorted({target_label(s["target_domain"]) for s in runs}, key=lambda t: (t == TARGET_NONE, t))
     domains = sorted({d for s in runs for d in domain_accuracies(s)} | (set(targets) - {TARGET_NONE}))
@@ -333,7 +511,7 @@ def markdown(header, rows, label_cols: int) -> str:
 
 def write_csv(path: Path, header, rows, label_cols: int) -> None:
     """Cells become three columns each: <name>, <name>_se, <name>_n; a number that does not exist is empty."""
-    with open(path, "w", newline="") as f:
+    with open_atomic(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*header[:label_cols], *[f"{h}{s}" for h in header[label_cols:] for s in ("", "_se", "_n")]])
         for row in rows:
@@ -366,22 +544,25 @@ def per_round_rows(runs: list[dict]):
 
 
 def report_folder(root: Path) -> Path:
-    """<root>/report: a folder this tool made (it holds report.md) or a new one; never someone else's."""
+    """<root>/report: a folder this tool made (it holds report.md) or a new one; never someone else's, never
+    a link (UnsafePath)."""
     out = root / "report"
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").exists():
+    if out.is_symlink():
+        own_folder(out)
+    if out.is_dir() and any(out.iterdir()) and not os.path.lexists(out / "report.md"):
         raise ConfigError(f"{out} exists and holds files that are not a report (no report.md); "
                           "move them away so that the report does not overwrite them")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file, not a folder; move it away so that the report can be written there")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return own_folder(out)
 
 
 def inside(folder: Path, name: str) -> Path:
+    """The folder <folder>/<name> (created), refused when it would lie elsewhere or is a link (UnsafePath)."""
     path = folder / name
-    if path.resolve().parent != folder.resolve():
+    if path.parent != folder or name in ("", ".", ".."):
         raise ConfigError(f"refusing to write {path}: outside {folder}")  # slug() never makes such a name
-    return path
+    return own_folder(path)
 
 
 def apply_selection(runs: list[dict], rule: str | None) -> tuple[list[dict], list[str]]:
@@ -409,11 +590,11 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
     found = collect(root)
     out_dir = report_folder(root)
     runs, selection_notes = apply_selection(found.summaries, rule)
-    text = [f"# Report for {root}", "", f"{len(runs)} runs with a summary.", *([""] if selection_notes else []),
-            *selection_notes]
+    text = [f"# Report for {root}", "", f"{len(runs)} runs with a summary.",
+            *([""] + [f"- {s.line()}" for s in found.sweeps] if found.sweeps else []),
+            *([""] if selection_notes else []), *selection_notes]
     for t in table_sets(runs):
         folder = inside(out_dir, t.folder)
-        folder.mkdir(exist_ok=True)
         unique, repeats = drop_repeats(t.runs)
         kept, notes = select_lr(unique)
         text += ["", f"## {t.heading()}", "", f"Files: {folder}/", "",
@@ -425,13 +606,20 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
             text += [f"- {n}" for n in repeats]
         if notes:
             text += ["", "Learning rate picked by the best mean validation accuracy:"] + [f"- {n}" for n in notes]
-        for name, (header, rows, label_cols) in tables(kept, t.dataset, t.model).items():
+        for name, (header, rows, label_cols) in tables(kept, t.dataset, t.model, t.classes is not None).items():
             text += ["", f"### {name.capitalize()}", "", markdown(header, rows, label_cols)]
             write_csv(folder / f"{name}.csv", header, rows, label_cols)
+        private = privacy_table(kept)
+        if private:
+            text += ["", "### Privacy and utility", "",
+                     "epsilon: what the run spent at delta (DP-SGD: the worst client's; docs/privacy.md).", "",
+                     markdown(*private)]
+            write_csv(folder / "privacy.csv", *private)
         if make_plots:
-            for p in write_plots(kept, folder, f"{t.dataset} / {t.model}", method_label, cost_bench):
+            for p in write_plots(kept, folder, f"{t.dataset} / {t.model}", method_label, cost_bench,
+                                 privacy_curves(kept)):
                 text.append(f"\nplot: {p}")
-    with open(out_dir / "per_round.csv", "w", newline="") as f:
+    with open_atomic(out_dir / "per_round.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(PER_ROUND_HEADER)
         w.writerows(per_round_rows(runs))
@@ -443,7 +631,7 @@ def report(root: Path, make_plots: bool = True, cost_bench: dict | None = None, 
         text += ["", "## Runs that lost clients (counted in the tables)", "", *caveats]
     if found.broken:
         text += ["", "## Runs without results", ""] + [f"- {b.folder}: {b.why}" for b in found.broken]
-    (out_dir / "report.md").write_text("\n".join(text) + "\n")
+    write_text(out_dir / "report.md", "\n".join(text) + "\n")
     return "\n".join(text)
 
 
@@ -461,7 +649,7 @@ def main(argv=None) -> int:
         print(f"error: {root} is not a folder", file=sys.stderr)
         return 2
     try:
-        cost_bench = json.loads(Path(args.cost).read_text()) if args.cost else None
+        cost_bench = read_json(args.cost, 16 * MiB) if args.cost else None
         if cost_bench is not None and not isinstance(cost_bench, dict):
             raise ValueError("it holds no JSON object")
     except (OSError, ValueError) as e:
@@ -470,7 +658,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         print(report(root, make_plots=not args.no_plots, cost_bench=cost_bench, rule=args.selection))
-    except ConfigError as e:
+    except (ConfigError, UnsafePath) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nwrote {root / 'report'}")

@@ -13,6 +13,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from extract.files import atomic_path
+
 log = logging.getLogger("federate.report")
 
 TARGET_NONE = "(none)"
@@ -137,21 +139,52 @@ def has_cost_figures(s: dict) -> bool:
                     for b in (s.get("bytes_per_round"), full.get("bytes_per_round"))))
 
 
-def write_plots(runs: list[dict], folder: Path, title: str, label, cost_bench: dict | None = None) -> list[Path]:
+def save(fig, path: Path) -> None:
+    """A PNG written to a temporary file beside `path` and renamed over it (a link there is replaced)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def privacy_figure(plt, curves: dict, baselines: dict, title: str):
+    """Overall accuracy against epsilon (log scale): one line per privacy-utility curve, and the same method
+    without privacy as a dashed line where the runs have it."""
+    fig, ax = plt.subplots(figsize=(7, 4.5 + 0.2 * len(curves)))
+    for i, (curve, (points, base_label)) in enumerate(sorted(curves.items())):
+        color = f"C{i % 10}"
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=color, label=curve)
+        if base_label in baselines:
+            ax.axhline(baselines[base_label], color=color, linestyle="--", linewidth=1, label=f"{base_label}: no DP")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon (delta as recorded; DP-SGD: the worst client)")
+    ax.set_ylabel("overall accuracy (%)")
+    ax.set_title(f"{title}: privacy and utility", fontsize=10)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)  # below: no point hidden
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(runs: list[dict], folder: Path, title: str, label, cost_bench: dict | None = None,
+                privacy: tuple[dict, dict] | None = None) -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
     paths = []
+    if privacy and privacy[0]:
+        fig = privacy_figure(plt, privacy[0], privacy[1], title)
+        paths.append(folder / "privacy_utility.png")
+        save(fig, paths[-1])
+        plt.close(fig)
     data = curves(runs, label)
     if data:
         fig = accuracy_figure(plt, data, title)
         paths.append(folder / "accuracy_per_round.png")
-        fig.savefig(paths[-1], dpi=110)
+        save(fig, paths[-1])
         plt.close(fig)
     fed = next((s for s in sorted(runs, key=lambda s: str(s["_dir"])) if has_cost_figures(s)), None)
     if fed:
         fig = cost_figure(plt, fed, title, (cost_bench or {}).get("fedavg_full_clip_seconds_per_round"))
         paths.append(folder / "cost.png")
-        fig.savefig(paths[-1], dpi=110)
+        save(fig, paths[-1])
         plt.close(fig)
     return paths

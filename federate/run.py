@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from extract.commands import extract_command
+from extract.files import own_folder, write_text
 
-from . import adapters, prepared, rows, strategy
+from . import adapters, prepared, privacy, rows, strategy
 from .cache import load_cache
 from .engine import ClientSets, TrainSettings, make_trainer
 from .evaluate import accuracies, pick
@@ -31,6 +32,7 @@ from .experiment import (cache_path, capped_batch, check_settings, class_text, c
 from .federation import ClientInfo, Federation
 from .lifecycle import Experiment, execute
 from .partition import check_flower, make_clients, restrict_classes, splits_json
+from .sweep_folder import finished_run
 from .training import LocalTraining, Update
 
 log = logging.getLogger("federate")
@@ -45,7 +47,10 @@ def run(cfg, output_dir: str | Path) -> dict:
     result = prepared.take(output_dir)
     if result is not None:
         return result()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    kept = finished_run(output_dir, cfg)  # a sweep finished in place keeps its finished jobs (federate/sweep_folder.py)
+    if kept is not None:
+        return kept
+    own_folder(output_dir)  # (a link is refused: nothing is written through it)
     method = check_settings(cfg)
     if cfg.backend == "flower":
         from .flower.simulation import run_simulation
@@ -112,7 +117,8 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
     identity = identity_of(cache, splits_text)
     federation = Federation(cfg, method, infos, init, server, output_dir, target=target, progress=progress,
                             inputs=identity)
-    (output_dir / "splits.json").write_text(splits_text)
+    server = privacy.wrap(federation)  # privacy=dp_client: DP-FedAvg around the strategy
+    write_text(output_dir / "splits.json", splits_text)
     point = Point(cfg, method, output_dir, model, server, cache, target, clients, target_set, text, federation)
     point.experiment = Experiment(
         cfg, method, federation, output_dir, cache.dataset_name, cache.model_name, model, server,
@@ -123,7 +129,8 @@ def setup(cfg, method, output_dir: Path, progress: bool = True) -> Point:
         finetune=lambda best: finetune(point, best))
     if federation.rounds:
         point.train_sets = [rows.concat([clients[i].train for i in m]) for m in federation.unit_members]
-        point.settings = capped_batch(method.train_settings(cfg), max(len(s) for s in point.train_sets))
+        point.settings = capped_batch(privacy.train_settings(method.train_settings(cfg), federation),
+                                      max(len(s) for s in point.train_sets))
     return point
 
 
@@ -153,6 +160,7 @@ class CachedBackend:
         weights = None if p.server.reads_each_client else strategy.client_weights(sizes, p.server.aggregation).tolist()
         return LocalTraining([(int(p.cfg.seed), names[i]) for i in sampled], sizes, round_, int(p.cfg.local_epochs),
                              p.settings, lambda settings: self.trainer(what, sampled, settings), weights,
+                             budget=privacy.budget(p.cfg, p.method, "train" if what == "units" else "deploy"),
                              rows=[sets[i] for i in sampled])
 
     def train(self, federation: Federation, round_: int, sampled: list[int]) -> Update:
@@ -183,11 +191,13 @@ def finetune(point: Point, best: dict) -> dict[str, float]:
     """Each client fine-tunes the model it deploys at the selected round on its own training split for
     `finetune_epochs`; its test accuracy after (paper Fig. 3c)."""
     cfg, clients, fed = point.cfg, point.clients, point.federation
-    settings = capped_batch(replace(point.method.train_settings(cfg), mu=0.0), max(len(c.train) for c in clients))
+    settings = capped_batch(replace(privacy.train_settings(point.method.train_settings(cfg), fed), mu=0.0),
+                            max(len(c.train) for c in clients))
     trainer = make_trainer(cfg.engine, point.adapter, ClientSets([c.train for c in clients]), point.text,
                            point.cache.logit_scale, settings)
     train = LocalTraining([(int(cfg.seed), c.name) for c in clients], [len(c.train) for c in clients], "finetune",
-                          int(cfg.finetune_epochs), settings, lambda s: trainer, rows=[c.train for c in clients])
+                          int(cfg.finetune_epochs), settings, lambda s: trainer,
+                          budget=privacy.budget(cfg, point.method, "deploy"), rows=[c.train for c in clients])
     states = fed.method.deployed(train, best["shared"], best["personal"])
     stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
     trainer.train(stacked, train.epochs, train.generators())

@@ -17,10 +17,12 @@ import numpy as np
 
 from .cache import canonical_domain
 from .errors import ConfigError
+from .inputs import MiB, Unreadable, read_json
 
 PARTS = ("train", "val", "test")
 MIN_TRAIN = 2  # the in-batch contrastive loss needs pairs
 MIN_ROWS = 5  # the fewest rows whose seeded 60/20/20 split has 2 training rows and non-empty val and test
+MAX_SPLIT_BYTES = 512 * MiB  # DomainNet's 586,000 ids take about 30 MB
 
 
 def split_indices(n: int, seed: int, domain: str) -> dict[str, np.ndarray]:
@@ -68,7 +70,7 @@ def client_domain(name: str, domains) -> str | None:
 
 
 def read_client_splits(path: str | Path, ids_of: dict[str, tuple[str, ...]], participants,
-                       all_domains=None) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
+                       all_domains=None, left_out=None) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
     """client -> (its domain, indices per part into the domain's rows) for the clients of the participating
     domains listed in a splits.json ({client: {"train": [id, ...], "val": [...], "test": [...]}}).
 
@@ -76,16 +78,22 @@ def read_client_splits(path: str | Path, ids_of: dict[str, tuple[str, ...]], par
     domain must have at least one client; each client lists its three parts, each a list of distinct ids
     of its domain in the cache, no id in two parts or two clients of a domain, at least 2 train ids and
     non-empty val and test. Clients of a domain that does not take part (the target) are skipped; a name
-    that is no client of a domain of the cache (`all_domains`, default the participants) is refused."""
+    that is no client of a domain of the cache (`all_domains`, default the participants) is refused, and
+    so are two names that are one client once normalised ("a b" and "a_b"). `left_out`: {domain: ids} of
+    rows the run does not use (classes outside dataset.classes), dropped from the split instead of refused.
+
+    Only a regular file of at most MAX_SPLIT_BYTES is read (a FIFO or /dev/zero is refused)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, MAX_SPLIT_BYTES)
+    except Unreadable as e:
+        raise ConfigError(f"cannot read split_file {path}: {e}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read split_file {path}: {e}") from None
     shape = 'a JSON object {client: {"train": [ids], "val": [ids], "test": [ids]}}'
     if not isinstance(data, dict):
         raise ConfigError(f"split_file {path} must be {shape}, not a JSON {type_name(data)}")
     known = [canonical_domain(d) for d in (all_domains or participants)]
-    domain_of = {}
+    domain_of, written = {}, {}
     for name in data:
         head, sep, k = name.rpartition("/")  # "Real World/2" is "Real_World/2"
         canonical = f"{canonical_domain(head)}/{k}" if sep and k.isdigit() else canonical_domain(name)
@@ -93,7 +101,10 @@ def read_client_splits(path: str | Path, ids_of: dict[str, tuple[str, ...]], par
         if domain is None:
             raise ConfigError(f"split_file {path}: {name!r} is not a client of a domain of the cache: a client is "
                               f"named after its domain ({', '.join(known)}) or <domain>/<k>")
-        domain_of[canonical] = domain
+        if canonical in domain_of:
+            raise ConfigError(f"split_file {path}: {written[canonical]!r} and {name!r} are one client, {canonical!r} "
+                              "(runs of whitespace in a name read as _); list each client once")
+        domain_of[canonical], written[canonical] = domain, name
     data = {c: parts for c, parts in zip(domain_of, data.values())}
     out, owner = {}, {}
     for d in participants:
@@ -103,12 +114,14 @@ def read_client_splits(path: str | Path, ids_of: dict[str, tuple[str, ...]], par
         index = {s: i for i, s in enumerate(ids_of[d])}
         owner.clear()  # id -> (client, part) within the domain
         for c in clients:
-            out[c] = (d, _read_parts(path, c, d, data[c], index, owner))
+            out[c] = (d, _read_parts(path, c, d, data[c], index, owner, (left_out or {}).get(d, ())))
     return out
 
 
-def _read_parts(path, client: str, domain: str, parts, index: dict[str, int], owner: dict) -> dict[str, np.ndarray]:
-    """One client's indices per part; `owner` holds the ids already taken in the domain (id -> (client, part))."""
+def _read_parts(path, client: str, domain: str, parts, index: dict[str, int], owner: dict,
+                left_out=()) -> dict[str, np.ndarray]:
+    """One client's indices per part; `owner` holds the ids already taken in the domain (id -> (client, part));
+    ids in `left_out` (rows the run does not use) are dropped."""
     who = f"domain {client}" if client == domain else f"client {client}"
     if not isinstance(parts, dict):
         raise ConfigError(f"split_file {path}: {who} must map to {{\"train\": [ids], \"val\": [ids], "
@@ -145,12 +158,12 @@ def _read_parts(path, client: str, domain: str, parts, index: dict[str, int], ow
                      f"clients {other} ({part}) and {client} ({p}) of domain {domain} share")
             raise ConfigError(f"split_file {path}: {who}, {where} {len(both)} id(s), e.g. {both[0]!r}; an id "
                               f"belongs to one part of one client only")
-        unknown = [s for s in ids if s not in index]
+        unknown = [s for s in ids if s not in index and s not in left_out]
         if unknown:
             raise ConfigError(f"split_file {path}: {who}, part {p}: {len(unknown)} ids are not ids of "
                               f"domain {domain} in the cache, e.g. {unknown[0]!r}")
         owner.update((s, (client, p)) for s in ids)
-        out[p] = np.array([index[s] for s in ids], dtype=np.int64)
+        out[p] = np.array([index[s] for s in ids if s in index], dtype=np.int64)
     check_split_sizes(client, {p: len(out[p]) for p in PARTS}, split_file=path)
     return out
 

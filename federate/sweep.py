@@ -30,14 +30,15 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from . import checkpoint, experiment, prepared
+from . import checkpoint, experiment, prepared, privacy
 from .engine import ClientSets, make_trainer
 from .errors import ConfigError
 from .experiment import progress_bar
 from .federation import sigterm_as_interrupt
-from .training import LocalTraining, Update
 from .lifecycle import conclude
 from .run import CachedBackend, setup
+from .sweep_folder import finished_summary
+from .training import LocalTraining, Update
 
 log = logging.getLogger("federate")
 progress_log = logging.getLogger("federate_sweep")  # not under "federate": shown while a group's lines are held
@@ -50,8 +51,8 @@ def group_key(cfg) -> str | None:
         method = experiment.check_settings(cfg)
     except Exception:  # noqa: BLE001 - its own job reports the error
         return None
-    if cfg.backend != "local" or not method.groupable(cfg):
-        return None
+    if cfg.backend != "local" or not method.groupable(cfg) or cfg.get("privacy", {}).get("name") == "dp_client":
+        return None  # (DP-FedAvg's rounds may sample no client: its points run alone)
     c = OmegaConf.to_container(cfg, resolve=True)
     for key in FREE_KEYS:
         c.pop(key, None)
@@ -128,8 +129,8 @@ def train_group(cfgs: list, output_dirs: list) -> None:
     points: dict[str, object] = {}
     with _captured_logs() as records:
         for cfg, key in zip(cfgs, keys):
-            if checkpoint.exists(Path(key)):
-                continue  # an interrupted point resumes in its own job
+            if checkpoint.exists(Path(key)) or finished_summary(Path(key), cfg) is not None:
+                continue  # an interrupted point resumes in its own job; a finished one is kept by it
             with records.point(key):
                 try:
                     start = time.time()
@@ -229,6 +230,7 @@ def _train_together(requests: dict, round_: int, trainers: dict) -> dict:
                               [len(requests[k][0].train_sets[i]) for k, i in slots], round_,
                               int(first.cfg.local_epochs), settings, engine, weights=None, shared_is_common=False,
                               labels=[str(j) for j in range(len(slots))],
+                              budget=privacy.budget(first.cfg, first.method, "train"),
                               rows=[requests[k][0].train_sets[i] for k, i in slots])
         update = first.method.local_update(train, shared, mine)
         row_of = {slot: j for j, slot in enumerate(slots)}

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .engine import client_generator
+from .errors import ConfigError
 
 State = dict[str, torch.Tensor]
 
@@ -46,18 +47,21 @@ class LocalTraining:
         up as clients train); None when it reads each client's update.
     shared_is_common: the `shared` state given to `train` is one state for all clients (not stacked [M, ...]).
     labels: the keys of `Update.losses` (default: the unit names; a grouped sweep's slots share names).
+    budget: under privacy=dpsgd, the epochs over each client's rows its privacy accounting counts for this
+        training (`Method.private_epochs`); `train` refuses to go beyond. None: no limit.
     rows: each client's training rows (federate/rows.py), for a local update that computes statistics of
         them (FedProto's prototypes, CCVR's and FedPFT's class statistics) rather than training.
     """
 
     def __init__(self, clients: list[tuple[int, str]], sizes: list[int], round_, epochs: int, settings,
                  trainer: Callable, weights: list[float] | None = None, shared_is_common: bool = True,
-                 labels: list[str] | None = None, rows: list | None = None):
+                 labels: list[str] | None = None, budget: int | None = None, rows: list | None = None):
         self.clients, self.sizes, self.round, self.epochs = clients, list(sizes), round_, int(epochs)
         self.settings, self._trainer, self.weights = settings, trainer, weights
         self.shared_is_common = shared_is_common
         self.labels = labels or [name for _, name in clients]
         self.rows = rows
+        self.budget, self.epochs_trained = budget, 0
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -78,15 +82,23 @@ class LocalTraining:
         updated in place. `anchor`: the state the proximal term (settings.mu) pulls towards."""
         settings = settings or self.settings
         epochs = self.epochs if epochs is None else int(epochs)
+        self.epochs_trained += epochs
+        if self.budget is not None and self.epochs_trained > self.budget:
+            raise ConfigError(f"round {self.round}: the method trains {self.epochs_trained} epochs on a client's rows, "
+                              f"more than the {self.budget} its privacy accounting counts (Method.private_epochs); "
+                              "the run stops rather than spend privacy it does not record")
         trainer = self._trainer(settings)
         gens = self.generators(phase)
         own = [k for k in shared if k not in personal]  # the shared keys each client sends
-        one_by_one = self.shared_is_common and hasattr(trainer, "train_mean") and not each
-        if one_by_one and (not send or not own or self.weights is not None):  # no M copies of the shared keys
-            mean, losses = trainer.train_mean({k: shared[k] for k in own}, epochs, gens,
-                                              self.weights if send and own else None, anchor, personal=personal, keys=keys)
-            return Update({k: mean[k].unsqueeze(0) for k in own} if send and own else {}, [1] if send and own else
-                          self.sizes, self.named(losses))
+        mean = send and bool(own) and self.weights is not None  # the strategy takes their weighted mean
+        if self.shared_is_common and hasattr(trainer, "train_mean") and not each and (mean or not (send and own)):
+            # one client at a time from the one shared state, each added to the mean as it finishes: never
+            # M copies of the shared keys
+            total, losses = trainer.train_mean({k: shared[k] for k in own}, epochs, gens,
+                                               self.weights if mean else None, anchor, personal=personal, keys=keys)
+            if mean:
+                return Update({k: total[k].unsqueeze(0) for k in own}, [1], self.named(losses))
+            return Update({}, self.sizes, self.named(losses))
         m = len(self)
         state = {k: (shared[k].expand(m, *shared[k].shape) if self.shared_is_common else shared[k]).clone() for k in own}
         state.update(personal)  # trained in place

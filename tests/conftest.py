@@ -10,6 +10,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# One intra-op thread for torch, here and in the CLIs the tests start: the tests' tensors are tiny, and on a
+# shared 2-core machine two spinning threads per process make a test 5-15x slower than one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Real images beside the clone (../shared); tests that need them skip without them. FEDCLIP_SHARED points
 # elsewhere, or at a missing folder to check that the suite passes on a plain clone (.ci/run does).
 PACS_MINI = Path(os.environ.get("FEDCLIP_SHARED", ROOT.parent / "shared")) / "datasets" / "pacs-mini"

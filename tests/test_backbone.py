@@ -67,6 +67,7 @@ def fedavg_run(tiny_model, tmp_path_factory):
     return run(images_cfg(tiny_model, "method=fedavg_full", "backbone.num_workers=1"), out), out
 
 
+@pytest.mark.slow
 @needs_pacs
 def test_fedavg_full_clip_runs_end_to_end_with_the_cached_methods_outputs(fedavg_run):
     s, out = fedavg_run
@@ -88,6 +89,7 @@ def test_fedavg_full_clip_runs_end_to_end_with_the_cached_methods_outputs(fedavg
     assert s["optimizer"] == {"name": "adam_l2", "lr": 1e-4, "weight_decay": 0.2, "betas": [0.9, 0.98], "eps": 1e-6}
 
 
+@pytest.mark.slow
 @needs_pacs
 def test_fedprox_full_with_mu_zero_is_fedavg_full(tiny_model, fedavg_run, tmp_path):
     s0, out0 = fedavg_run
@@ -111,6 +113,7 @@ def test_fedprox_full_proximal_term_pulls_towards_the_global_model(tiny_classifi
     assert drift[100.0] < drift[0.0]
 
 
+@pytest.mark.slow
 @needs_pacs
 def test_fedclip_full_trains_the_adapter_with_the_backbone(tiny_model, tmp_path):
     s = run(images_cfg(tiny_model, "method=fedclip_full"), tmp_path)
@@ -126,6 +129,7 @@ ALEXNET_PACS_PARAMS = 57_051_207  # the toolkit's AlexNet with BatchNorm and a 7
 ALEXNET_BN_STATS = 2 * (64 + 192 + 384 + 256 + 256 + 4096 + 4096)  # running_mean and running_var
 
 
+@pytest.mark.slow
 @needs_pacs
 def test_fedavg_full_alexnet_runs_end_to_end_as_the_authors_toolkit(tmp_path):
     cfg = config("federate", [f"dataset.root={PACS_MINI}", "dataset.domains=[art_painting,cartoon,photo]",
@@ -260,6 +264,7 @@ def test_a_reused_adam_with_zeroed_state_is_a_fresh_adam(tiny_classifier):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in fresh.state_dict().items())
 
 
+@pytest.mark.slow
 @needs_pacs
 def test_split_ids_equal_a_cached_run_of_the_same_seed_and_split_file_works(tiny_model, fedavg_run, tmp_path):
     from extract.pipeline import run as extract
@@ -281,14 +286,43 @@ def test_split_ids_equal_a_cached_run_of_the_same_seed_and_split_file_works(tiny
     assert split_file.read_text() != (out / "splits.json").read_text()
 
 
+@pytest.mark.slow
 @needs_pacs
 def test_report_lists_the_backbone_runs_beside_the_cached_ones(fedavg_run, tmp_path):
     from federate.report import method_label
 
     s, _ = fedavg_run
     assert method_label(s).startswith("fedavg_full/clip")
-    prox = {**s, "method": "fedprox_full", "mu": 0.01, "method_settings": {"name": "fedprox_full", "mu": 0.01}}
+    prox = {**s, "method": "fedprox_full", "mu": 0.01, "config": {**s["config"], "method": {"name": "fedprox_full",
+                                                                                            "mu": 0.01}}}
     assert method_label(prox).startswith("fedprox_full/clip (mu=0.01")
+
+
+@pytest.mark.slow
+@needs_pacs
+def test_the_report_puts_the_baselines_beside_fedclip_on_a_cache_of_the_same_images(fedavg_run, tiny_model, tmp_path):
+    """A backbone run names the images it trained on (their inputs fingerprint) and the model; the report
+    groups it with the runs on the cache extracted from the same images with the same model."""
+    import shutil
+
+    from conftest import run_cli
+
+    from federate.report import report
+
+    s, out = fedavg_run
+    assert s["cache_identity_sha256"] is None and len(s["inputs_fingerprint"]) == 64 and s["model_fingerprint"]
+    proc = run_cli("extract", f"dataset.root={PACS_MINI}", "dataset.name=pacs", f"model.name={tiny_model}",
+                   f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    cache = next((tmp_path / "cache").rglob("*.h5"))
+    runs = tmp_path / "runs"
+    shutil.copytree(out, runs / "fedavg_full")
+    cached = run(config("federate", [f"cache_file={cache}", f"model.name={tiny_model}", "rounds=2"]), runs / "fedclip")
+    assert cached["cache_inputs_fingerprint"] == s["inputs_fingerprint"]
+    assert cached["cache_model_fingerprint"] == s["model_fingerprint"]
+    text = report(runs, make_plots=False)
+    assert "fedavg_full/clip" in text and "fedclip" in text and "malformed" not in text
+    assert len(list((runs / "report").glob("pacs__*"))) == 1  # one table set: the same images and model
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -306,6 +340,7 @@ def test_bad_settings_are_one_line_errors(overrides, message, tmp_path):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_without_images_is_one_line_and_exit_2(tmp_path):
     proc = run_cli("federate", "method=fedavg_full", "dataset=pacs", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout

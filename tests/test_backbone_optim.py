@@ -130,6 +130,7 @@ def test_backbone_alexnet_defaults_to_the_toolkits_sgd_and_the_command_line_wins
     assert cfg.optimizer.name == "adam_l2" and cfg.lr == 5e-5
 
 
+@pytest.mark.slow
 @needs_pacs
 def test_fedavg_full_trains_with_adamw_and_records_it(tiny_model, tmp_path):
     cfg = config("federate", [f"dataset.root={PACS_MINI}", f"model.name={tiny_model}", "rounds=1", "lr=1e-4",
@@ -139,6 +140,7 @@ def test_fedavg_full_trains_with_adamw_and_records_it(tiny_model, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["optimizer"]["name"] == "adamw"
 
 
+@pytest.mark.slow
 def test_cli_unknown_optimizer_is_one_line_and_exit_2(tmp_path):
     from conftest import run_cli
 

@@ -3,6 +3,7 @@ unknown settings refused with the closest known one, every bad setting and Ctrl-
 run that leaves the folders it was pointed at, or made, as they were."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -23,9 +24,16 @@ README = (ROOT / "README.md").read_text()
 
 
 def readme_file(name: str) -> str:
-    """The README's code block that starts with `# <name>`."""
-    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    """The README's code block (python or yaml) that starts with `# <name>`."""
+    blocks = re.findall(r"```(?:python|yaml)\n(.*?)```", README, re.S)
     return next(b for b in blocks if b.startswith(f"# {name}"))
+
+
+def readme_commands(after: str) -> list[str]:
+    """The commands of the README's first bash block after the line `after` (comments cut)."""
+    rest = README[README.index(after):]
+    block = re.search(r"```bash\n(.*?)```", rest, re.S).group(1)
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
 def one_error_line(proc, status: int = 2) -> str:
@@ -36,19 +44,30 @@ def one_error_line(proc, status: int = 2) -> str:
     return errors[0]
 
 
-def test_the_readmes_own_adapter_example_runs_as_written_from_any_folder(planted_cache, tmp_path):
-    (tmp_path / "my_adapters.py").write_text(readme_file("my_adapters.py"))
-    (tmp_path / "run_federate.py").write_text(readme_file("run_federate.py"))
-    command = next(line for line in README.splitlines() if line.startswith("python run_federate.py adapter=scale"))
-    args = shlex.split(command)[2:]  # the README's settings, then the planted cache's and a short run
+@pytest.mark.slow
+@pytest.mark.slow
+def test_the_readmes_own_adapter_and_method_examples_run_as_written_from_any_folder(tmp_path):
+    """Every file and command of "Add your own adapter" and "Add your own method", in a folder outside the
+    clone, with fedclip importable as an installed package is."""
+    for name in ("my_adapters.py", "run_federate.py", "my_methods.py", "lg_fedavg.yaml"):
+        (tmp_path / name).write_text(readme_file(name))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # as an installed fedclip
-    proc = subprocess.run([sys.executable, "run_federate.py", *args, f"cache_file={planted_cache}",
-                           "model.name=fedclip/planted", "target_domain=target", "rounds=2"],
-                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout
-    summary = next((tmp_path / "outputs" / "federate").glob("*/summary.json")).read_text()
-    assert '"name": "scale"' in summary and '"init_scale": 0.5' in summary and '"lr": 0.001' in summary
+    commands = readme_commands("## Add your own adapter") + readme_commands("## Add your own method")
+    assert commands[0].startswith("python -m extract") and len(commands) == 4
+    for command in commands:
+        argv = shlex.split(command)
+        argv = [sys.executable, *argv[1:]] + (["rounds=3"] if "rounds=" not in command and "federate" in command
+                                              else [])
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, (command, proc.stdout)
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("summary.json")]
+    scale = next(s for s in summaries if s["adapter"]["name"] == "scale")
+    assert scale["adapter"]["init_scale"] == 0.5 and scale["lr"] == 0.001
+    lg = [s for s in summaries if s["method"] == "lg_fedavg"]
+    assert len(lg) == 2 and all(s["loss"] == "ce" for s in lg)
+    assert lg[0]["shared_params"] == 4 * 64 + 4  # the head (4 demo classes, dim 64) is what is sent
+    assert {s["method"] for s in summaries} == {"fedclip", "lg_fedavg", "fedper"}
 
 
 # unknown settings ------------------------------------------------------------------------------------------
@@ -103,6 +122,7 @@ def test_flwr_runs_overrides_take_known_settings_only():
     assert settings_from_run_config({"overrides": "rounds=2 lr=1e-3"})[0].lr == 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, argv, message", [
     ("federate", ["lrr=1e-3"], "lrr is not a setting of federate; did you mean lr?"),
     ("extract", ["dataset=demo", "+overwrit=true"], "+overwrit is not a setting of extract; did you mean overwrite?"),
@@ -216,6 +236,7 @@ def interrupted(tmp_path, package, module, function, *argv):
                           stderr=subprocess.STDOUT, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_federate_run_is_one_line(planted_cache, tmp_path):
     proc = interrupted(tmp_path, "federate", "federation", "check_finite", f"cache_file={planted_cache}",
                        "model.name=fedclip/planted", "target_domain=target", f"hydra.run.dir={tmp_path}/o")
@@ -224,6 +245,7 @@ def test_ctrl_c_in_a_federate_run_is_one_line(planted_cache, tmp_path):
     assert f"hydra.run.dir={tmp_path}/o" in line
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_an_extraction_is_one_line_saying_how_to_resume(image_root, tiny_model, tmp_path):
     proc = interrupted(tmp_path, "extract", "pipeline", "image_embeddings", "dataset=folder",
                        f"dataset.root={image_root}", f"model.name={tiny_model}", f"cache_dir={tmp_path}/cache",
@@ -240,6 +262,7 @@ def cli_run(cache, tmp_path, *overrides):
                    "rounds=1", *(o for o in overrides if not o.startswith("-")), cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_run_refused_for_a_finished_runs_folder_leaves_its_hydra_files_alone(planted_cache, tmp_path):
     out = tmp_path / "done"
     (out / ".hydra").mkdir(parents=True)
@@ -260,6 +283,7 @@ def test_a_sweep_into_a_folder_holding_a_run_is_refused(tmp_path, capsys):
     assert f"{tmp_path}/sweep already holds a run (0/history.jsonl)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_refused_run_takes_away_the_folder_it_made_and_no_other(planted_cache, tmp_path):
     one_error_line(cli_run(planted_cache, tmp_path, f"hydra.run.dir={tmp_path}/new/run", "seed=-1"))
     assert not (tmp_path / "new").exists()
@@ -278,3 +302,32 @@ def test_a_folder_the_run_did_not_make_or_holding_more_stays(tmp_path):
     (tmp_path / "made" / "splits.json").write_text("{}")  # the run wrote something: it was not refused at once
     remove_unused_run_folder(tmp_path / "made")
     assert (tmp_path / "made" / "splits.json").exists()
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_on_the_demo_or_says_in_one_line_what_it_needs(tmp_path):
+    """The README's commands, in a fresh folder with only the demo's cache: those written for the demo run;
+    those for PACS or a local folder stop in one line that names what they need (a cache and the command
+    that builds it, a folder, a model), never a traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def run(command):
+        argv = [sys.executable, *shlex.split(command)[1:]]
+        return subprocess.run(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=300)
+
+    extract = README.splitlines()[3].split(" && ")[2]  # the install line's extraction of the demo
+    assert extract == "python -m extract dataset=demo model=tiny_random" and run(extract).returncode == 0
+    for command in readme_commands("**Federate**") + readme_commands("**Extract a cache**"):
+        proc = run(command.replace("python -m federate", "python -m federate rounds=1", 1))
+        assert proc.returncode == 2 and "Traceback" not in proc.stdout, (command, proc.stdout)
+        lines = [line for line in proc.stdout.splitlines() if "[ERROR]" in line]
+        assert len(lines) == 1, (command, proc.stdout)
+    for command in readme_commands("On the demo:"):
+        if "federate.report" in command:
+            folder = next((tmp_path / "outputs" / "multirun").iterdir())
+            command = command.replace("outputs/multirun/<the sweep's folder>", str(folder))
+        proc = run(command.replace("rounds=20", "rounds=2"))
+        assert proc.returncode == 0, (command, proc.stdout)
+        if command.startswith("python -m federate -m"):
+            assert "jobs finished in" in proc.stdout and "python -m federate.report" in proc.stdout

@@ -213,6 +213,7 @@ def test_bad_coop_settings_are_one_line(cache_file, tiny_model, tmp_path, overri
     one_line(lambda: run(coop_cfg(cache_file, tiny_model, override, rounds=1), tmp_path), match)
 
 
+@pytest.mark.slow
 def test_runs_without_coop_do_not_import_transformers(tmp_path):
     domains, text = planted({"a": 40, "b": 30, "target": 20}, dim=24)
     path = write_cache(tmp_path / "c.h5", domains, text)
@@ -237,6 +238,7 @@ def test_coop_runs_on_a_cache_extracted_with_the_tiny_random_clip(tmp_path):
     assert summary["trainable_params"] == 2 * 64  # the context of the tiny model's text width (64)
 
 
+@pytest.mark.slow
 def test_promptfl_runs_in_flowers_simulation_engine_as_in_process(cache_file, tiny_model, tmp_path):
     pytest.importorskip("flwr", reason="needs Flower: pip install -e '.[flower]'")
     from conftest import run_cli
@@ -253,6 +255,7 @@ def test_promptfl_runs_in_flowers_simulation_engine_as_in_process(cache_file, ti
     assert flower["bytes_per_round"] == local["bytes_per_round"] and flower["trainable_params"] == 4 * 32
 
 
+@pytest.mark.slow
 def test_a_hub_model_missing_from_the_local_hub_cache_is_one_line(tiny_model, tmp_path, monkeypatch):
     """model.name is the hub id the cache records, but no copy of it is at hand (offline)."""
     from conftest import run_cli

@@ -1,9 +1,11 @@
 """The README's first command, end to end through the CLI: offline demo extraction, then federation."""
 import json
 
+import pytest
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_offline_demo_runs_end_to_end(tmp_path):
     common = ["dataset=demo", "model=tiny_random", f"cache_dir={tmp_path}/cache"]
     proc = run_cli("extract", *common, f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
@@ -21,6 +23,7 @@ def test_offline_demo_runs_end_to_end(tmp_path):
     assert "round 5/5" in proc.stdout and "best round" in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_into_a_folder_fedclip_did_not_create_is_one_line_and_deletes_nothing(tmp_path):
     mine = tmp_path / "my_photos"
     (mine / "2024").mkdir(parents=True)

@@ -42,6 +42,7 @@ def built(tmp_path_factory, image_root, tiny_model):
     return path, proc, work
 
 
+@pytest.mark.slow
 def test_cli_writes_a_complete_cache_in_the_documented_schema(built, tiny_model):
     path, proc, _ = built
     assert path.exists() and not path.with_name(path.name + ".partial").exists()
@@ -69,6 +70,7 @@ def test_cli_writes_a_complete_cache_in_the_documented_schema(built, tiny_model)
     assert "wrote" in proc.stdout and "28 images" in proc.stdout
 
 
+@pytest.mark.slow
 def test_embeddings_equal_what_transformers_computes_directly(built, image_root, tiny_model):
     from transformers import AutoTokenizer, CLIPModel
 
@@ -92,6 +94,7 @@ def test_embeddings_equal_what_transformers_computes_directly(built, image_root,
     assert c["scale"] == pytest.approx(model.logit_scale.exp().item())
 
 
+@pytest.mark.slow
 def test_info_verifies_checksums_and_detects_tampering(built):
     path, _, work = built
     proc = run_cli("extract.info", str(path), cwd=work)
@@ -105,6 +108,7 @@ def test_info_verifies_checksums_and_detects_tampering(built):
     assert proc.returncode == 1 and "MISMATCH in /domains/sketch/image_embeddings" in proc.stdout
 
 
+@pytest.mark.slow
 def test_rerun_does_nothing_and_overwrite_rebuilds(built, image_root, tiny_model):
     path, _, work = built
     before = path.stat().st_mtime_ns
@@ -114,6 +118,7 @@ def test_rerun_does_nothing_and_overwrite_rebuilds(built, image_root, tiny_model
     assert pipeline.run(cfg) == path and path.stat().st_mtime_ns != before
 
 
+@pytest.mark.slow
 def test_interrupted_extraction_resumes_to_the_same_file(tmp_path, image_root, tiny_model, monkeypatch):
     overrides = list(extract_args(image_root, tiny_model, tmp_path, "batch_size=4", "num_workers=0"))[1:-1]
     reference = pipeline.run(config("extract", overrides + ["cache_file=" + str(tmp_path / "ref.h5")]))
@@ -144,6 +149,7 @@ def test_interrupted_extraction_resumes_to_the_same_file(tmp_path, image_root, t
     np.testing.assert_array_equal(a["text"], b["text"])
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_and_recorded_or_fail_with_one_line(tmp_path, image_root, tiny_model):
     root = tmp_path / "bad"
     shutil.copytree(image_root, root)
@@ -164,6 +170,7 @@ def test_bad_images_are_skipped_and_recorded_or_fail_with_one_line(tmp_path, ima
     assert not (tmp_path / "f.h5").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["dataset=nope"], "dataset=nope is not an option of dataset; choose one of cifar10, cifar100, demo, domainnet, "
                        "folder, office_home, pacs, vlcs"),
@@ -191,6 +198,7 @@ def test_a_second_writer_is_refused(tmp_path):
                 pass
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not PACS_MINI.exists(), reason="needs ../shared/datasets/pacs-mini")
 def test_pacs_mini_through_the_pacs_config(tmp_path, tiny_model):
     cfg = config("extract", ["dataset=pacs", f"dataset.root={PACS_MINI}", f"model.name={tiny_model}",

@@ -26,6 +26,7 @@ def error_line(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_missing_cache_names_the_extract_command_with_the_users_settings(tmp_path):
     line = error_line(run_cli("federate", "dataset=vlcs", "model=tiny_random", f"cache_file={tmp_path}/v.h5", "lr=1e-3",
                               f"hydra.run.dir={tmp_path}/o", cwd=tmp_path))
@@ -33,6 +34,7 @@ def test_a_missing_cache_names_the_extract_command_with_the_users_settings(tmp_p
             "dataset.root=/path/to/vlcs,") in line  # lr is federate's own: not repeated
 
 
+@pytest.mark.slow
 def test_a_folder_dataset_without_root_names_the_exact_command(tmp_path):
     line = error_line(run_cli("extract", "dataset=folder", "model=tiny_random", f"cache_dir={tmp_path}/c",
                               cwd=tmp_path))
@@ -60,6 +62,7 @@ def startup_seconds(tmp_path_factory):
     return seconds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [{"HF_ENDPOINT": "https://hub.invalid"}, {"HF_HUB_OFFLINE": "1"}])
 def test_an_unreachable_hub_fails_in_seconds_with_one_line(tmp_path, env, startup_seconds):
     # An endpoint that cannot resolve (.invalid never does) stands for a machine without internet, on any CI.

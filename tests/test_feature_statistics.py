@@ -410,6 +410,10 @@ def test_a_statistics_method_resumes_to_the_same_outputs(planted_cache, tmp_path
     (["method=fedproto", "engine=plain"], "method=fedproto adds a term to the loss, which engine=plain"),
     (["method=ccvr", "method.virtual_per_class=0"], "method.virtual_per_class must be an integer >= 1, not 0"),
     (["method=ccvr", "method.calibration_epochs=0"], "method.calibration_epochs must be an integer >= 1, not 0"),
+    (["method=ccvr", "privacy=dp_client", "privacy.noise_multiplier=1"],
+     "method=ccvr sends its clients' per-class means and covariances, which privacy=dp_client does not protect"),
+    (["method=fedpft", "privacy=dpsgd", "privacy.noise_multiplier=1"], "which privacy=dpsgd does not protect"),
+    (["method=fedproto", "privacy=dpsgd", "privacy.noise_multiplier=1"], "which privacy=dpsgd does not protect"),
 ])
 def test_settings_a_statistics_method_cannot_take_are_one_line_errors(planted_cache, tmp_path, overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -149,6 +149,7 @@ def test_bad_split_files_are_refused_in_one_line_naming_the_file_domain_and_part
         assert fragment in text, text
 
 
+@pytest.mark.slow
 def test_cli_split_file_without_val_is_one_line_and_exit_2(cache_file, tmp_path):
     data, fragments = BAD_SPLITS["no val"]
     path = write_split(tmp_path / "bad.json", data)
@@ -160,6 +161,7 @@ def test_cli_split_file_without_val_is_one_line_and_exit_2(cache_file, tmp_path)
 CLI_CASES = ["overlap", "repeated id", "ids not strings", "no val"]
 
 
+@pytest.mark.slow
 def test_cli_sweep_over_bad_split_files_ends_each_job_with_its_one_line_error(cache_file, tmp_path):
     paths = [write_split(tmp_path / f"bad{i}.json", BAD_SPLITS[case][0]) for i, case in enumerate(CLI_CASES)]
     sweep = tmp_path / "sweep"
@@ -192,6 +194,7 @@ def test_a_tiny_domain_is_refused_rather_than_scored_zero(tmp_path, rows, sizes)
 
 # sweeps ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_sweep_goes_on_past_a_bad_point_and_exits_non_zero(cache_file, tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(cache_file, tmp_path, "-m", "lr=1e-3,-1,1e-3", f"hydra.sweep.dir={sweep}", CALLBACK)
@@ -213,6 +216,7 @@ def test_cli_sweep_goes_on_past_a_bad_point_and_exits_non_zero(cache_file, tmp_p
     assert re.search(f"{re.escape(str(sweep / '1'))}: no summary.json .*lr must be > 0", report.stdout)
 
 
+@pytest.mark.slow
 def test_cli_sweep_into_a_folder_under_a_file_is_one_line(cache_file, tmp_path):
     (tmp_path / "a_file").write_text("")
     proc = cli(cache_file, tmp_path, "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path}/a_file/sweep", CALLBACK)
@@ -222,6 +226,7 @@ def test_cli_sweep_into_a_folder_under_a_file_is_one_line(cache_file, tmp_path):
 
 # unwritable outputs -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_output_folder_under_a_file_is_one_line_and_exit_2(cache_file, tmp_path):
     (tmp_path / "a_file").write_text("")
     proc = cli(cache_file, tmp_path, f"hydra.run.dir={tmp_path}/a_file/run", CALLBACK)
@@ -249,12 +254,30 @@ def test_a_writable_output_folder_passes_and_is_created(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_cli_output_file_that_cannot_be_written_is_one_line_and_exit_2(cache_file, tmp_path):
     """Tests run as root, so a folder in place of an output file stands for a file the user cannot write."""
     run_dir = tmp_path / "run"
     for name in ("splits.json", "adapter.safetensors"):  # (the runner refuses a folder with a summary or history)
         (run_dir / name).mkdir(parents=True)
     proc = cli(cache_file, tmp_path, f"hydra.run.dir={run_dir}")
-    line = assert_one_line_error(proc, f"cannot write {run_dir}/", "Is a directory",
-                                 f"the run's output folder {run_dir} must be writable", "hydra.run.dir=")
-    assert re.search(r"cannot write \S+/(splits\.json|adapter\.safetensors): Is a directory", line)
+    line = assert_one_line_error(proc, f"{run_dir}/", "exists and is not a regular file", "remove it")
+    assert re.search(r"\S+/(splits\.json|adapter\.safetensors) exists and is not a regular file", line)
+
+
+def test_a_target_without_a_row_of_the_chosen_classes_is_refused(tmp_path):
+    """dataset.classes can leave the target domain empty: its accuracy would read 0.00% and pull `overall`
+    down; the run is refused instead."""
+    import numpy as np
+    from conftest import run_federate
+    from planted import one_line, planted, write_cache
+
+    from federate.errors import ConfigError
+
+    domains, text = planted({"alpha": 60, "beta": 60, "target": 40})
+    x, y = domains["target"]
+    domains["target"] = (x, np.where(y < 2, 2, y))  # no row of class0 or class1
+    cache = write_cache(tmp_path / "c.h5", domains, text)
+    one_line(ConfigError, lambda: run_federate(cache, tmp_path / "run", "dataset.classes=[class0,class1]", rounds=1),
+             "the target domain target has no rows of the classes dataset.classes keeps (class0, class1)")
+    assert not (tmp_path / "run" / "summary.json").exists()

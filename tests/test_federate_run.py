@@ -37,6 +37,7 @@ def test_fedclip_beats_zeroshot_on_the_held_out_domain(cache_file, tmp_path):
     assert fed["personalization_mean"] > 0.9
 
 
+@pytest.mark.slow
 def test_summary_history_splits_and_adapter_follow_the_contract(cache_file, tmp_path):
     s = federate(cache_file, tmp_path)
     assert SUMMARY_KEYS <= set(s) and json.loads((tmp_path / "summary.json").read_text())["overall"] == s["overall"]
@@ -148,12 +149,14 @@ def test_nonsensical_settings_are_refused(cache_file, tmp_path, overrides, messa
         federate(cache_file, tmp_path, *overrides)
 
 
+@pytest.mark.slow
 def test_cli_missing_cache_says_how_to_build_it(tmp_path):
     proc = run_cli("federate", "dataset=pacs", f"cache_dir={tmp_path}", f"hydra.run.dir={tmp_path}/o", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout
     assert "no embedding cache at" in proc.stdout and f"python -m extract dataset=pacs cache_dir={tmp_path}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_sweep_runs_one_job_per_point(cache_file, tmp_path):
     proc = run_cli("federate", "-m", "lr=1e-3,1e-4", "seed=0,1", f"cache_file={cache_file}", "model.name=fedclip/planted",
                    "target_domain=target", "rounds=3", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
@@ -169,6 +172,7 @@ def test_cache_of_an_interrupted_extraction_is_named_in_the_error(tmp_path):
         federate(tmp_path / "c.h5", tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_cli_sweep_in_parallel_with_the_joblib_launcher(cache_file, tmp_path):
     proc = run_cli("federate", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
                    f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target", "rounds=2",
@@ -189,6 +193,7 @@ def test_office_home_real_world_is_one_domain_whatever_its_spelling(tmp_path):
     assert b["personalization"] == a["personalization"] and set(b["personalization"]) == {"Real_World", "Clipart"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (("federate", "backbone=vgg"), "backbone=vgg is not an option of backbone; choose one of alexnet, clip"),
     (("federate", "-m", "adapter=attai,mlp"), "adapter=mlp is not an option of adapter; choose one of attai, "),
@@ -210,6 +215,7 @@ def test_a_second_run_never_writes_into_a_folder_holding_another_run(cache_file,
     assert json.loads((tmp_path / "summary.json").read_text())["overall"] == first["overall"]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_get_their_own_default_folders(cache_file, tmp_path):
     """The default run folder is stamped to the microsecond: a shell loop's runs never share one."""
     import os
@@ -234,6 +240,7 @@ def test_a_diverging_run_stops_with_one_line_naming_the_round_and_no_summary(cac
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "adapter.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_cli_diverging_run_is_one_line_and_exit_2(cache_file, tmp_path):
     proc = run_cli("federate", f"cache_file={cache_file}", "model.name=fedclip/planted", "target_domain=target",
                    "lr=1e30", "rounds=3", f"hydra.run.dir={tmp_path}/o", cwd=tmp_path)

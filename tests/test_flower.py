@@ -206,6 +206,7 @@ def test_bf16_over_flower_equals_bf16_in_process(cache_file, tmp_path):
     same_results(flower, run(cfg, tmp_path / "l"))
 
 
+@pytest.mark.slow
 def test_a_deployed_server_finds_the_default_cache_path_like_the_cli(cache_file, tmp_path):
     import shutil
 
@@ -277,7 +278,7 @@ def test_below_min_clients_the_run_stops_keeping_what_it_recorded(cache_file, tm
     assert "only 1 client(s) left, fewer than flower.min_clients=2" in s["stopped"]
     assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 2 and s["best_round"] in (1, 2)
     assert (tmp_path / "adapter.safetensors").exists()
-    with pytest.raises(ConfigError, match="only 1 Flower client"):  # nothing recorded yet: a plain error
+    with pytest.raises(ConfigError, match="only 1 of the run.s 3 clients registered"):  # nothing recorded: a plain error
         serve(FakeGrid(lambda d, r, k, rep: rep if d == "alpha" else None), flower_cfg(cache_file, tmp_path / "x"),
               tmp_path / "x")
 
@@ -299,6 +300,20 @@ def simulated(cache_file, tmp_path_factory):
     return proc.stdout, out
 
 
+@pytest.mark.slow
+def test_a_personal_method_in_flowers_simulation_equals_the_in_process_run(cache_file, tmp_path):
+    """FedPer in Flower's simulation engine (Ray actors, each client's head kept in its node's context):
+    the in-process numbers; its client_states folder goes once the run is done."""
+    out = tmp_path / "sim"
+    args = [a for a in simulation_args(cache_file, out) if a != "rounds=4"] + ["rounds=3", "method=fedper"]
+    proc = run_cli(*args, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    same_results(summary, in_process(cache_file, tmp_path / "l", 3, *SIMULATED, "method=fedper"))
+    assert summary["personal_params"] == 5 * 64 + 5 and not (out / "client_states").exists()
+
+
+@pytest.mark.slow
 def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, simulated, tmp_path):
     """One SuperNode per client: two IID clients per domain, four of the six sampled each round."""
     stdout, out = simulated
@@ -314,6 +329,7 @@ def test_backend_flower_runs_in_flowers_simulation_engine(cache_file, simulated,
     assert "[flwr][DEBUG]" in (out / "federate.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_simulation_stopped_by_ctrl_c_or_sigterm_resumes_to_the_same_outputs(cache_file, simulated, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) after round 1, then `kill` (SIGTERM to the process) after
     round 2: each stops at once with one line saying how to resume, and leaves no process behind; the same
@@ -399,7 +415,8 @@ def deployment(tmp_path_factory, cache_file):
     (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}  # (a site may lower it too: docs/flower.md)
     procs = {}
 
     def start(name, *args):
@@ -429,11 +446,12 @@ def flwr_run(deployment, out: Path, *overrides):
     assert proc.returncode == 0 and "Successfully started run" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_deployment_on_loopback_matches_in_process_and_survives_a_killed_client(deployment, cache_file, tmp_path):
     out = tmp_path / "deployed"
-    flwr_run(deployment, out, f"cache_file={cache_file}", "rounds=3", "flower.round_timeout=120")
+    flwr_run(deployment, out, f"cache_file={cache_file}", "rounds=2", "flower.round_timeout=120")
     wait_for(lambda: (out / "summary.json").exists(), 300, "the deployed run's summary.json")
-    same_results(json.loads((out / "summary.json").read_text()), in_process(cache_file, tmp_path / "local"))
+    same_results(json.loads((out / "summary.json").read_text()), in_process(cache_file, tmp_path / "local", 2))
 
     out = tmp_path / "killed"
     flwr_run(deployment, out, f"cache_file={cache_file}", "rounds=3", "flower.round_timeout=30",
@@ -511,3 +529,71 @@ def test_sampled_rounds_over_flower_equal_sampled_rounds_in_process(cache_file, 
     rows = [[json.loads(x)["sampled"] for x in (d / "history.jsonl").read_text().splitlines()] for d in
             (tmp_path / "f", tmp_path / "l")]
     assert rows[0] == rows[1] and all(len(r) == 2 for r in rows[0])
+
+
+def test_a_client_that_lies_about_its_domain_is_dropped(cache_file, tmp_path, caplog):
+    """The server knows each client's domain from its own splits: a node claiming another domain (right
+    name and sizes) would file its accuracy under that domain; it takes no part, and summary.json says so."""
+    from flwr.app import ConfigRecord
+
+    def sketchy(domain, round_, kind, reply):
+        if kind == MessageType.QUERY and domain == "gamma":
+            reply.content["config"] = ConfigRecord({**dict(reply.content["config"]), "domain": "alpha"})
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        s = serve(FakeGrid(sketchy), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert "client gamma says its domain is 'alpha', this run's splits put it in 'gamma'" in caplog.text
+    assert list(s["personalization_domains"]) == ["alpha", "beta"] and list(s["personalization"]) == ["alpha", "beta"]
+    assert "its domain is 'alpha'" in s["dropped_clients"]["gamma"]
+
+
+def test_a_client_registered_unusably_is_listed_as_dropped(cache_file, tmp_path):
+    from flwr.app import ConfigRecord
+
+    def nonsense(domain, round_, kind, reply):
+        if kind == MessageType.QUERY and domain == "beta":
+            reply.content["config"] = ConfigRecord({**dict(reply.content["config"]), "sizes": json.dumps({"train": 0})})
+        return reply
+
+    s = serve(FakeGrid(nonsense), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert list(s["dropped_clients"]) == ["beta"] and "at the start" in s["dropped_clients"]["beta"]
+
+
+def test_every_client_of_a_split_file_takes_part_or_is_listed_as_dropped(cache_file, tmp_path):
+    """A split file of 15 clients (5 per domain): each is a SuperNode of its own; the clients no node
+    registered as are listed in dropped_clients, never silently left out."""
+    in_process(cache_file, tmp_path / "iid", 1, "partition=iid", "partition.clients_per_domain=5")
+    split_file = tmp_path / "iid" / "splits.json"
+    names = list(json.loads(split_file.read_text()))
+    assert len(names) == 15
+    every = serve(FakeGrid(node_order=names), flower_cfg(cache_file, tmp_path / "all", f"split_file={split_file}"),
+                  tmp_path / "all")
+    assert sorted(every["personalization"]) == sorted(names) and "dropped_clients" not in every
+    three = serve(FakeGrid(node_order=names[:3]), flower_cfg(cache_file, tmp_path / "3", f"split_file={split_file}"),
+                  tmp_path / "3")
+    assert sorted(three["dropped_clients"]) == sorted(names[3:])
+    assert all("no Flower node registered" in why for why in three["dropped_clients"].values())
+
+
+def test_the_simulation_starts_one_supernode_per_client_of_a_split_file(cache_file, tmp_path):
+    from federate.flower.simulation import supernodes
+
+    in_process(cache_file, tmp_path / "iid", 1, "partition=iid", "partition.clients_per_domain=5")
+    cfg = flower_cfg(cache_file, tmp_path, f"split_file={tmp_path / 'iid' / 'splits.json'}")
+    assert supernodes(cfg) == 15 and supernodes(flower_cfg(cache_file, tmp_path)) == 3
+
+
+def test_a_client_sending_exploded_weights_is_dropped_not_the_run(cache_file, tmp_path, caplog):
+    """Finite weights a million times too large: the run would stop, blaming lr; that client goes instead."""
+    from flwr.app import ArrayRecord
+
+    def inflate(domain, round_, kind, reply):
+        if kind == MessageType.TRAIN and domain == "beta" and round_ == 2:
+            arrays = {k: v * 1e6 for k, v in reply.content["arrays"].to_torch_state_dict().items()}
+            reply.content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        s = serve(FakeGrid(inflate), flower_cfg(cache_file, tmp_path), tmp_path)
+    assert s["rounds"] == 3 and "stopped" not in s and "exploded weights" in s["dropped_clients"]["beta"]

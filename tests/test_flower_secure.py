@@ -83,6 +83,7 @@ def supernode(link, name, key, *extra):
                          str(free_port()), "--node-config", f"partition='{name}'", *extra)
 
 
+@pytest.mark.slow
 def test_only_a_registered_supernode_connects_over_tls(secure_superlink):
     link = secure_superlink
     node_id = flwr_json(link, "supernode", "register", "registered.pub", "secure")["node-id"]

@@ -235,3 +235,15 @@ def test_one_batch_clients_of_fedper_are_folded_as_they_train_alone(planted_cach
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert folded["val_acc"] == pytest.approx(lockstep["val_acc"], abs=1e-6)
     assert min(c["sizes"]["train"] for c in folded["clients"].values()) <= 32  # (they are one-batch clients)
+
+
+def test_the_report_tabulates_each_personal_method_as_its_own_row(planted_cache, tmp_path):
+    from federate.report import report
+
+    for i, overrides in enumerate([["method=fedper"], ["method=fedper", "seed=1"], ["method=fedrep"],
+                                   ["method=fedrep", "method.head_epochs=2"], ["method=ditto"]]):
+        run_federate(planted_cache, tmp_path / str(i), *overrides, rounds=2)
+    text = report(tmp_path, make_plots=False)
+    assert "fedper (loss=ce, rounds=2)" in text and "(2)" in text  # two seeds, one row
+    assert "fedrep (head_epochs=4, loss=ce, rounds=2)" in text and "fedrep (head_epochs=2, loss=ce, rounds=2)" in text
+    assert "ditto (pers_epochs=1, lambda=1.0, loss=ce, rounds=2)" in text

@@ -219,6 +219,7 @@ def test_restrict_classes_keeps_the_rows_and_prompts_of_the_subset(planted_cache
             restrict_classes(cache, bad)
 
 
+@pytest.mark.slow
 def test_federate_runs_on_a_class_subset_and_by_default_on_every_class(planted_cache, tmp_path):
     common = [f"cache_file={planted_cache}", "model.name=fedclip/planted", "target_domain=target", "rounds=2",
               "lr=1e-3"]  # the default dataset=pacs lists 7 other class names: federate must not use them
@@ -251,6 +252,7 @@ def test_runners_refuse_what_they_would_ignore(planted_cache, tmp_path):
 
 # python -m federate.partition -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_partition_command_writes_the_label_distribution(planted_cache, tmp_path):
     import csv
 

@@ -144,6 +144,7 @@ def test_adapters_and_strategies_are_separate_report_rows(biased_cache, tmp_path
     assert "± " in text and "(2)" in text  # the two seeds of plain fedclip are one row
 
 
+@pytest.mark.slow
 def test_a_terminal_shows_a_progress_bar_and_the_log_file_keeps_the_round_lines(biased_cache, tmp_path):
     import os
     import pty

@@ -66,6 +66,7 @@ def mean_se(values):
     return statistics.fmean(pct), statistics.stdev(pct) / math.sqrt(len(pct))
 
 
+@pytest.mark.slow
 def test_every_cell_is_the_mean_and_standard_error_of_the_selected_runs(sweep):
     report(sweep, make_plots=False)
     chosen = by_hand(sweep)
@@ -93,6 +94,7 @@ def test_every_cell_is_the_mean_and_standard_error_of_the_selected_runs(sweep):
     assert "± " in text and "Learning rate picked by the best mean validation accuracy" in text
 
 
+@pytest.mark.slow
 def test_per_round_csv_has_every_run_round_and_client(sweep):
     report(sweep, make_plots=False)
     rows = read_csv(sweep / "report" / "per_round.csv")
@@ -169,6 +171,7 @@ def test_failed_and_unfinished_runs_are_listed(tmp_path):
     assert f"{tmp_path / 'broken'}: unreadable summary.json" in text and "extract_run" not in text
 
 
+@pytest.mark.slow
 def test_cli_prints_the_tables_and_writes_the_report_folder(sweep):
     proc = run_cli("federate.report", str(sweep), cwd=sweep)
     assert proc.returncode == 0, proc.stdout

@@ -93,6 +93,7 @@ def kill_after_round(proc, out, rounds: int, sig) -> None:
     proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_a_sigkilled_run_resumes_with_the_same_command_and_ctrl_c_says_how(small_cache, tmp_path):
     whole, out = tmp_path / "whole", tmp_path / "cut"
     killed = federate_cli(small_cache, out)
@@ -112,6 +113,7 @@ def test_a_sigkilled_run_resumes_with_the_same_command_and_ctrl_c_says_how(small
     assert not list(out.glob("checkpoint*"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not PACS_MINI.is_dir(), reason=f"{PACS_MINI} is absent")
 def test_an_interrupted_backbone_run_resumes_to_the_same_model(tiny_model, tmp_path, monkeypatch):
     """The whole tiny CLIP trains on the images (an AlexNet run resumes the same way, only slower)."""

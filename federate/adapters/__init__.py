@@ -12,7 +12,8 @@ functions of one client's parameters (the engines stack and `vmap` them over cli
 
 Two optional hooks serve adapters that need more than the embeddings (adapter=coop runs CLIP's text
 encoder): `prepare(cache, model_cfg)`, which every runner calls once after loading the cache and before
-`init_params`, and `trainer`, a trainer class that `engine=auto` uses instead of the built-in engines.
+`init_params`, and `engine`, the name of an engine (federate/engine.py `ENGINES`) that `engine=auto` uses
+instead of the built-in ones. A model never imports its trainer.
 
 The in-batch contrastive loss only needs the class logits: its B x B logits are `logits[:, labels]`.
 Register a new adapter with `@register("name", **defaults)`; it is then `adapter=name` on the command
@@ -36,7 +37,7 @@ class Adapter:
     name = "identity"
     towers: tuple[str, ...] = ()  # the embeddings it adapts: "image", "text"
     fast_path = False  # hand-written gradients exist (engine=batched/sequential)
-    trainer = None  # its own trainer class (make_trainer's interface), used by engine=auto
+    engine: str | None = None  # the engine engine=auto trains it with, when not the built-in ones (coop: "prompt")
 
     def __init__(self, text_tower: bool = False, **settings):
         if text_tower:

@@ -84,9 +84,14 @@ def forward(W1, b1, W2, b2, x: torch.Tensor, low: torch.dtype | None = None, x_l
 def backward(W2, saved, dfn: torch.Tensor, grads) -> None:
     """Gradients of the weights given d loss / d fn, written into `grads` = (dW1, db1, dW2, db2) (fp32),
     in the precision `forward` ran in (W2 is the fp32 weight; a bf16 forward saved its bf16 copy)."""
+    backward_rows(saved, *row_gradients(W2, saved, dfn), grads)
+
+
+def backward_rows(saved, dz1: torch.Tensor, dz2: torch.Tensor, grads) -> None:
+    """The weight gradients (dW1, db1, dW2, db2) from the rows' pre-activation gradients dz1, dz2 [k, B, d]
+    (`row_gradients`; DP-SGD scales each row's first), summed over the rows, written into `grads`."""
     x, h, a, fn, norm, xl, hl, W2l = saved
     dW1, db1, dW2, db2 = grads
-    dz1, dz2 = row_gradients(W2, saved, dfn)
     torch.sum(dz2, 1, out=db2)
     torch.sum(dz1, 1, out=db1)
     if xl is x:

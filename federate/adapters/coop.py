@@ -8,7 +8,7 @@ communicated (state key `ctx`: [n_ctx, w], or [C, n_ctx, w]). The image side is 
 It owns the text side, so it needs more than the embeddings: `prepare(cache, model_cfg)` loads the text
 encoder of `model.name` (federate/text_encoder.py; its weights must be the cache's) and tokenises the
 cache's class names. Training uses its own lock-step trainer (federate/prompt_trainer.py), which
-`engine=auto` picks through `trainer`.
+`engine=auto` picks through `engine`.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ OPTIMIZERS = ("adam", "sgd")
 @register("coop")
 class CoOp(Adapter):
     towers = ("text",)
+    engine = "prompt"  # federate/prompt_trainer.py
 
     def __init__(self, n_ctx: int = 16, ctx_init: str | None = None, csc: bool = False, optimizer: str = "adam",
                  momentum: float = 0.9, sgd_weight_decay: float = 5e-4, text_tower: bool = False):
@@ -51,12 +52,6 @@ class CoOp(Adapter):
             self.settings.update(momentum=self.momentum, sgd_weight_decay=self.sgd_weight_decay)
         self.model = None
         self._features: list[tuple] = []  # evaluation: (context, autocast dtype, class features)
-
-    @property
-    def trainer(self):
-        from ..prompt_trainer import PromptTrainer
-
-        return PromptTrainer
 
     def prepare(self, cache, model_cfg) -> None:
         from ..text_encoder import load_for_cache

@@ -21,6 +21,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from extract.files import atomic_path, write_text
+
 from .. import adapters, strategy
 from ..errors import ConfigError
 from ..experiment import cost_figures, mean, resolve_device, target_and_participants
@@ -104,14 +106,14 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
     infos = [ClientInfo(d, d, {p: len(splits[d][p]) for p in ("train", "val", "test")}) for d in clients]
     splits_text = json.dumps(splits_to_ids(splits, {d: tuple(by_name[d].ids) for d in participants}))
     identity = {"cache_identity_sha256": None, "cache_checksums": None,
-                "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest()}
+                "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest(), **images_identity(cfg, source, backbone)}
     federation = Federation(cfg, method, infos, global_state, server, output_dir, target=target, every_round=False,
                             inputs=identity)
     costs = cost_figures(method, federation, clip_params, federation.rounds)
     costs["trainable_params"] = trainable  # (the state dict also holds buffers)
     costs["shared_params"] = sum(v.numel() for v in global_state.values())
     costs["fedavg_full_clip"]["param_ratio"] = clip_params / trainable if trainable else None
-    (output_dir / "splits.json").write_text(splits_text)
+    write_text(output_dir / "splits.json", splits_text)
     backend = ImageBackend(cfg, model, loader, settings, device, server, splits, index, keys, target_keys, eval_size)
 
     # 4. outputs
@@ -136,6 +138,24 @@ def run_images(cfg, method, output_dir: Path, start: float) -> dict:
         return execute(experiment, backend, start)
     finally:
         loader.loader = None  # stops the persistent workers
+
+
+def images_identity(cfg, source, backbone: str) -> dict:
+    """What a run on the images computed on, in the terms a cache records it (extract/cache.py): the
+    inputs' fingerprint (every domain's ids and labels) and, for CLIP, the model's; the report puts the run
+    beside the runs on a cache built from the same images and model."""
+    from extract.cache import inputs_fingerprint
+
+    model = None
+    if backbone == "clip":
+        from extract.errors import ExtractError
+        from extract.model import resolve_model
+
+        try:
+            model = resolve_model(cfg.model, cfg.cache_dir).fingerprint
+        except ExtractError as e:
+            raise ConfigError(str(e)) from None
+    return {"inputs_fingerprint": inputs_fingerprint(source.domains), "model_fingerprint": model}
 
 
 class ImageBackend:
@@ -193,6 +213,7 @@ def save_model(path: Path, best: dict, method, backbone: str, dataset: str, mode
     tensors = {k: v.detach().float().contiguous().cpu().clone() for k, v in best["shared"].items()}
     target = target or "none"
     config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    save_file(tensors, str(path), metadata={
-        "method": method.name, "backbone": backbone, "model": model if backbone == "clip" else "alexnet",
-        "dataset": dataset, "target_domain": target, "round": str(best["row"]["round"]), "config": json.dumps(config)})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={
+            "method": method.name, "backbone": backbone, "model": model if backbone == "clip" else "alexnet",
+            "dataset": dataset, "target_domain": target, "round": str(best["row"]["round"]), "config": json.dumps(config)})

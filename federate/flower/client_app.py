@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from .. import adapters, methods
+from .. import adapters, methods, privacy
 from ..engine import ClientSets, make_trainer
 from ..evaluate import accuracies
 from ..experiment import capped_batch
@@ -24,7 +26,18 @@ from ..training import LocalTraining
 from .personal import PersonalStore
 from .task import client_data, unship
 
-app = ClientApp()
+
+
+def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """privacy=dp_client side=client: Flower's `fixedclipping_mod` clips this client's update to the norm the
+    server sends with a training message; other messages (and runs) pass as they are."""
+    config = msg.content.config_records.get("config") if msg.metadata.message_type == MessageType.TRAIN else None
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[clip_when_asked])
 LATEST = 2**62  # a round after every round: the latest personal state
 
 
@@ -58,10 +71,11 @@ class Client:
         before = before if isinstance(before, int) else LATEST
         return self.store.state(before, self.initial, self.device) if self.initial else {}
 
-    def training(self, epochs=None) -> LocalTraining:
-        """This client's local training in the message's round (one client of the method's M)."""
+    def training(self, what: str) -> LocalTraining:
+        """This client's local training in the message's round (one client of the method's M); `what`: train
+        (the local update) or deploy (the model it evaluates), which privacy=dpsgd budgets apart."""
         c, cfg = self.client, self.cfg
-        settings = capped_batch(self.method.train_settings(cfg), len(c.train))
+        settings = capped_batch(privacy.client_settings(self.method.train_settings(cfg), cfg), len(c.train))
         engines = {}
 
         def engine(s):
@@ -70,7 +84,7 @@ class Client:
             return engines[s]
 
         return LocalTraining([(int(cfg.seed), c.name)], [len(c.train)], self.round, int(cfg.local_epochs), settings,
-                             engine, rows=[c.train])
+                             engine, budget=privacy.budget(cfg, self.method, what), rows=[c.train])
 
 
 @app.query()
@@ -86,13 +100,15 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     me = Client(msg, context)
     personal = me.personal(before=me.round)
-    update = me.method.local_update(me.training(), me.received(msg), personal)
+    update = me.method.local_update(me.training("train"), me.received(msg), personal)
     if personal and isinstance(me.round, int):
         me.store.keep(me.round, {k: v for k, v in personal.items()})
     loss = next(iter(update.losses.values()))
     reply = RecordDict({
         "arrays": ArrayRecord.from_torch_state_dict({k: v[0] for k, v in update.stacked.items()}),
-        "metrics": MetricRecord({"num-examples": len(me.client.train), "train_loss": float(loss)}),
+        # (privacy=dpsgd: the training loss is not private and stays here)
+        "metrics": MetricRecord({"num-examples": len(me.client.train),
+                                 **({} if privacy.kind(me.cfg) == "dpsgd" else {"train_loss": float(loss)})}),
         "config": ConfigRecord({"client": me.client.name}),
     })
     return Message(reply, reply_to=msg)
@@ -102,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     me = Client(msg, context)
     after = me.round + 1 if isinstance(me.round, int) else me.round
-    state = me.method.deployed(me.training(), me.received(msg), me.personal(before=after))[0]
+    state = me.method.deployed(me.training("deploy"), me.received(msg), me.personal(before=after))[0]
     c = me.client
     val, test = accuracies(me.model, [state, state], [c.val, c.test], me.text, me.scale)  # fp32
     reply = RecordDict({

@@ -28,7 +28,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import open_dict
 
-from .. import adapters, strategy
+from extract.files import own_folder, write_text
+
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from .. import adapters, privacy, strategy
 from ..cache import load_cache
 from ..errors import ConfigError
 from ..evaluate import accuracies
@@ -48,13 +52,17 @@ class Nodes:
     """The SuperNodes of one run: which client each is, which are still in, one exchange of messages."""
 
     def __init__(self, grid: Grid, cfg, participants: list[str], sizes: dict[str, dict[str, int]],
-                 client_states: Path | None = None):
-        self.grid, self.cfg, self.sizes = grid, cfg, sizes  # sizes: each client's split sizes (splits.json)
+                 domains: dict[str, str], client_states: Path | None = None):
+        # each client's split sizes and domain, from the server's own splits (splits.json): what a node says
+        # of itself is checked against them, never believed
+        self.grid, self.cfg, self.sizes, self.domains = grid, cfg, sizes, domains
         self.shipped = {"settings": ship(cfg), "participants": json.dumps(participants)}
         if client_states is not None:  # (the simulation: the clients share this machine's disk)
             self.shipped["state-dir"] = str(client_states)
+        self.clip_norm: float | None = None  # privacy=dp_client side=client: sent with training messages
         self.client_of: dict[int, str] = {}
         self.dropped: dict[str, str] = {}  # the Federation's record of dropped clients, once it exists
+        self.absent: dict[str, str] = {}  # clients of the splits that no usable node registered as
         self.nodes = self._wait_for_nodes(len(sizes))
         self.clients = self._register()
 
@@ -77,18 +85,26 @@ class Nodes:
     def _register(self) -> list[ClientInfo]:
         """Each node's client and split sizes; a node that says nothing usable, or names a client another
         node already is, takes no part."""
-        infos = {}
+        infos, unusable = {}, {}
         for node, reply in self.exchange(MessageType.QUERY, None, 0).items():
             got = check_registration(reply.content["config"]) if "config" in reply.content else "no config"
             why = got if isinstance(got, str) else self._not_usable(*got, infos)
             if why:
                 log.warning("node %s is not a client of this run: %s", node, why)
                 self.nodes.remove(node)
+                if not isinstance(got, str) and got[0] in self.sizes:
+                    unusable[got[0]] = why
                 continue
-            name, domain, sizes = got
-            infos[name] = ClientInfo(name, domain, sizes)
+            name, _, sizes = got
+            infos[name] = ClientInfo(name, self.domains[name], sizes)  # the domain of the server's splits
             self.client_of[node] = name
-        self._check_enough(len(infos), f"only {len(infos)} Flower client(s) said which client they are")
+        # every client of the splits takes part, or is listed as dropped with the reason (summary.json)
+        self.absent = {c: f"at the start: {unusable.get(c, 'no Flower node registered as this client')}"
+                       for c in self.sizes if c not in infos}
+        if self.absent:
+            log.warning("%d of the run's %d clients take no part: %s", len(self.absent), len(self.sizes),
+                        "; ".join(f"{c} ({w})" for c, w in list(self.absent.items())[:5]))
+        self._check_enough(len(infos), f"only {len(infos)} of the run's {len(self.sizes)} clients registered")
         return sorted(infos.values(), key=lambda c: (-c.sizes["train"], c.name))  # the in-process order
 
     def _not_usable(self, name: str, domain: str, sizes: dict[str, int], infos: dict) -> str | None:
@@ -101,6 +117,8 @@ class Nodes:
         if sizes != self.sizes[name]:
             return (f"client {name} has split sizes {sizes}, this run's splits give it {self.sizes[name]} (does "
                     "its cache-file hold the server's cache?)")
+        if domain != self.domains[name]:
+            return f"client {name} says its domain is {domain!r}, this run's splits put it in {self.domains[name]!r}"
         return None
 
     def _node_of(self, client: str) -> int | None:
@@ -112,8 +130,11 @@ class Nodes:
         that fail or do not answer."""
         nodes = [n for n in self.nodes if clients is None or self.client_of.get(n) in clients]
 
+        # DP-FedAvg with client-side clipping: Flower's fixedclipping_mod on the clients reads the norm here
+        clip = {KEY_CLIPPING_NORM: self.clip_norm} if kind == MessageType.TRAIN and self.clip_norm is not None else {}
+
         def content():  # each Message owns its content, so every node gets its own RecordDict
-            records = {"config": ConfigRecord({"round": round_, **self.shipped})}
+            records = {"config": ConfigRecord({"round": round_, **self.shipped, **clip})}
             if state is not None:
                 records["arrays"] = ArrayRecord.from_torch_state_dict(state)
             return RecordDict(records)
@@ -154,6 +175,7 @@ class FlowerBackend:
     def __init__(self, nodes: Nodes, federation: Federation, adapter, target_set, text, scale: float):
         self.nodes, self.federation = nodes, federation
         self.adapter, self.target_set, self.text, self.scale = adapter, target_set, text, scale
+        federation.dropped.update({c: why for c, why in nodes.absent.items() if c not in federation.dropped})
         nodes.dropped = federation.dropped
         # a resumed run: the clients dropped before its checkpoint stay out, as they would have
         nodes.nodes = [n for n in nodes.nodes if nodes.client_of.get(n) not in federation.dropped]
@@ -183,7 +205,8 @@ class FlowerBackend:
             arrays = {}
 
             def check(r):
-                problem = check_train_metrics(r.content["metrics"], self.sizes[name]) or \
+                problem = check_train_metrics(r.content["metrics"], self.sizes[name],
+                                              loss=federation.private != "dpsgd") or \
                     check_arrays(r.content["arrays"], like)
                 if problem:
                     return problem
@@ -196,7 +219,8 @@ class FlowerBackend:
                 continue
             updates.append(arrays)
             counts.append(int(reply.content["metrics"]["num-examples"]))
-            losses[name] = float(reply.content["metrics"]["train_loss"])
+            if "train_loss" in reply.content["metrics"]:  # (DP-SGD: a client keeps its training loss)
+                losses[name] = float(reply.content["metrics"]["train_loss"])
         if not updates:  # every sampled client was dropped: the global adapter stays
             return Update({k: v.unsqueeze(0) for k, v in glob.items()}, [], {})
         return Update({k: torch.stack([u[k] for u in updates]) for k in like}, counts, dict(sorted(losses.items())))
@@ -229,7 +253,7 @@ def serve(grid: Grid, cfg, output_dir: Path, client_states: Path | None = None) 
     """The federated rounds on the server (what federate.run does in process), through federate/lifecycle.py.
     `client_states`: where the clients keep their personal states, when they share this machine's disk."""
     start = time.time()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    own_folder(output_dir)  # (a link is refused: nothing is written through it)
     method = check_settings(cfg)  # (a method whose clients do not communicate is refused here)
     if not cfg.cache_file:  # deployed with `flwr run`: the default path, as the in-process runner finds it
         cfg = cfg.copy()
@@ -255,14 +279,18 @@ def serve(grid: Grid, cfg, output_dir: Path, client_states: Path | None = None) 
         raise ConfigError(f"method={method.name} evaluates the target domain with each client's own model, which "
                           "stays on its client under Flower; use target_domain=none, or backend=local")
     log.info("%s over Flower: target %s, participants %s", method.name, target, ", ".join(participants))
-    nodes = Nodes(grid, cfg, participants, sizes, client_states)
+    nodes = Nodes(grid, cfg, participants, sizes, {c.name: c.domain for c in splits}, client_states)
     # each client keeps its own personal state (federate/flower/client_app.py); the server the shared one
     splits_text = json.dumps(splits_json(splits, clients_cache))
     identity = identity_of(cache, splits_text)
     identity["cache_checksums"] = {**clients_cache.checksums, **cache.checksums}  # what the splits came from too
     federation = Federation(cfg, method, nodes.clients, init, server, output_dir, target=target, keeps_personal=False,
-                            inputs=identity)
-    (output_dir / "splits.json").write_text(splits_text)
+                            inputs=identity, known_clients=list(sizes))
+    server = privacy.wrap(federation)  # privacy=dp_client: DP-FedAvg around the strategy
+    nodes.shipped["settings"] = ship(privacy.shipped_config(cfg, federation))  # (DP-SGD: the derived noise)
+    if federation.private == "dp_client" and cfg.privacy.side == "client":
+        nodes.clip_norm = float(cfg.privacy.clip_norm)
+    write_text(output_dir / "splits.json", splits_text)
     names = [c.name for c in federation.clients]
     experiment = Experiment(
         cfg, method, federation, output_dir, cache.dataset_name, cache.model_name, model, server,

@@ -111,6 +111,16 @@ class StoppableGrid:
             raise KeyboardInterrupt
 
 
+def supernodes(cfg) -> int:
+    """One SuperNode per client of the run: per participating domain, or per client of the partition or
+    the split file."""
+    header = load_cache(cfg.cache_file, cfg.model.name, domains=())
+    _, participants = target_and_participants(list(header.all_domains), cfg.target_domain, header.path)
+    if cfg.partition.name == "domain" and not cfg.split_file:
+        return len(participants)
+    return len(make_clients(load_cache(cfg.cache_file, cfg.model.name, domains=tuple(participants)), participants, cfg))
+
+
 def run_simulation(cfg, cache_file: Path, output_dir: Path) -> dict:
     with quiet_console():
         return simulate(cfg, cache_file, output_dir)
@@ -128,10 +138,7 @@ def simulate(cfg, cache_file: Path, output_dir: Path) -> dict:
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.cache_file = str(cache_file)
-    header = load_cache(cfg.cache_file, cfg.model.name, domains=())
-    _, participants = target_and_participants(list(header.all_domains), cfg.target_domain, header.path)
-    clients = len(participants) if cfg.partition.name == "domain" else \
-        len(make_clients(load_cache(cfg.cache_file, cfg.model.name, domains=tuple(participants)), participants, cfg))
+    clients = supernodes(cfg)
     result, server_app = {}, ServerApp()
     stop = threading.Event()
 

@@ -15,10 +15,12 @@ from ..cache import load_cache
 from ..cli import unknown_setting
 from ..config import FederateConfig
 from ..errors import ConfigError
-from ..experiment import class_text, make_client, pooled_embeddings
+from ..inputs import loads
+from ..experiment import EXPLODED_RMS, class_text, make_client, pooled_embeddings
 from ..partition import make_clients
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+MAX_SIZES_CHARS = 10_000  # {"train": n, "val": n, "test": n} is about 50
 
 
 def settings_from_run_config(run_config: dict) -> tuple[DictConfig, Path]:
@@ -47,7 +49,7 @@ def ship(cfg) -> str:
 
 def unship(text: str) -> DictConfig:
     """The typed settings back from a message."""
-    return OmegaConf.merge(OmegaConf.structured(FederateConfig), json.loads(text))
+    return OmegaConf.merge(OmegaConf.structured(FederateConfig), loads(text))
 
 
 def device_of(name: str) -> torch.device:
@@ -71,7 +73,7 @@ def client_data(cache_file: str, cfg, participants: list[str], node_config):
 @lru_cache(maxsize=4)
 def _client_data(cache_file: str, version, settings: str, participants: str, node: str):
     cfg, participants, node = unship(settings), json.loads(participants), json.loads(node)
-    own_domain = cfg.partition.name == "domain"
+    own_domain = cfg.partition.name == "domain" and not cfg.split_file  # (a split file may name any clients)
     if own_domain:  # one client per domain: this node's domain is all it reads
         participants = [domain_of_node(node, participants)]
     cache = load_cache(cache_file, cfg.model.name, domains=tuple(participants))
@@ -97,6 +99,9 @@ def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Ten
             return f"{k} is {dtype_name(v.dtype)}, not {dtype_name(reference[k].dtype)}"
         if not torch.isfinite(v).all():
             return f"{k} has non-finite values"
+        rms = float(torch.linalg.vector_norm(v)) / max(1, v.numel()) ** 0.5
+        if rms > EXPLODED_RMS:  # what no client training at a sane lr sends (the run would stop, blaming lr)
+            return f"{k} has exploded weights (root mean square {rms:.3g} > {EXPLODED_RMS:g})"
     return None
 
 
@@ -124,14 +129,16 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_train_metrics(metrics, sizes: dict[str, int]) -> str | None:
+def check_train_metrics(metrics, sizes: dict[str, int], loss: bool = True) -> str | None:
     """A training reply's metrics: `num-examples` a positive integer no larger than the client's training
-    split (as it reported at the start), `train_loss` a finite number."""
-    n, loss = metrics.get("num-examples"), metrics.get("train_loss")
+    split (as it reported at the start), `train_loss` a finite number (with loss=False, under DP-SGD: none)."""
+    n, value = metrics.get("num-examples"), metrics.get("train_loss")
     if not is_int(n) or not 1 <= n <= sizes["train"]:
         return f"num-examples {n!r} is not an integer between 1 and its {sizes['train']} training rows"
-    if not is_number(loss):
-        return f"train_loss {loss!r} is not a finite number"
+    if not loss:
+        return None if value is None else "train_loss was sent, which privacy=dpsgd keeps on the client"
+    if not is_number(value):
+        return f"train_loss {value!r} is not a finite number"
     return None
 
 
@@ -149,9 +156,13 @@ def check_eval_metrics(metrics, sizes: dict[str, int]) -> str | None:
 
 
 def check_registration(config) -> tuple[str, str, dict] | str:
-    """A query reply's (client, domain, split sizes), or why it is unusable."""
+    """A query reply's (client, domain, split sizes), or why it is unusable (JSON nested too deeply for the
+    parser, or longer than sizes can be, is one reason like any other)."""
     try:
-        name, domain, sizes = str(config["client"]), str(config["domain"]), json.loads(str(config["sizes"]))
+        name, domain, text = str(config["client"]), str(config["domain"]), str(config["sizes"])
+        if len(text) > MAX_SIZES_CHARS:
+            raise ValueError(f"sizes is {len(text)} characters long")
+        sizes = loads(text)
     except (KeyError, ValueError, TypeError) as e:
         return f"no usable client, domain and sizes ({e})"
     if not isinstance(sizes, dict) or not all(is_int(sizes.get(p)) and sizes[p] >= 1 for p in ("train", "val", "test")):

@@ -29,10 +29,12 @@ YAML file its defaults go to Hydra's ConfigStore (README: "Add your own method")
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from ..errors import ConfigError
 
@@ -66,6 +68,9 @@ class Method:
             raise ConfigError(f"optimizer={optimizer} is for the methods that train the backbone (fedavg_full, "
                               "fedprox_full, fedclip_full; backbone=alexnet picks optimizer=sgd); method="
                               f"{self.name} trains its adapter with FedCLIP's Adam (optimizer=adam_l2)")
+        from ..privacy import check as check_privacy
+
+        check_privacy(cfg, self)
         if cfg.backend == "flower" and not self.communicates:
             raise ConfigError(f"backend=flower runs methods whose clients communicate; method={self.name} does not "
                               "(use backend=local)")
@@ -96,6 +101,12 @@ class Method:
         """The initial model state as (shared, personal): the server holds the shared part; each client
         starts with its own copy of the personal part."""
         return state, {}
+
+    def private_epochs(self, cfg) -> tuple[int, int]:
+        """Epochs over a client's training rows (privacy=dpsgd's accounting, federate/privacy.py): in a round it
+        trains (all of `local_update`'s phases) and in every round for the model it deploys (`deployed`). A
+        local update that trains more than this is stopped (federate/training.py LocalTraining.budget)."""
+        return int(cfg.local_epochs), 0
 
     def train_settings(self, cfg):
         from ..engine import TrainSettings
@@ -156,14 +167,25 @@ class Method:
         return {"up": nbytes(self.update_like(shared, round_)), "down": nbytes(shared)}
 
 
-def register(name: str, **defaults):
-    """Class decorator: make a Method subclass available as `method=<name>`, with default settings (its
-    config node goes to Hydra's ConfigStore, unless conf/method/<name>.yaml configures it)."""
+def register(name: str, config: str | Path | None = None, **defaults):
+    """Class decorator: make a Method subclass available as `method=<name>`. Its config node is
+    conf/method/<name>.yaml for a built-in; else `config`, a YAML file (a path relative to the module that
+    defines the method; `# @package _global_` as its first line lets it set other keys, such as `loss`),
+    or the `defaults` (`method.<key>=...`); either goes to Hydra's ConfigStore."""
     def add(cls: type[Method]) -> type[Method]:
         cls.name = name
         METHODS[name] = cls
-        if not (YAML_DIR / f"{name}.yaml").exists():
-            ConfigStore.instance().store(group="method", name=name, node={"name": name, **defaults})
+        store = ConfigStore.instance()
+        if config is not None:
+            path = Path(config) if Path(config).is_absolute() else \
+                Path(sys.modules[cls.__module__].__file__).resolve().parent / config
+            text = path.read_text()
+            header = [line.strip() for line in text.splitlines()]
+            header = header[:next((i for i, line in enumerate(header) if line and not line.startswith("#")), len(header))]
+            glob = "# @package _global_" in header  # (Hydra's package header, in the file's leading comments)
+            store.store(group="method", name=name, node=OmegaConf.create(text), package="_global_" if glob else None)
+        elif not (YAML_DIR / f"{name}.yaml").exists():
+            store.store(group="method", name=name, node={"name": name, **defaults})
         return cls
     return add
 
@@ -193,6 +215,16 @@ def number(key: str, value, *, low: float = 0.0, high: float = math.inf, integer
         what = f"an integer {bounds}" if integer else f"{bounds} and finite"
         raise ConfigError(f"method.{key} must be {what}, not {value!r}")
     return x
+
+
+def refuse_privacy(cfg, method: "Method", sends: str) -> None:
+    """A method whose clients send statistics of their features (`sends`): no privacy setting covers them
+    (DP-SGD protects the training steps, DP-FedAvg clipped weight updates), so none is offered."""
+    from ..privacy import kind
+
+    if kind(cfg) != "none":
+        raise ConfigError(f"method={method.name} sends {sends}, which privacy={kind(cfg)} does not protect; use "
+                          "privacy=none")
 
 
 def nbytes(state: State) -> int:

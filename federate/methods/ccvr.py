@@ -28,7 +28,7 @@ import torch
 from ..features import Moments, class_moments, gaussian_rows, pool, train_linear
 from ..heads import WithHead
 from ..training import Update
-from . import Method, number, register
+from . import Method, number, refuse_privacy, register
 from .head import HeadMethod
 
 CALIBRATION = "calibration"
@@ -50,6 +50,7 @@ class CCVR(HeadMethod):
                               calibration_epochs=number("calibration_epochs", calibration_epochs, low=1, integer=True)))
 
     def check(self, cfg) -> None:
+        refuse_privacy(cfg, self, "its clients' per-class means and covariances")
         super().check(cfg)
         # what the server's calibration needs of the run: the clients' optimiser and batch size, the seed
         self.server_settings, self.seed = self.train_settings(cfg), int(cfg.seed)

@@ -23,6 +23,9 @@ class Ditto(HeadMethod):
         self.initial = {}
         return state, {k: v.clone() for k, v in state.items()}  # w, and each client's v (starting at w)
 
+    def private_epochs(self, cfg):
+        return int(cfg.local_epochs) + self.settings["pers_epochs"], 0
+
     def local_update(self, train, shared, personal):
         update = train.train(shared, {})  # w: FedAvg's local update, sent
         if self.settings["pers_epochs"]:

@@ -20,6 +20,9 @@ class FedBABU(HeadMethod):
         super().__init__(dict(finetune_epochs=number("finetune_epochs", finetune_epochs, low=1, integer=True),
                          finetune=finetune))
 
+    def private_epochs(self, cfg):  # the fine-tuning of every evaluation trains on the client's rows too
+        return int(cfg.local_epochs), self.settings["finetune_epochs"]
+
     def local_update(self, train, shared, personal):
         return train.train(shared, personal, keys=self.body_keys(shared))  # the head stays as it was
 

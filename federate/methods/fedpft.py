@@ -34,7 +34,7 @@ from ..adapters import Adapter
 from ..errors import ConfigError
 from ..features import fused, train_linear
 from ..training import Update
-from . import Method, number, register
+from . import Method, number, refuse_privacy, register
 
 log = logging.getLogger("federate")
 MEANS, COVARIANCES, WEIGHTS, COUNT = "gmm.means", "gmm.covariances", "gmm.weights", "gmm.count"
@@ -82,6 +82,7 @@ class FedPFT(Method):
                               head_epochs=number("head_epochs", head_epochs, low=1, integer=True)))
 
     def check(self, cfg) -> None:
+        refuse_privacy(cfg, self, "its clients' per-class Gaussian mixtures")
         super().check(cfg)
         if cfg.loss != "ce":
             raise ConfigError("method=fedpft trains its head with cross-entropy; use loss=ce (its config sets it "

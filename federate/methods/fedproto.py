@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..heads import WithHead
 from ..losses import masked_loss
 from ..training import Update
-from . import number, register
+from . import number, refuse_privacy, register
 from .head import HeadMethod
 
 MEAN, COUNT = "proto.mean", "proto.count"  # the global prototypes [C, d] and the rows behind them [C] (0: none)
@@ -109,6 +109,7 @@ class FedProto(HeadMethod):
         return {MEAN: w.new_zeros(C, d), COUNT: w.new_zeros(C)}, state  # no prototype yet; each client its model
 
     def check(self, cfg) -> None:
+        refuse_privacy(cfg, self, "its clients' per-class mean features")
         super().check(cfg)
         if cfg.engine == "plain":
             raise ConfigError("method=fedproto adds a term to the loss, which engine=plain (cross-entropy alone) "

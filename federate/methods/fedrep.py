@@ -14,6 +14,9 @@ class FedRep(HeadMethod):
     def __init__(self, head_epochs: int = 4):
         super().__init__(dict(head_epochs=number("head_epochs", head_epochs, integer=True)))
 
+    def private_epochs(self, cfg):
+        return self.settings["head_epochs"] + int(cfg.local_epochs), 0
+
     def local_update(self, train, shared, personal):
         head, body = self.head_keys(personal), self.body_keys(shared)
         if self.settings["head_epochs"]:

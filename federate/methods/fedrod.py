@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..heads import WithHead
 from ..losses import masked_loss
 from . import number, register
@@ -33,6 +34,12 @@ class FedRoD(HeadMethod):
 
     def __init__(self, gamma: float = 1.0):
         super().__init__(dict(gamma=number("gamma", gamma)))
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if cfg.get("privacy") is not None and cfg.privacy.get("name") == "dpsgd" and self.settings["gamma"]:
+            raise ConfigError("method=fedrod's balanced softmax reads the client's label counts, which DP-SGD's "
+                              "per-sample clipping does not protect; use method.gamma=0 with privacy=dpsgd")
 
     def model(self, adapter):
         model = RoDModel(adapter, self.heads)

@@ -13,6 +13,9 @@ class ImagesMethod(Method):
     adapter = False  # puts the run's adapter on top of the backbone (fedclip_full)
 
     def check(self, cfg) -> None:
+        if cfg.get("privacy") is not None and cfg.privacy.get("name", "none") != "none":
+            raise ConfigError(f"privacy={cfg.privacy.name} runs on the cached embeddings; method={self.name} trains the "
+                              "backbone on the images, which has no differential privacy here (use privacy=none)")
         if cfg.backend == "flower":
             raise ConfigError(f"backend=flower runs the methods on the cached embeddings, not {self.name}")
         name = (cfg.get("partition") or {}).get("name", "domain")

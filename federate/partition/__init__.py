@@ -20,7 +20,7 @@ per-domain file of earlier versions.
 
     python -m federate.partition <cache.h5> [partition=...] [seed=...] [--out DIR]
 
-plots the clients' label distributions (federate/partition_plot.py).
+plots the clients' label distributions (federate/partition/plot.py).
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .cache import DomainData, EmbeddingCache, derived
-from .errors import ConfigError
-from .splits import MIN_ROWS, PARTS, read_client_splits, split_indices
+from ..cache import DomainData, EmbeddingCache, derived
+from ..errors import ConfigError
+from ..splits import MIN_ROWS, PARTS, read_client_splits, split_indices
 
 log = logging.getLogger("federate")
 
@@ -117,7 +117,7 @@ def make_clients(cache, participants: list[str], cfg) -> list[ClientSplit]:
     from a published splits.json (`split_file`: its clients, whatever the partition settings)."""
     ids_of = {d: cache.domains[d].ids for d in participants}
     if cfg.split_file:
-        read = read_client_splits(cfg.split_file, ids_of, participants, cache.all_domains)
+        read = read_client_splits(cfg.split_file, ids_of, participants, cache.all_domains, cache.left_out)
         return [ClientSplit(name, d, rows) for name, (d, rows) in read.items()]
     settings = PartitionSettings.from_config(cfg.get("partition"), len(cache.class_names))
     seed = int(cfg.seed)
@@ -242,17 +242,13 @@ def _restricted(cache, classes: list[str]) -> EmbeddingCache:
     new_label[old] = np.arange(len(classes))
     keep = np.flatnonzero(new_label[cache.labels] >= 0)  # the kept rows, copied once into new pooled arrays
     features, labels = cache.features[keep], new_label[cache.labels[keep]]
-    domains, start = {}, 0
+    domains, start, left_out = {}, 0, {}
     for name, d in cache.domains.items():  # (in the pooled arrays' order)
         mine = np.flatnonzero(new_label[d.labels] >= 0)
+        left_out[name] = frozenset(d.ids[i] for i in np.flatnonzero(new_label[d.labels] < 0))
         rows = slice(start, start + len(mine))
         domains[name] = DomainData(features[rows], labels[rows], tuple(d.ids[i] for i in mine), start)
         start += len(mine)
     return replace(cache, class_names=tuple(classes), text=cache.text[:, old], domains=domains, features=features,
-                   labels=labels)
+                   labels=labels, left_out=left_out)
 
-
-if __name__ == "__main__":
-    from .partition_plot import cli
-
-    cli()

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import CONF_DIR, unknown_choice
-from .errors import ConfigError
+from extract.files import UnsafePath, atomic_path, open_atomic, own_folder
+
+from ..cli import CONF_DIR, GROUPS, bad_value, unknown_choice, unknown_setting
+from ..errors import ConfigError
 
 log = logging.getLogger("federate.partition")
 
@@ -35,14 +37,19 @@ def compose(cache_file: str, overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    message = unknown_choice(overrides, ("partition", "dataset"))
+    from ..experiment import check_settings
+
+    message = (unknown_choice(overrides, GROUPS) or unknown_setting(overrides, "federate")
+               or bad_value(overrides, "federate"))
     if message:
         raise ConfigError(message)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose("federate", [f"cache_file={cache_file}", *overrides])
+            cfg = hydra_compose("federate", [f"cache_file={cache_file}", *overrides])
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(" ".join(str(e).split())) from None
+    check_settings(cfg)  # the seed's range, and every other setting as a run checks it
+    return cfg
 
 
 def label_counts(cache, clients) -> np.ndarray:
@@ -55,7 +62,7 @@ def label_counts(cache, clients) -> np.ndarray:
 
 
 def write_csv(path: Path, cache, clients, counts: np.ndarray) -> None:
-    with open(path, "x", newline="") as f:
+    with open_atomic(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["client", "domain", "rows", *cache.class_names])
         for c, row in zip(clients, counts):
@@ -104,7 +111,8 @@ def plot(path: Path, cache, clients, title: str) -> None:
         ax.set_xticks(np.arange(len(clients)) + (0 if bars else 0.5))
         ax.set_xticklabels([c.name for c in clients], rotation=90)
     ax.set_xlabel("client")
-    fig.savefig(path, dpi=100, bbox_inches="tight")  # the legend sits outside the axes
+    with atomic_path(path) as tmp:  # (a link at `path` is replaced, never written through)
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")  # the legend sits outside the axes
 
 
 def table(clients, counts: np.ndarray, class_names) -> str:
@@ -123,22 +131,23 @@ def main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="federate settings: partition=..., seed=..., ...")
     parser.add_argument("--out", help="folder for the CSV and the PNG (default outputs/partition/<time>)")
     args = parser.parse_args(argv)
-    from .cache import load_cache
-    from .cache import canonical_domain
-    from .partition import make_clients, restrict_classes
+    from ..cache import load_cache
+    from ..cache import canonical_domain, case_hint
+    from . import make_clients, restrict_classes
 
     cfg = compose(args.cache, args.overrides)
     cache = restrict_classes(load_cache(args.cache), cfg.dataset.get("classes"))
     target = canonical_domain(cfg.target_domain) if cfg.target_domain else None
     if target is not None and target not in cache.domains:
-        raise ConfigError(f"target_domain {target!r} is not in {args.cache}; its domains: {', '.join(cache.domains)}")
+        raise ConfigError(f"target_domain {target!r} is not in {args.cache}; its domains: {', '.join(cache.domains)}"
+                          f"{case_hint(target, cache.domains)}")
     domains = [d for d in cache.domains if d != target]
     clients = make_clients(cache, domains, cfg)
     out = Path(args.out or f"outputs/partition/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    taken = [out / f for f in FILES if (out / f).exists()]
+    own_folder(out)  # a link is refused
+    taken = [out / f for f in FILES if os.path.lexists(out / f)]
     if taken:
         raise ConfigError(f"{taken[0]} exists; give --out a folder without label_distribution files")
-    out.mkdir(parents=True, exist_ok=True)
     counts = label_counts(cache, clients)
     write_csv(out / FILES[0], cache, clients, counts)
     if cfg.split_file:
@@ -155,7 +164,7 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main(sys.argv[1:])
-    except ConfigError as e:
+    except (ConfigError, UnsafePath) as e:
         log.error("[federate.partition][ERROR] - %s", " ".join(str(e).split()))
         sys.exit(2)
     except OSError as e:

@@ -6,7 +6,8 @@ adapter, strategy, rounds, local epochs, batch size, loss, precision, engine, de
 (in lock step on CUDA, one slot after another on a CPU, as `engine=auto` trains the clients of one run),
 over the cache loaded once. After each round every point does what a run alone does (federate/run.py:
 aggregation, validation, model selection, history.jsonl) on its own slots, so each point reaches the same
-numbers and writes the same files as it would alone: same splits (seed, domain), batch order
+numbers and writes the same files as it would alone (a method's exchange after the rounds, CCVR's
+calibration, runs for each point on its own, as alone): same splits (seed, domain), batch order
 (`client_generator(seed, client, round)`), initial adapter (seed) and Adam steps per slot.
 
 The launcher then runs every job through Hydra's `run_job` as usual (job folder, .hydra/, log file,
@@ -175,7 +176,12 @@ def _rounds(points: dict, results: dict, records: _Records) -> None:
     with sigterm_as_interrupt():
         while requests:
             r = next(iter(requests.values()))[0]
-            updates = _train_together({k: (points[k][0], sampled) for k, (_, sampled) in requests.items()}, r, trainers)
+            if isinstance(r, int):
+                updates = _train_together({k: (points[k][0], sampled) for k, (_, sampled) in requests.items()}, r,
+                                          trainers)
+            else:  # the method's exchange after the rounds, once: each point as it runs alone (its own numbers)
+                updates = {k: backends[k].train(points[k][0].federation, r, sampled) for k, (_, sampled) in
+                           requests.items()}
             for key, update in updates.items():
                 _advance(key, steps, requests, results, records, update)
             if not isinstance(r, int):  # the method's exchange after the rounds (Method.after_rounds)

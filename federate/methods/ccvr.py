@@ -88,7 +88,7 @@ class CCVR(HeadMethod):
             pooled = class_moments(self.net, shared, train.rows, classes)  # server pools what they send
             return Update({COUNT: pooled.count[None], MEAN: pooled.mean[None], COVARIANCE: pooled.covariance()[None]},
                           [sum(train.sizes)], zero)
-        sent = []  # each client's, as sent (a Flower client; the slots of a grouped sweep, each its own point's)
+        sent = []  # each client's, as sent (a Flower client; clients of states of their own)
         for i in range(len(train)):
             m = class_moments(self.net, train.state_of(shared, personal, i), [train.rows[i]], classes)
             sent.append((m.count.float(), m.mean.float(), m.covariance().float()))

@@ -40,3 +40,13 @@ def test_partition_speed_times_the_rounds_of_a_tiny_run(planted_cache, tmp_path)
     whole, train, point, _ = partition_speed.timed_rounds(cfg, tmp_path / "run", 2)
     assert whole > 0 and train > 0 and point.federation.done == 2
     assert partition_speed.round_flops(point) > 0
+
+
+def test_method_speed_times_a_methods_exchange_after_the_rounds_on_its_own(planted_cache, tmp_path):
+    import method_speed
+    import partition_speed
+
+    cfg = partition_speed.compose(planted_cache, ["target_domain=target", "rounds=2", "method=ccvr", "loss=ce"])
+    _, _, point, _ = partition_speed.timed_rounds(cfg, tmp_path / "run", 2)
+    assert point.federation.before is not None  # (timed_rounds ran the calibration with the rounds)
+    assert method_speed.after_rounds_seconds(point) > 0

@@ -43,8 +43,8 @@ def scaled_cache(path: Path, scale: float) -> Path:
 def run(cache: Path, out: Path, overrides: list[str], threads: int) -> tuple[float, dict, list[str]]:
     """Seconds of a whole `python -m federate` process, its summary and its fedpft log lines."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    args = [sys.executable, "-m", "federate", f"cache_file={cache}", "model.name=fedclip/planted", "target_domain=clipart",
-            *PARTITION, *overrides, f"hydra.run.dir={out}"]
+    args = [sys.executable, "-m", "federate", f"cache_file={cache}", "model.name=fedclip/planted",
+            "target_domain=clipart", *PARTITION, *overrides, f"hydra.run.dir={out}"]
     t = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t
@@ -85,7 +85,8 @@ def main() -> None:
     print(f"{clients} clients, target clipart; whole process, set-up included (best of {args.repeats}):")
     for label, (seconds, s, lines) in best.items():
         sent = (s["bytes_total"]["up"] + s["bytes_total"]["down"]) / 1e6
-        verdict = "" if label.startswith("fedclip") else f"  ({'met' if seconds < base else 'NOT met'}: the goal is < 1x)"
+        met = "met" if seconds < base else "NOT met"
+        verdict = "" if label.startswith("fedclip") else f"  ({met}: the goal is < 1x)"
         print(f"   {label:40s} {seconds:7.1f} s ({seconds / base:.2f}x){verdict}   run {s['wall_seconds']:.1f} s   "
               f"target {100 * s['generalization']:.2f}%, clients {100 * s['personalization_mean']:.2f}%   "
               f"{sent:.1f} MB sent")

@@ -92,7 +92,8 @@ def main() -> None:
     print(f"PACS-sized, target art_painting, {clients} clients (seconds per round):")
     for name, (whole, train) in best.items():
         print(f"   {name:8s} whole round {whole:.3f} s ({whole / base[0]:.2f}x fedclip)   local training {train:.3f} s "
-              f"({train / base[1]:.2f}x)" + (f"   after the rounds, once: {after[name]:.3f} s" if name in after else ""))
+              f"({train / base[1]:.2f}x)" + (f"   after the rounds, once: {after[name]:.3f} s" if name in after
+                                              else ""))
 
 
 if __name__ == "__main__":

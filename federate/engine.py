@@ -572,8 +572,9 @@ class BatchedTrainer(LockstepTrainer):
     def folds_first_steps(self, start: dict, personal: dict) -> bool:
         """Whether `fold_first_steps` serves clients starting from `start` with their own `personal` keys:
         AttAI's image tower shared, and a linear head (federate/heads.py) personal where the model has one."""
-        head, image, linear = hasattr(self.adapter, "heads"), {f"image.{k}" for k in attai.LAYER_KEYS}, {"head.weight", "head.bias"}
-        if self.adapter.towers != ("image",) or hasattr(self.adapter, "feature_grad"):  # (the fold has no term of its own)
+        head, image = hasattr(self.adapter, "heads"), {f"image.{k}" for k in attai.LAYER_KEYS}
+        linear = {"head.weight", "head.bias"}
+        if self.adapter.towers != ("image",) or hasattr(self.adapter, "feature_grad"):  # (no fold of its own term)
             return False
         if head and getattr(self.adapter, "heads", ()) == ("head",) and set(start) == image | linear and not personal:
             return True  # the head shared with the body (CCVR's FedAvg of both): folded into the sum as the body is

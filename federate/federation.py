@@ -406,7 +406,8 @@ class Federation:
         if self.before is not None:  # the exchange after the rounds made the reported state
             before = self.before
             after = {"after_rounds": best["after_rounds"],
-                     f"before_{best['after_rounds']}": selection.results(before, {c: domains[c] for c in before["test_acc"]})}
+                     f"before_{best['after_rounds']}": selection.results(
+                         before, {c: domains[c] for c in before["test_acc"]})}
         return {
             **selection.results(best, {c.name: c.domain for c in clients}), **after,
             "clients": {c.name: {"domain": c.domain, "val": best["val_acc"][c.name], "test": test[c.name],

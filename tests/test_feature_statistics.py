@@ -87,7 +87,8 @@ def test_a_linear_head_trains_as_torchs_dataloader_and_optimiser_train_it():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(70, 6, generator=g), torch.randint(0, 4, (70,), generator=g)
     head = torch.nn.Linear(6, 4)
-    W, b = feats.train_linear(head.weight, head.bias, x, y, epochs=3, batch_size=16, generator=torch.Generator().manual_seed(5),
+    W, b = feats.train_linear(head.weight, head.bias, x, y, epochs=3, batch_size=16,
+                              generator=torch.Generator().manual_seed(5),
                               optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), scale=2.0)
     loader = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=16, shuffle=True,
                                          generator=torch.Generator().manual_seed(5))
@@ -152,7 +153,8 @@ def test_the_fast_path_pulls_features_towards_the_prototypes_as_autograd_does(pl
     f = F.normalize(torch.randn(2, 6, 64, generator=g), dim=-1).requires_grad_(True)
     y = torch.tensor([[0, 1, 2, 3, 4, 0], [1, 1, 2, 2, 0, 4]])
     ok = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    params = {"proto.mean": torch.randn(2, 5, 64, generator=g), "proto.count": torch.tensor([[3.0, 0, 2, 1, 1], [1.0] * 5])}
+    params = {"proto.mean": torch.randn(2, 5, 64, generator=g),
+              "proto.count": torch.tensor([[3.0, 0, 2, 1, 1], [1.0] * 5])}
     loss, grad = model.feature_grad(params, f.detach(), y, ok)
     for k in range(2):
         expected = model.pull({q: v[k] for q, v in params.items()}, f[k], y[k], ok[k])
@@ -168,7 +170,7 @@ def test_the_fast_path_pulls_features_towards_the_prototypes_as_autograd_does(pl
         torch.testing.assert_close(updates[0][key], updates[1][key], atol=1e-5, rtol=1e-4)
     a = run_federate(planted_cache, tmp_path / "fast", "method=fedproto", rounds=3)
     b = run_federate(planted_cache, tmp_path / "generic", "method=fedproto", "engine=generic", rounds=3)
-    sa, sb = load_file(tmp_path / "fast" / "adapter.safetensors"), load_file(tmp_path / "generic" / "adapter.safetensors")
+    sa, sb = (load_file(tmp_path / run / "adapter.safetensors") for run in ("fast", "generic"))
     assert sa.keys() == sb.keys() and all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
     assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1e-6)
 
@@ -278,8 +280,8 @@ def test_fedpft_trains_the_head_the_flower_baseline_trains(skewed_cache, tmp_pat
     float noise; on its own random draws, the same accuracy to within sampling noise."""
     import fedpft_reference as flower
 
-    s = run_federate(skewed_cache, tmp_path, "method=fedpft", "target_domain=none", "partition=dirichlet",
-                     "partition.alpha=0.1", "partition.clients_per_domain=4", "lr=1e-4")  # the baseline's recipe
+    run_federate(skewed_cache, tmp_path, "method=fedpft", "target_domain=none", "partition=dirichlet",
+                 "partition.alpha=0.1", "partition.clients_per_domain=4", "lr=1e-4")  # the baseline's recipe
     summary, rows = client_rows(tmp_path, skewed_cache)
     train = [rows[c][0] for c in summary["clients"]]
     tests = [rows[c][1] for c in summary["clients"]]
@@ -427,7 +429,8 @@ def test_one_batch_clients_of_ccvr_fold_their_shared_head_as_they_train_alone(pl
     from federate.engine import BatchedTrainer
 
     calls, fold = [], BatchedTrainer.fold_first_steps
-    monkeypatch.setattr(BatchedTrainer, "fold_first_steps", lambda self, *a, **k: calls.append(1) or fold(self, *a, **k))
+    monkeypatch.setattr(BatchedTrainer, "fold_first_steps",
+                        lambda self, *a, **k: calls.append(1) or fold(self, *a, **k))
     many = ("method=ccvr", "partition=iid", "partition.clients_per_domain=12")
     folded = run_federate(planted_cache, tmp_path / "auto", *many, rounds=3)
     assert len(calls) == 3

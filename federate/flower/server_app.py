@@ -4,14 +4,15 @@ At the start every SuperNode says which client it is and its split sizes (a quer
 the server sends the global adapter to the sampled clients and combines their updates with the run's
 strategy (federate/strategy.py), or as the method says (federate/methods/: clients that send statistics of
 their features, an exchange after the rounds such as CCVR's calibration); every client evaluates the new
-adapter on its validation and test splits; the server evaluates the held-out target domain itself, in fp32. The server makes the clients'
-splits as the in-process runner does and writes them to splits.json; a node whose client or split sizes
-are not in them takes no part. The server checks everything a
-client sends: arrays of the expected keys, dtypes (float32 for weights) and shapes, as the method's
-`update_like` gives them (read from the headers before the data is deserialised), and finite; example counts positive integers no larger than the split the client
-reported; losses finite; accuracies finite and in [0, 1]. A client that breaks a rule, fails or times out
-is dropped for the rest of the run (logged, and listed in summary.json's `dropped_clients`); the run goes
-on while at least `flower.min_clients` remain, and otherwise stops, keeping what it recorded.
+adapter on its validation and test splits; the server evaluates the held-out target domain itself, in
+fp32. The server makes the clients' splits as the in-process runner does and writes them to splits.json;
+a node whose client or split sizes are not in them takes no part. The server checks everything a client
+sends: arrays of the expected keys, dtypes (float32 for weights) and shapes, as the method's `update_like`
+gives them (read from the headers before the data is deserialised), and finite; example counts positive
+integers no larger than the split the client reported; losses finite; accuracies finite and in [0, 1]. A
+client that breaks a rule, fails or times out is dropped for the rest of the run (logged, and listed in
+summary.json's `dropped_clients`); the run goes on while at least `flower.min_clients` remain, and
+otherwise stops, keeping what it recorded.
 
 Deployed with `flwr run . <superlink connection>` (see the README); the run config ([tool.flwr.app.config]
 in pyproject.toml, and --run-config) holds Hydra overrides of conf/federate.yaml plus `output_dir`.

@@ -235,5 +235,5 @@ def key_set(state: State, prefix: str) -> tuple[str, ...]:
     return tuple(k for k in state if k.startswith(prefix))
 
 
-from . import (apfl, ccvr, central, ditto, fedavg, fedbabu, fedper, fedpft, fedproto, fedrep, fedrod, full, local,  # noqa: E402,F401,I001
-               zeroshot)
+from . import (apfl, ccvr, central, ditto, fedavg, fedbabu, fedper, fedpft, fedproto, fedrep,  # noqa: E402,F401,I001
+               fedrod, full, local, zeroshot)

@@ -119,7 +119,8 @@ class FedProto(HeadMethod):
         """Each client trains its model (the global prototypes frozen) and sums its training features per
         class on the way; it sends their means and its rows per class."""
         lead = shared[MEAN].shape[:-2]  # (stacked per client in a grouped sweep)
-        sums = {SUM: shared[MEAN].new_zeros(*lead, *shared[MEAN].shape[-2:]), ROWS: shared[COUNT].new_zeros(shared[COUNT].shape)}
+        sums = {SUM: shared[MEAN].new_zeros(*lead, *shared[MEAN].shape[-2:]),
+                ROWS: shared[COUNT].new_zeros(shared[COUNT].shape)}
         trained = train.train({**shared, **sums}, personal, keys=list(personal), each=True)
         total, rows = trained.stacked[SUM], trained.stacked[ROWS]
         means = total / rows.clamp_min(1)[..., None]

@@ -86,16 +86,21 @@ def ce_grad(image, class_text, labels, valid, scale: float):
     image: [k, B, d]; class_text: [k, C, d] normalised; labels: [k, B]; valid: [k, B] bool.
     Returns (loss [k], d loss / d image [k, B, d], d loss / d class_text [k, C, d]).
     """
-    logits = scale * torch.bmm(image, class_text.transpose(1, 2))  # [k, B, C]
+    loss, dlogits = _ce(scale * torch.bmm(image, class_text.transpose(1, 2)), labels, valid, scale)  # [k, B, C]
+    return loss, torch.bmm(dlogits, class_text), torch.bmm(dlogits.transpose(1, 2), image)
+
+
+def _ce(logits, labels, valid, scale: float):
+    """Mean cross-entropy of each client's valid rows, and its gradient with respect to the logits before
+    their `scale` (what the two batched CE gradients above and below share)."""
     if valid is None:
         valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-    n = valid.sum(1).to(image.dtype)
+    n = valid.sum(1).to(logits.dtype)
     log_p = torch.log_softmax(logits, dim=2)
     nll = -log_p.gather(2, labels[:, :, None]).squeeze(2)
     loss = torch.where(valid, nll, 0).sum(1) / n
-    onehot = F.one_hot(labels, logits.shape[2]).to(image.dtype)
-    dlogits = torch.where(valid[:, :, None], log_p.exp() - onehot, 0) * (scale / n)[:, None, None]
-    return loss, torch.bmm(dlogits, class_text), torch.bmm(dlogits.transpose(1, 2), image)
+    onehot = F.one_hot(labels, logits.shape[2]).to(logits.dtype)
+    return loss, torch.where(valid[:, :, None], log_p.exp() - onehot, 0) * (scale / n)[:, None, None]
 
 
 def head_ce_grad(image, weight, bias, labels, valid, scale: float):
@@ -105,12 +110,5 @@ def head_ce_grad(image, weight, bias, labels, valid, scale: float):
     Returns (loss [k], d loss / d image [k, B, d], d loss / d weight [k, C, d], d loss / d bias [k, C]).
     """
     logits = torch.baddbmm(bias.unsqueeze(1), image, weight.transpose(1, 2)).mul_(scale)  # [k, B, C]
-    if valid is None:
-        valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-    n = valid.sum(1).to(image.dtype)
-    log_p = torch.log_softmax(logits, dim=2)
-    nll = -log_p.gather(2, labels[:, :, None]).squeeze(2)
-    loss = torch.where(valid, nll, 0).sum(1) / n
-    onehot = F.one_hot(labels, logits.shape[2]).to(image.dtype)
-    dlogits = torch.where(valid[:, :, None], log_p.exp() - onehot, 0) * (scale / n)[:, None, None]
+    loss, dlogits = _ce(logits, labels, valid, scale)
     return loss, torch.bmm(dlogits, weight), torch.bmm(dlogits.transpose(1, 2), image), dlogits.sum(1)

@@ -15,13 +15,17 @@ class FedCLIP(Method):
     pass
 
 
-@register("fedprox", mu=0.01)
-class FedProx(Method):
+class Proximal:
+    """A method with FedProx's term (mu / 2) ||w - w_global||^2 in its local training (`method.mu`)."""
+
     def __init__(self, mu: float = 0.01):
         super().__init__(dict(mu=number("mu", mu)))
 
     def train_settings(self, cfg):
         return replace(super().train_settings(cfg), mu=self.settings["mu"])
 
+
+@register("fedprox", mu=0.01)
+class FedProx(Proximal, Method):
     def local_update(self, train, shared, personal):
         return train.train(shared, personal, anchor=shared)

@@ -3,10 +3,9 @@
 backend (federate/backbone/runner.py), which runs FedAvg's local update itself."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ..errors import ConfigError
-from . import Method, number, register
+from . import Method, register
+from .fedavg import Proximal
 
 
 class ImagesMethod(Method):
@@ -41,12 +40,8 @@ class FedAvgFull(ImagesMethod):
 
 
 @register("fedprox_full", mu=0.01)
-class FedProxFull(ImagesMethod):
-    def __init__(self, mu: float = 0.01):
-        super().__init__(dict(mu=number("mu", mu)))
-
-    def train_settings(self, cfg):
-        return replace(super().train_settings(cfg), mu=self.settings["mu"])
+class FedProxFull(Proximal, ImagesMethod):
+    pass
 
 
 @register("fedclip_full")

@@ -43,3 +43,19 @@ def peak_rss_mb() -> tuple[float, float]:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return own / 1024, kids / 1024
+
+
+def prepare(threads: int, cache_dir: Path | None, name: str) -> tuple[Path, Path]:
+    """A benchmark's set-up: torch's threads (0: its default), flushed denormals (as federate runs), a fresh
+    temporary folder and the folder that keeps the planted caches (`cache_dir`, or that temporary one)."""
+    import tempfile
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"fedclip-{name}-bench-"))
+    caches = cache_dir or tmp
+    caches.mkdir(parents=True, exist_ok=True)
+    return tmp, caches

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from common import pacs_sized_cache
+from common import pacs_sized_cache, prepare
 from partition_speed import compose, timed_rounds
 
 METHODS = ("fedper", "fedrep", "fedbabu", "fedrod", "ditto", "apfl", "local", "fedproto", "ccvr")
@@ -54,12 +53,7 @@ def main() -> None:
 
     from federate.methods import METHODS as REGISTERED
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    tmp = Path(tempfile.mkdtemp(prefix="fedclip-method-bench-"))
-    caches = args.cache_dir or tmp
-    caches.mkdir(parents=True, exist_ok=True)
+    tmp, caches = prepare(args.threads, args.cache_dir, "method")
     cache = pacs_sized_cache(caches / "pacs_sized.h5")
     names = ["fedclip", *args.methods.split(",")]
     partition = ["partition=iid", f"partition.clients_per_domain={args.clients}"] if args.clients > 1 else []

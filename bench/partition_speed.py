@@ -21,11 +21,10 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, domainnet_sized_cache, pacs_sized_cache
+from common import ROOT, domainnet_sized_cache, pacs_sized_cache, prepare
 
 PARTITIONS = {"domain (3 clients)": [], "iid x100 (300 clients)": ["partition=iid", "partition.clients_per_domain=100"]}
 
@@ -184,12 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    tmp = Path(tempfile.mkdtemp(prefix="fedclip-partition-bench-"))
-    caches = args.cache_dir or tmp
-    caches.mkdir(parents=True, exist_ok=True)
+    tmp, caches = prepare(args.threads, args.cache_dir, "partition")
     print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     if not args.no_pacs:

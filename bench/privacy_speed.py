@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
-from common import pacs_sized_cache
+from common import pacs_sized_cache, prepare
 from partition_speed import compose, timed_rounds
 
 
@@ -37,12 +36,7 @@ def main() -> None:
 
     from federate.engine import poisson_rate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    tmp = Path(tempfile.mkdtemp(prefix="fedclip-privacy-bench-"))
-    caches = args.cache_dir or tmp
-    caches.mkdir(parents=True, exist_ok=True)
+    tmp, caches = prepare(args.threads, args.cache_dir, "privacy")
     cache = pacs_sized_cache(caches / "pacs_sized.h5")
     print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
           f"{os.getloadavg()[0]:.1f} at the start; {args.rounds} rounds of local training per run, best of "

@@ -171,7 +171,7 @@ def method_label(s: dict, privacy_hidden: tuple[str, ...] = (), no_privacy: bool
     `no_privacy`: the label without privacy at all."""
     extras = [f"{k}={setting(s, k)}" for k in VARIANT_KEYS
               if k != "split_file" and setting(s, k) is not None and setting(s, k) != DEFAULTS.get(k)
-              and not (k == "rounds" and s["method"] == "zeroshot")]
+              and not (k == "rounds" and s.get("best_round") == 0)]  # (a method that trains nothing)
     if "selection=oracle" in extras:
         extras[extras.index("selection=oracle")] = "selection=oracle: an upper bound"
     adapter, server, partition = (group_settings(s, g) for g in ("adapter", "strategy", "partition"))

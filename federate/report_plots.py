@@ -127,12 +127,12 @@ def cost_figure(plt, run: dict, title: str, full_seconds: float | None):
 
 
 def has_cost_figures(s: dict) -> bool:
-    """An adapter run (fedclip or fedprox) whose summary holds the cost figures the cost plot needs."""
+    """A run on the cache whose method sends something, with the cost figures the cost plot needs."""
     def positive(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
     full = s.get("fedavg_full_clip")
-    return (s["method"] in ("fedclip", "fedprox") and positive(s.get("trainable_params"))
+    return (bool(s.get("cache_identity_sha256")) and positive(s.get("trainable_params"))
             and positive(s.get("wall_seconds")) and positive(s.get("rounds")) and isinstance(full, dict)
             and positive(full.get("trainable_params"))
             and all(isinstance(b, dict) and b and all(positive(v) for v in b.values())

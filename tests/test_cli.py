@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ROOT, config, run_cli, run_federate
@@ -318,8 +319,13 @@ def test_every_readme_command_runs_on_the_demo_or_says_in_one_line_what_it_needs
 
     extract = README.splitlines()[3].split(" && ")[2]  # the install line's extraction of the demo
     assert extract == "python -m extract dataset=demo model=tiny_random" and run(extract).returncode == 0
-    for command in readme_commands("**Federate**") + readme_commands("**Extract a cache**"):
-        proc = run(command.replace("python -m federate", "python -m federate rounds=1", 1))
+    # each stops at once (its time is its imports), two at a time, each in a run folder of its own (Hydra's
+    # default is named by the second)
+    refused = [c.replace("python -m federate", "python -m federate rounds=1", 1) + f" hydra.run.dir=outputs/{i}"
+               for i, c in enumerate(readme_commands("**Federate**") + readme_commands("**Extract a cache**"))]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(run, refused))
+    for command, proc in zip(refused, procs):
         assert proc.returncode == 2 and "Traceback" not in proc.stdout, (command, proc.stdout)
         lines = [line for line in proc.stdout.splitlines() if "[ERROR]" in line]
         assert len(lines) == 1, (command, proc.stdout)

@@ -190,6 +190,7 @@ def test_the_reported_epsilon_equals_opacus_accountants_for_the_same_sigma_q_ste
     assert privacy.dpsgd_epsilon(1.0, (), 1e-5, "rdp") == 0.0
 
 
+@pytest.mark.slow
 def test_a_target_epsilon_gives_opacus_noise_and_keeps_every_client_within_it(planted_cache, tmp_path):
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -450,6 +451,7 @@ def test_dp_fedavg_over_the_flower_apps_equals_the_in_process_run(tmp_path, side
     assert all(clipped) == (side == "client") and any(clipped) == (side == "client")
 
 
+@pytest.mark.slow
 def test_dpsgd_over_the_flower_apps_equals_the_in_process_run_and_clients_keep_their_loss(tmp_path, monkeypatch):
     tf = flower_grid()
     from federate.flower.server_app import serve

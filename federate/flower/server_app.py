@@ -43,6 +43,7 @@ from ..federation import ClientInfo, Federation
 from ..lifecycle import Experiment, RoundsStopped, execute
 from ..training import Update
 from ..partition import make_clients, splits_json
+from .grid import PullingGrid
 from .task import (check_arrays, check_eval_metrics, check_registration, check_train_metrics, check_update,
                    settings_from_run_config, ship)
 
@@ -311,7 +312,7 @@ def main(grid: Grid, context: Context) -> None:
     """Deployed with `flwr run`: settings from the run config ([tool.flwr.app.config] and --run-config)."""
     try:
         cfg, output_dir = settings_from_run_config(dict(context.run_config))
-        serve(grid, cfg, output_dir)
+        serve(PullingGrid(grid), cfg, output_dir)
     except ConfigError as e:
         log.error("%s", e)
         raise SystemExit(2) from None

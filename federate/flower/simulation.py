@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import threading
-import time
 from pathlib import Path
 
 from omegaconf import open_dict
@@ -76,41 +75,6 @@ def quiet_console():
             h.removeFilter(chatter)
 
 
-class StoppableGrid:
-    """The simulation's Grid as the ServerApp's thread uses it: once `stop` is set, a wait for replies raises
-    KeyboardInterrupt instead of waiting out flower.round_timeout for an engine that is gone (and instead of
-    dropping the clients whose replies it then gets as errors)."""
-
-    PULL_INTERVAL = 0.1  # seconds, as Flower's InMemoryGrid
-
-    def __init__(self, grid, stop: threading.Event):
-        self.grid, self.stop = grid, stop
-
-    def get_node_ids(self):
-        self._check()
-        return self.grid.get_node_ids()
-
-    def send_and_receive(self, messages, timeout: float | None = None) -> list:
-        """Flower's Grid.send_and_receive: push the messages, then pull until every reply is in or `timeout`
-        seconds have passed."""
-        self._check()
-        pending = set(self.grid.push_messages(messages))
-        replies, deadline = [], time.monotonic() + (timeout or 0.0)
-        while pending and (timeout is None or time.monotonic() < deadline):
-            got = list(self.grid.pull_messages(pending))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            self._check()
-            if pending:
-                time.sleep(self.PULL_INTERVAL)
-        self._check()
-        return replies
-
-    def _check(self) -> None:
-        if self.stop.is_set():
-            raise KeyboardInterrupt
-
-
 def supernodes(cfg) -> int:
     """One SuperNode per client of the run: per participating domain, or per client of the partition or
     the split file."""
@@ -132,6 +96,7 @@ def simulate(cfg, cache_file: Path, output_dir: Path) -> dict:
         from flwr.simulation import run_simulation as flower_simulation
 
         from .client_app import app as client_app
+        from .grid import PullingGrid
         from .server_app import serve
     except ImportError:
         raise ConfigError("backend=flower needs Flower's simulation engine: pip install -e '.[flower]'") from None
@@ -146,7 +111,7 @@ def simulate(cfg, cache_file: Path, output_dir: Path) -> dict:
     def main(grid: Grid, context) -> None:
         result["thread"] = threading.current_thread()
         try:
-            result["summary"] = serve(StoppableGrid(grid, stop), cfg, output_dir, output_dir / "client_states")
+            result["summary"] = serve(PullingGrid(grid, stop), cfg, output_dir, output_dir / "client_states")
         except BaseException as e:  # noqa: BLE001 (the main thread raises it: Flower would lose a KeyboardInterrupt)
             result["error"] = e
 

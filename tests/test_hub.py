@@ -606,6 +606,7 @@ def test_federate_runs_on_a_pulled_revision_and_records_it(planted_cache, hub, t
     assert summary["generalization"] == original["generalization"] and summary["overall"] == original["overall"]
 
 
+@pytest.mark.slow
 def test_federate_reuses_the_local_copy_of_a_commit_offline(planted_cache, tmp_path, monkeypatch):
     commit = SHA
     import_folder(exported(planted_cache, tmp_path), tmp_path / "cache" / "hub" / f"lab--planted--{commit}.h5")
@@ -637,6 +638,7 @@ def test_a_damaged_local_copy_asks_for_a_fresh_pull(planted_cache, tmp_path):
 
 # --- the command line ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_export_and_import(tmp_path):
     cache = small_cache(tmp_path / "c.h5")
     proc = run_cli("extract.hub", "export", str(cache), str(tmp_path / "out"), cwd=tmp_path)

@@ -143,6 +143,46 @@ def test_a_method_that_evaluates_the_target_with_the_clients_models_needs_no_tar
         serve(FakeGrid(), flower_cfg(cache_file, tmp_path, "method=fedproto"), tmp_path)
 
 
+class SlowReplies:
+    """A Grid whose replies come in one per pull, each to the message of the same position."""
+
+    def __init__(self, stop=None):
+        self.pulls, self.stop = 0, stop
+
+    def push_messages(self, messages):
+        self.ids = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.ids)
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        if self.stop is not None and self.pulls == 2:
+            self.stop.set()
+        if self.pulls > len(self.ids):
+            return []
+        reply = type("Reply", (), {})()
+        reply.metadata = type("Metadata", (), {"reply_to_message_id": self.ids[self.pulls - 1]})()
+        return [reply]
+
+
+def test_the_server_pulls_replies_every_tenth_of_a_second_and_stops_when_asked():
+    """Flower's deployed Grid waits 3 s between pulls; the ServerApp's grid (deployed and simulated) pulls
+    every 0.1 s, returns what came within the timeout, and stops its wait once the run is stopped."""
+    import threading
+
+    from federate.flower.grid import PullingGrid
+
+    start = time.monotonic()
+    replies = PullingGrid(SlowReplies()).send_and_receive([None] * 3, timeout=30)
+    assert len(replies) == 3 and time.monotonic() - start < 1.5
+    start = time.monotonic()
+    grid = SlowReplies()
+    grid.pull_messages = lambda ids: []  # nobody answers
+    assert PullingGrid(grid).send_and_receive([None], timeout=0.5) == [] and time.monotonic() - start < 1.5
+    stop = threading.Event()  # set during the second pull, as Ctrl-C sets it in the simulation
+    with pytest.raises(KeyboardInterrupt):
+        PullingGrid(SlowReplies(stop), stop).send_and_receive([None] * 3, timeout=30)
+
+
 def test_a_reply_of_another_dtype_than_the_method_sends_is_rejected():
     reference = {"gmm.means": torch.zeros(2, 1, 3, dtype=torch.float16)}
     assert check_update({"gmm.means": torch.zeros(2, 1, 3)}, reference) == "gmm.means is float32, not float16"

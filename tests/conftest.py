@@ -123,3 +123,11 @@ def image_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     return tmp_path
+
+
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (`-n 2 --dist loadgroup`), the tests that start Flower's simulation engine (Ray) run in
+    one worker, one after another: two Ray clusters at once on 2 cores would wait out each other's timeouts."""
+    for item in items:
+        if "simulation" in item.name:  # (every test that starts the engine says so in its name)
+            item.add_marker(pytest.mark.xdist_group("flower"))

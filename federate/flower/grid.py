@@ -1,6 +1,6 @@
 """The ServerApp's wait for replies: pull every 0.1 s, and stop at once when asked.
 
-Flower's deployed Grid (`GrpcGrid` over the SuperLink's Runtime API) sleeps 3 s between pulls in
+Flower's deployed Grid (flwr 1.41's `HttpGrid`, over the SuperLink's Runtime API) sleeps 3 s between pulls in
 `send_and_receive`, so each exchange of a deployed round waited up to 3 s after its last reply; its
 in-memory Grid (the simulation) pulls every 0.1 s. One pull is one small call to the SuperLink, so both
 backends pull as the simulation does.

@@ -231,6 +231,12 @@ COUNTS = ".count"  # a state's key for rows per class (statistics of features: F
 EXPLODED_RMS = 100.0  # root mean square of a weight tensor: trained weights stay near 1 or below; lr=1e3 gives ~500
 
 
+def weight_rms(key: str, norm: float, numel: int) -> float:
+    """The root mean square of a state's tensor from its norm, what EXPLODED_RMS bounds; 0 for a tensor of
+    counts (a key ending in `.count`: a client's rows per class), which are not weights."""
+    return 0.0 if key.endswith(COUNTS) else norm / max(1, numel) ** 0.5
+
+
 def check_finite(round_: int, losses: dict[str, float], state: dict[str, torch.Tensor], lr: float) -> None:
     """A run whose losses or weights are no longer finite, or whose weights exploded, has diverged: stop,
     never report its numbers (exploded weights saturate the adapter: accuracy falls to chance). Tensors of
@@ -238,10 +244,10 @@ def check_finite(round_: int, losses: dict[str, float], state: dict[str, torch.T
     exploded = EXPLODED_RMS
     bad = [n for n, v in losses.items() if not math.isfinite(v)]
     # one pass per tensor, nothing allocated (300 personal adapters weigh 630 MB): a NaN or inf makes the norm one
-    norms = [(float(torch.linalg.vector_norm(v.float())), v.numel(), k.endswith(COUNTS)) for k, v in state.items()
+    norms = [(k, float(torch.linalg.vector_norm(v.float())), v.numel()) for k, v in state.items()
              if v.is_floating_point() and v.numel()]
-    if not bad and all(math.isfinite(n) for n, _, _ in norms):
-        rms = max((n / size ** 0.5 for n, size, counts in norms if not counts), default=0.0)
+    if not bad and all(math.isfinite(n) for _, n, _ in norms):
+        rms = max((weight_rms(*kn) for kn in norms), default=0.0)
         if rms <= exploded:
             return
         bad_weights = f"exploding weights: root mean square {rms:.3g} > {exploded:g}"

@@ -138,6 +138,21 @@ def test_the_flower_apps_run_a_statistics_method_as_the_in_process_runner(cache_
         assert flower[key] == local[key], key
 
 
+@pytest.mark.parametrize("method", ["fedproto", "ccvr", "fedpft"])
+def test_hundreds_of_rows_per_class_are_counts_not_exploded_weights(tmp_path, method):
+    """A client's rows per class (what the statistics methods send beside their statistics) are counts: a
+    client of 400 training rows in 2 classes sends about 200 per class, which no weight ever is, and is
+    not dropped for it."""
+    domains, text = planted({"alpha": 700, "beta": 650, "gamma": 600, "target": 80}, classes=2)
+    cache = write_cache(tmp_path / "big.h5", domains, text)
+    extra = {"fedpft": ["method.head_epochs=1"], "fedproto": ["target_domain=none"]}.get(method, [])
+    nodes = [*PARTICIPANTS, "target"] if method == "fedproto" else PARTICIPANTS
+    flower = serve(FakeGrid(node_order=nodes), flower_cfg(cache, tmp_path / "f", f"method={method}", "rounds=1",
+                                                            *extra), tmp_path / "f")
+    assert "dropped_clients" not in flower or not flower["dropped_clients"], flower["dropped_clients"]
+    same_results(flower, in_process(cache, tmp_path / "l", 1, f"method={method}", *extra))
+
+
 def test_a_method_that_evaluates_the_target_with_the_clients_models_needs_no_target_over_flower(cache_file, tmp_path):
     with pytest.raises(ConfigError, match="method=fedproto evaluates the target domain with each client's own model"):
         serve(FakeGrid(), flower_cfg(cache_file, tmp_path, "method=fedproto"), tmp_path)

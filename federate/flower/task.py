@@ -16,7 +16,7 @@ from ..cli import unknown_setting
 from ..config import FederateConfig
 from ..errors import ConfigError
 from ..inputs import loads
-from ..experiment import EXPLODED_RMS, class_text, make_client, pooled_embeddings
+from ..experiment import EXPLODED_RMS, class_text, make_client, pooled_embeddings, weight_rms
 from ..partition import make_clients
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -99,7 +99,7 @@ def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Ten
             return f"{k} is {dtype_name(v.dtype)}, not {dtype_name(reference[k].dtype)}"
         if not torch.isfinite(v).all():
             return f"{k} has non-finite values"
-        rms = float(torch.linalg.vector_norm(v)) / max(1, v.numel()) ** 0.5
+        rms = weight_rms(k, float(torch.linalg.vector_norm(v.float())), v.numel())
         if rms > EXPLODED_RMS:  # what no client training at a sane lr sends (the run would stop, blaming lr)
             return f"{k} has exploded weights (root mean square {rms:.3g} > {EXPLODED_RMS:g})"
     return None

@@ -235,7 +235,6 @@ def privacy_table(runs: list[dict]) -> tuple[list[str], list[list], int] | None:
     curves, _ = privacy_curves(runs)
     if not curves:
         return None
-    deltas = {method_label(s): s.get("delta") for s in runs if spent_epsilon(s) is not None}
     by_label = defaultdict(list)
     for s in runs:
         if spent_epsilon(s) is not None:
@@ -245,7 +244,7 @@ def privacy_table(runs: list[dict]) -> tuple[list[str], list[list], int] | None:
         for label in sorted((k for k in by_label if method_label(by_label[k][0], CURVE_KEYS) == curve),
                             key=lambda k: statistics.fmean(spent_epsilon(s) for s in by_label[k])):
             group = by_label[label]
-            delta = deltas[label]
+            delta = group[-1].get("delta")  # (the runs of a label share their settings, delta among them)
             rows.append([label, f"{statistics.fmean(spent_epsilon(s) for s in group):.3g}",
                          f"{delta:g}" if isinstance(delta, (int, float)) and not isinstance(delta, bool) else NA,
                          cell([s["overall"] for s in group])])

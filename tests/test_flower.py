@@ -82,7 +82,8 @@ class FakeGrid:
             reply = {MessageType.TRAIN: client_train, MessageType.EVALUATE: client_evaluate,
                      MessageType.QUERY: client_query}[kind](m, ctx)
             if self.tamper:
-                reply = self.tamper(self.nodes[node], int(m.content["config"]["round"]), kind, reply)
+                round_ = m.content["config"]["round"]  # (a name in the method's exchange after the rounds)
+                reply = self.tamper(self.nodes[node], round_ if isinstance(round_, str) else int(round_), kind, reply)
             if reply is not None:
                 replies.append(reply)
         return replies
@@ -151,6 +152,29 @@ def test_hundreds_of_rows_per_class_are_counts_not_exploded_weights(tmp_path, me
                                                             *extra), tmp_path / "f")
     assert "dropped_clients" not in flower or not flower["dropped_clients"], flower["dropped_clients"]
     same_results(flower, in_process(cache, tmp_path / "l", 1, f"method={method}", *extra))
+
+
+@pytest.mark.parametrize("method, key", [("ccvr", "ccvr.count"), ("fedproto", "proto.count"),
+                                         ("fedpft", "gmm.count")])
+@pytest.mark.parametrize("count", [1e6, -3.0])
+def test_a_client_that_inflates_its_rows_per_class_is_dropped(cache_file, tmp_path, method, key, count):
+    """Rows per class weigh a client's statistics in the server's pooling: beta claims more rows than its
+    training split holds (or fewer than none), and takes no further part."""
+    from flwr.app import ArrayRecord
+
+    def inflate(domain, round_, kind, reply):
+        if domain == "beta" and kind == MessageType.TRAIN and key in reply.content["arrays"]:
+            arrays = reply.content["arrays"].to_torch_state_dict()
+            arrays[key][0] = count
+            reply.content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
+        return reply
+
+    extra = {"fedpft": ["method.head_epochs=1"], "fedproto": ["target_domain=none"]}.get(method, [])
+    nodes = [*PARTICIPANTS, "target"] if method == "fedproto" else PARTICIPANTS
+    s = serve(FakeGrid(inflate, node_order=nodes), flower_cfg(cache_file, tmp_path, f"method={method}", *extra),
+              tmp_path)
+    assert list(s["dropped_clients"]) == ["beta"], s.get("dropped_clients")
+    assert f"{key}" in s["dropped_clients"]["beta"] and "training rows" in s["dropped_clients"]["beta"]
 
 
 def test_a_method_that_evaluates_the_target_with_the_clients_models_needs_no_target_over_flower(cache_file, tmp_path):

@@ -9,7 +9,8 @@ fp32. The server makes the clients' splits as the in-process runner does and wri
 a node whose client or split sizes are not in them takes no part. The server checks everything a client
 sends: arrays of the expected keys, dtypes (float32 for weights) and shapes, as the method's `update_like`
 gives them (read from the headers before the data is deserialised), and finite; example counts positive
-integers no larger than the split the client reported; losses finite; accuracies finite and in [0, 1]. A
+integers no larger than the split the client reported, and so are rows per class together (what weighs a
+client's feature statistics); losses finite; accuracies finite and in [0, 1]. A
 client that breaks a rule, fails or times out is dropped for the rest of the run (logged, and listed in
 summary.json's `dropped_clients`); the run goes on while at least `flower.min_clients` remain, and
 otherwise stops, keeping what it recorded.
@@ -44,8 +45,8 @@ from ..lifecycle import Experiment, RoundsStopped, execute
 from ..training import Update
 from ..partition import make_clients, splits_json
 from .grid import PullingGrid
-from .task import (check_arrays, check_eval_metrics, check_registration, check_train_metrics, check_update,
-                   settings_from_run_config, ship)
+from .task import (check_arrays, check_counts, check_eval_metrics, check_registration, check_train_metrics,
+                   check_update, settings_from_run_config, ship)
 
 log = logging.getLogger("federate")
 
@@ -213,7 +214,7 @@ class FlowerBackend:
                 if problem:
                     return problem
                 arrays.update({k: v.to(like[k].device) for k, v in r.content["arrays"].to_torch_state_dict().items()})
-                return check_update(arrays, like)
+                return check_update(arrays, like) or check_counts(arrays, self.sizes[name]["train"])
 
             problem = self._answer(node, reply, check)
             if problem:

@@ -16,7 +16,7 @@ from ..cli import unknown_setting
 from ..config import FederateConfig
 from ..errors import ConfigError
 from ..inputs import loads
-from ..experiment import EXPLODED_RMS, class_text, make_client, pooled_embeddings, weight_rms
+from ..experiment import COUNTS, EXPLODED_RMS, class_text, make_client, pooled_embeddings, weight_rms
 from ..partition import make_clients
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -102,6 +102,19 @@ def check_update(arrays: dict[str, torch.Tensor], reference: dict[str, torch.Ten
         rms = weight_rms(k, float(torch.linalg.vector_norm(v.float())), v.numel())
         if rms > EXPLODED_RMS:  # what no client training at a sane lr sends (the run would stop, blaming lr)
             return f"{k} has exploded weights (root mean square {rms:.3g} > {EXPLODED_RMS:g})"
+    return None
+
+
+def check_counts(arrays: dict[str, torch.Tensor], train_rows: int) -> str | None:
+    """Why a client's rows per class (keys ending in `.count`, which weigh its statistics where the server
+    pools them: FedProto, CCVR, FedPFT) cannot be its own, or None: each a whole number >= 0, together no
+    more than its training rows."""
+    for k, v in arrays.items():
+        if k.endswith(COUNTS):
+            v = v.double()
+            if bool((v < 0).any()) or bool(((v - v.round()).abs() > 1e-3).any()) or float(v.sum()) > train_rows + 1e-3:
+                return (f"{k} is not rows per class of its {train_rows} training rows (whole numbers >= 0, at most "
+                        "that many together)")
     return None
 
 
